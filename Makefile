@@ -1,0 +1,73 @@
+# Everything a fresh clone needs: `make run` serves, `make test` checks it all.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUF := node_modules/.bin/buf
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
+	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
+PG_URL_LOCAL ?= postgresql://postgres@127.0.0.1:5432/postgres
+
+.PHONY: help install run test pytest lint generate check-generated audit bench clean
+
+help:
+	@echo "make run    serve on 127.0.0.1:50051 (embedded PostgreSQL unless UMBRA_DATABASE_URL is set)"
+	@echo "make test   lint, type-check, generated-code check, pip-audit and the whole test suite"
+	@echo "make generate   regenerate generated/ from protos/"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF): package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+install: $(BIN)/.installed $(BUF)
+
+run: $(BIN)/.installed
+	$(BIN)/umbra-grpc serve
+
+generate: $(BIN)/.installed
+	rm -rf generated/umbra
+	mkdir -p generated
+	$(PROTOC) --python_out=generated --grpc_python_out=generated \
+		--mypy_out=generated --mypy_grpc_out=generated $(PROTO_FILES)
+
+# Fails when protos/ and generated/ disagree: regenerate into a scratch folder and compare.
+check-generated: $(BIN)/.installed
+	rm -rf .generated-check && mkdir -p .generated-check
+	$(PROTOC) --python_out=.generated-check --grpc_python_out=.generated-check \
+		--mypy_out=.generated-check --mypy_grpc_out=.generated-check $(PROTO_FILES)
+	diff -r -x __pycache__ generated/umbra .generated-check/umbra || \
+		(echo "generated/ is stale: run 'make generate' and commit"; exit 1)
+	rm -rf .generated-check
+
+lint: $(BIN)/.installed $(BUF)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+audit: $(BIN)/.installed
+	$(BIN)/pip-audit --skip-editable --progress-spinner off
+
+# The suite runs on a throwaway PostgreSQL 16 (pgserver), then again on the machine's
+# PostgreSQL at 127.0.0.1:5432 when one answers. Exit code 5 (no tests ran) fails the run.
+pytest: $(BIN)/.installed
+	$(BIN)/pytest
+	@if $(BIN)/python -m umbra_grpc.embedded probe '$(PG_URL_LOCAL)'; then \
+		echo "== again on $(PG_URL_LOCAL)"; \
+		UMBRA_TEST_DATABASE_URL='$(PG_URL_LOCAL)' $(BIN)/pytest; \
+	else echo "== no PostgreSQL at $(PG_URL_LOCAL): second run skipped"; fi
+
+test: lint check-generated audit pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) node_modules .generated-check .pytest_cache .mypy_cache .ruff_cache
