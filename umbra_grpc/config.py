@@ -1,0 +1,180 @@
+"""Frozen settings read once from `UMBRA_*` environment variables.
+
+Every variable is listed in the README's configuration table; names are fixed there. A bad
+value stops the process at start-up with a message naming the variable, never later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """An `UMBRA_*` variable holds a value the service cannot use."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the server needs, with the defaults of the README table."""
+
+    database_url: str | None = None
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".umbra")
+    jwt_secret: str | None = None
+    jwt_public_key_files: tuple[Path, ...] = ()
+    jwt_jwks_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 10.0
+    rate_limits: str = "default"
+    timing_floors: str = "default"
+    trusted_proxies: tuple[str, ...] = ()
+    log_format: str = "json"
+    log_level: str = "INFO"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    db_pool_size: int = 10
+    db_pool_timeout_seconds: float = 5.0
+    db_statement_timeout_ms: int = 5000
+    db_lock_timeout_ms: int = 2000
+    db_idle_in_transaction_timeout_ms: int = 10000
+    user_cache_seconds: float = 1.0
+    grace_seconds: float = 10.0
+    max_concurrent_rpcs: int = 1000
+    max_concurrent_streams: int = 100
+    max_receive_message_bytes: int = 64 * 1024
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 30.0
+    pending_cap: int = 5
+    pending_window_seconds: float = 600.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Reads the configuration; raises `ConfigError` naming the first bad variable."""
+        env = _Env(os.environ if environ is None else environ)
+        config = cls(
+            database_url=env.text("UMBRA_DATABASE_URL"),
+            listen=env.text("UMBRA_LISTEN") or cls.listen,
+            data_dir=Path(env.text("UMBRA_DATA_DIR") or cls.data_dir),
+            jwt_secret=env.text("UMBRA_JWT_SECRET"),
+            jwt_public_key_files=tuple(Path(p) for p in env.items("UMBRA_JWT_PUBLIC_KEY_FILES")),
+            jwt_jwks_file=env.path("UMBRA_JWT_JWKS_FILE"),
+            jwt_issuer=env.text("UMBRA_JWT_ISSUER"),
+            jwt_audience=env.text("UMBRA_JWT_AUDIENCE"),
+            jwt_leeway_seconds=env.number("UMBRA_JWT_LEEWAY_SECONDS", cls.jwt_leeway_seconds),
+            rate_limits=env.text("UMBRA_RATE_LIMITS") or cls.rate_limits,
+            timing_floors=env.text("UMBRA_TIMING_FLOORS") or cls.timing_floors,
+            trusted_proxies=env.items("UMBRA_TRUSTED_PROXIES"),
+            log_format=env.choice("UMBRA_LOG_FORMAT", ("json", "text"), cls.log_format),
+            log_level=env.choice(
+                "UMBRA_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
+            ),
+            tls_cert_file=env.path("UMBRA_TLS_CERT_FILE"),
+            tls_key_file=env.path("UMBRA_TLS_KEY_FILE"),
+            tls_client_ca_file=env.path("UMBRA_TLS_CLIENT_CA_FILE"),
+            db_pool_size=env.integer("UMBRA_DB_POOL_SIZE", cls.db_pool_size),
+            db_pool_timeout_seconds=env.number(
+                "UMBRA_DB_POOL_TIMEOUT_SECONDS", cls.db_pool_timeout_seconds
+            ),
+            db_statement_timeout_ms=env.integer(
+                "UMBRA_DB_STATEMENT_TIMEOUT_MS", cls.db_statement_timeout_ms
+            ),
+            db_lock_timeout_ms=env.integer("UMBRA_DB_LOCK_TIMEOUT_MS", cls.db_lock_timeout_ms),
+            db_idle_in_transaction_timeout_ms=env.integer(
+                "UMBRA_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", cls.db_idle_in_transaction_timeout_ms
+            ),
+            user_cache_seconds=env.number("UMBRA_USER_CACHE_SECONDS", cls.user_cache_seconds),
+            grace_seconds=env.number("UMBRA_GRACE_SECONDS", cls.grace_seconds),
+            max_concurrent_rpcs=env.integer("UMBRA_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
+            max_concurrent_streams=env.integer(
+                "UMBRA_MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams
+            ),
+            max_receive_message_bytes=env.integer(
+                "UMBRA_MAX_RECEIVE_MESSAGE_BYTES", cls.max_receive_message_bytes
+            ),
+            max_connection_age_seconds=env.number(
+                "UMBRA_MAX_CONNECTION_AGE_SECONDS", cls.max_connection_age_seconds
+            ),
+            max_connection_age_grace_seconds=env.number(
+                "UMBRA_MAX_CONNECTION_AGE_GRACE_SECONDS", cls.max_connection_age_grace_seconds
+            ),
+            pending_cap=env.integer("UMBRA_PENDING_CAP", cls.pending_cap),
+            pending_window_seconds=env.number(
+                "UMBRA_PENDING_WINDOW_SECONDS", cls.pending_window_seconds
+            ),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Checks the values that depend on each other."""
+        if self.database_url is not None and not self.database_url.startswith(
+            ("postgresql://", "postgres://", "postgresql+asyncpg://")
+        ):
+            raise ConfigError("UMBRA_DATABASE_URL must be a postgresql:// URL")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("UMBRA_TLS_CERT_FILE and UMBRA_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("UMBRA_TLS_CLIENT_CA_FILE needs UMBRA_TLS_CERT_FILE")
+        if self.db_pool_timeout_seconds <= 0 or self.db_pool_size < 1:
+            raise ConfigError("UMBRA_DB_POOL_SIZE and UMBRA_DB_POOL_TIMEOUT_SECONDS must be > 0")
+
+    def with_changes(self, **changes: object) -> Config:
+        """A copy with some fields replaced (tests and the CLI use it)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+class _Env:
+    """Typed reads of one environment mapping; errors name the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name)
+        return Path(value) if value else None
+
+    def items(self, name: str) -> tuple[str, ...]:
+        value = self.text(name) or ""
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{name} must not be negative")
+        return number
+
+    def number(self, name: str, default: float) -> float:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{name} must not be negative")
+        return number
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(name)
+        if value is None:
+            return default
+        normalized = value.upper() if choices[0].isupper() else value.lower()
+        if normalized not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}")
+        return normalized
