@@ -16,7 +16,7 @@ class ConfigError(ValueError):
     """An `UMBRA_*` variable holds a value the service cannot use."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything the server needs, with the defaults of the README table."""
 

@@ -28,9 +28,7 @@ def error_status(
     """A status with an `ErrorInfo(reason, domain)` and, when given, a `RetryInfo`."""
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(
-                reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}
-            )
+            error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
         )
     ]
     if retry_after is not None:

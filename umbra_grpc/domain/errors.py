@@ -1,0 +1,164 @@
+"""Domain errors: the rules' refusals, knowing nothing of gRPC.
+
+    DomainError                      reason: a stable machine-readable string
+    ├── InvalidArgument              the request itself is malformed
+    │   ├── InvalidHandle            HANDLE_INVALID
+    │   ├── InvalidField             FIELD_INVALID (which field says the message)
+    │   └── SelfRequest              SELF_REQUEST
+    ├── NotFound                     the thing does not exist *for this caller*
+    │   ├── UserNotFound             USER_NOT_FOUND
+    │   ├── ConnectionNotFound       CONNECTION_NOT_FOUND
+    │   └── ContactNotFound          CONTACT_NOT_FOUND
+    ├── AlreadyExists
+    │   ├── HandleTaken              HANDLE_TAKEN
+    │   ├── AlreadyConnected         ALREADY_CONNECTED
+    │   └── RequestPending           REQUEST_PENDING
+    ├── FailedPrecondition
+    │   ├── ConnectionsDisabled      CONNECTIONS_DISABLED
+    │   ├── RequestNotPending        REQUEST_NOT_PENDING
+    │   └── SenderInactive           SENDER_INACTIVE
+    └── ResourceExhausted
+        └── TooManyPending           TOO_MANY_PENDING
+
+`umbra_grpc.api.status` maps each branch to one status code. Messages are public: they never
+name another user's data or echo a secret.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class DomainError(Exception):
+    """A rule refused the operation; `reason` is stable, the message is for people."""
+
+    reason: ClassVar[str] = "DOMAIN_ERROR"
+    default_message: ClassVar[str] = "the operation was refused"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+    @property
+    def message(self) -> str:
+        """The public, human-readable explanation."""
+        return str(self.args[0])
+
+
+class InvalidArgument(DomainError):
+    """The request is malformed; nothing was changed."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class InvalidHandle(InvalidArgument):
+    """A handle that is not 3-50 characters of a-z 0-9 _ . - after lower-casing."""
+
+    reason = "HANDLE_INVALID"
+    default_message = "umbral_name must be 3-50 characters of a-z, 0-9, '_', '.' or '-'"
+
+
+class InvalidField(InvalidArgument):
+    """One field of the request has a value the service cannot accept."""
+
+    reason = "FIELD_INVALID"
+
+
+class SelfRequest(InvalidArgument):
+    """A user asked to connect with themselves."""
+
+    reason = "SELF_REQUEST"
+    default_message = "you cannot send a connection request to yourself"
+
+
+class NotFound(DomainError):
+    """The thing does not exist, or is not the caller's (one answer for both)."""
+
+    reason = "NOT_FOUND"
+
+
+class UserNotFound(NotFound):
+    """No active, accepting user has that handle or id."""
+
+    reason = "USER_NOT_FOUND"
+    default_message = "user not found"
+
+
+class ConnectionNotFound(NotFound):
+    """The caller has no connection with that id."""
+
+    reason = "CONNECTION_NOT_FOUND"
+    default_message = "connection not found"
+
+
+class ContactNotFound(NotFound):
+    """The caller has no contact card with that id."""
+
+    reason = "CONTACT_NOT_FOUND"
+    default_message = "contact not found"
+
+
+class AlreadyExists(DomainError):
+    """The thing to create exists already."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class HandleTaken(AlreadyExists):
+    """Another user has that handle (compared case-insensitively)."""
+
+    reason = "HANDLE_TAKEN"
+    default_message = "that umbral_name is taken"
+
+
+class AlreadyConnected(AlreadyExists):
+    """The two users are connected already."""
+
+    reason = "ALREADY_CONNECTED"
+    default_message = "you are already connected"
+
+
+class RequestPending(AlreadyExists):
+    """A request between the two users is pending, in either direction."""
+
+    reason = "REQUEST_PENDING"
+    default_message = "a pending request already exists between you"
+
+
+class FailedPrecondition(DomainError):
+    """The system is not in a state that allows the operation."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class ConnectionsDisabled(FailedPrecondition):
+    """The caller has not opted in to connections."""
+
+    reason = "CONNECTIONS_DISABLED"
+    default_message = "enable accept_connections in your settings before sending requests"
+
+
+class RequestNotPending(FailedPrecondition):
+    """The request does not exist, is not the caller's, or is resolved (one answer)."""
+
+    reason = "REQUEST_NOT_PENDING"
+    default_message = "no pending request with that id"
+
+
+class SenderInactive(FailedPrecondition):
+    """Accepting a request whose sender has been deactivated; the request was rejected."""
+
+    reason = "SENDER_INACTIVE"
+    default_message = "the sender's account is no longer active; the request was rejected"
+
+
+class ResourceExhausted(DomainError):
+    """A limit was reached."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class TooManyPending(ResourceExhausted):
+    """The receiver has too many recent pending requests."""
+
+    reason = "TOO_MANY_PENDING"
+    default_message = "this user has too many pending requests; try again later"

@@ -1,0 +1,50 @@
+"""Alembic, driven from code: `serve` and `migrate` upgrade to head; tests go up, down, up.
+
+Alembic's environment runs its own event loop, so async callers run these in a thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    """An Alembic configuration for `url` using the project's migrations folder."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrates the database at `url` up to `revision`."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    """Migrates the database at `url` down to `revision`."""
+    command.downgrade(alembic_config(url), revision)
+
+
+def check(url: str) -> None:
+    """Raises when the models and the migrated database differ (`alembic check`)."""
+    command.check(alembic_config(url))
+
+
+def head_revision() -> str | None:
+    """The newest revision in the migrations folder."""
+    return ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
+
+
+def is_at_head(connection: Connection) -> bool:
+    """Whether the connected database is migrated to the newest revision."""
+    current = MigrationContext.configure(connection).get_current_revision()
+    return current is not None and current == head_revision()
