@@ -32,9 +32,7 @@ def peer_address(peer: str) -> Address | None:
     return None
 
 
-def client_address(
-    peer: str, forwarded_for: str | None, trusted: Sequence[Network]
-) -> str | None:
+def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str | None:
     """The client's IP as text, or None when it cannot be told (unix socket)."""
     address = peer_address(peer)
     if address is None or not forwarded_for or not _is_trusted(address, trusted):

@@ -7,11 +7,21 @@ turns it into INTERNAL with a correlation id, and the details stay in the server
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
 import grpc
 
 from umbra_grpc.domain import errors
 from umbra_grpc.rpc_errors import error_status
 from umbra_grpc.storage.database import StorageUnavailable
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[S, Req, Context], Awaitable[Resp]]
 
 STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,3 +46,19 @@ def unavailable_status(error: StorageUnavailable) -> grpc.Status:
     return error_status(
         grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", "the database is unavailable; retry"
     )
+
+
+def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
+    """Wraps an RPC handler: domain errors and a lost database become rich statuses."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: S, request: Req, context: Context) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except errors.DomainError as error:
+            await context.abort_with_status(domain_status(error))
+        except StorageUnavailable as error:
+            await context.abort_with_status(unavailable_status(error))
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    return wrapper

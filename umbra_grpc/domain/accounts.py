@@ -72,9 +72,7 @@ class Accounts:
             await users.announce_change(conn, user_id)
             return await _must_get(conn, user_id)
 
-        user = await self._db.transaction(
-            work, constraint_errors={users.HANDLE_INDEX: HandleTaken}
-        )
+        user = await self._db.transaction(work, constraint_errors={users.HANDLE_INDEX: HandleTaken})
         self._on_user_changed(user_id)
         return user
 

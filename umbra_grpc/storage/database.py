@@ -14,8 +14,9 @@ timeouts, so no RPC can hold a lock or a connection forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import event, text
@@ -187,11 +188,16 @@ class Database:
         except (PoolTimeoutError, OSError) as error:
             raise StorageUnavailable(type(error).__name__) from error
 
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for work that is not an RPC's (probes, workers): never counted."""
+        async with self.engine.connect() as conn:
+            yield await conn.execution_options(**{BACKGROUND: True})
+
     async def ping(self) -> bool:
-        """Whether the database answers (not counted as an RPC's statement)."""
+        """Whether the database answers."""
         try:
-            async with self.engine.connect() as conn:
-                conn = await conn.execution_options(**{BACKGROUND: True})
+            async with self.background() as conn:
                 await conn.execute(text("SELECT 1"))
                 await conn.rollback()
         except (DBAPIError, PoolTimeoutError, OSError):

@@ -1,0 +1,237 @@
+"""Shared fixtures: a throwaway PostgreSQL, a migrated template, a real server per module.
+
+PostgreSQL: `UMBRA_TEST_DATABASE_URL` when set (any server where we may CREATE DATABASE),
+else a private cluster started for this run (pgserver's PostgreSQL 16, or the machine's).
+Every API test module gets its own database cloned from a template migrated to head, and its
+own `grpc.aio` server on a free port, called through the generated stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from umbra_grpc.config import Config
+from umbra_grpc.embedded import EmbeddedPostgres
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2_grpc
+from umbra_grpc.server import Service
+from umbra_grpc.storage import migrate
+from umbra_grpc.storage.database import Database, StatementCounter
+from umbra_grpc.tokens import mint_token
+
+TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+Metadata = tuple[tuple[str, str], ...]
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at another database."""
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+def admin_sql(url: str, *statements: str) -> None:
+    """Runs statements outside a transaction (CREATE/DROP DATABASE)."""
+
+    async def run() -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server URL for the whole run."""
+    configured = os.environ.get("UMBRA_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), durable=False)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_url: str) -> Iterator[str]:
+    """A database migrated to head, cloned by every test module."""
+    name = f"umbra_template_{uuid.uuid4().hex[:12]}"
+    admin_sql(pg_server_url, f'CREATE DATABASE "{name}"')
+    try:
+        migrate.upgrade(with_database(pg_server_url, name))
+        yield name
+    finally:
+        admin_sql(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def clone_database(pg_server_url: str, template: str) -> Iterator[str]:
+    name = f"umbra_test_{uuid.uuid4().hex[:12]}"
+    admin_sql(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield with_database(pg_server_url, name)
+    finally:
+        admin_sql(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh migrated database for one test module."""
+    yield from clone_database(pg_server_url, template_database)
+
+
+def test_config(database_url: str, **changes: object) -> Config:
+    """Configuration for an in-process test server: floors and rate limits off."""
+    config = Config(
+        database_url=database_url,
+        listen="127.0.0.1:0",
+        jwt_secret=TEST_SECRET,
+        rate_limits="off",
+        timing_floors="off",
+        user_cache_seconds=3600.0,
+        grace_seconds=1.0,
+        log_format="text",
+    )
+    return config.with_changes(**changes)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@dataclass
+class RunningServer:
+    """A started in-process server and a channel to it."""
+
+    service: Service
+    channel: grpc.aio.Channel
+    statements: StatementCounter
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+
+async def start_server(config: Config) -> RunningServer:
+    """Starts a server and waits until health says SERVING."""
+    db = Database.connect(config)
+    statements = StatementCounter()
+    statements.attach(db.engine)
+    service = Service(config, db)
+    await service.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(200):
+        reply = await health.Check(health_pb2.HealthCheckRequest())
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("server never became SERVING")
+    return RunningServer(service, channel, statements)
+
+
+async def stop_server(server: RunningServer) -> None:
+    await server.channel.close()
+    await server.service.stop(0.5)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    """A real grpc.aio server on a free port, on this module's database."""
+    running = await start_server(test_config(database_url))
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def connections(server: RunningServer) -> connections_pb2_grpc.ConnectionServiceAsyncStub:
+    """ConnectionService stub."""
+    return connections_pb2_grpc.ConnectionServiceStub(server.channel)  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def accounts(server: RunningServer) -> accounts_pb2_grpc.AccountServiceAsyncStub:
+    """AccountService stub."""
+    return accounts_pb2_grpc.AccountServiceStub(server.channel)  # type: ignore[return-value]
+
+
+def bearer(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture(scope="session")
+def admin() -> Metadata:
+    """Metadata of a backend service holding the admin scope."""
+    return bearer(mint_token(TEST_SECRET, subject="backend-tests", scopes=["umbra.admin"]))
+
+
+def user_metadata(user_id: int) -> Metadata:
+    """Metadata of an end user."""
+    return bearer(mint_token(TEST_SECRET, subject=str(user_id)))
+
+
+@dataclass(frozen=True)
+class TestUser:
+    """A user created through AccountService."""
+
+    id: int
+    handle: str
+    md: Metadata
+
+
+TestUser.__test__ = False  # type: ignore[attr-defined]
+NewUser = Callable[..., Awaitable[TestUser]]
+
+
+@pytest.fixture(scope="module")
+def new_user(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadata) -> NewUser:
+    """Creates users with fresh ids (opted in unless told otherwise)."""
+    ids = itertools.count(1000)
+
+    async def create(
+        *,
+        accept: bool = True,
+        active: bool = True,
+        preferred_name: str = "",
+        handle: str | None = None,
+        profile: accounts_pb2.Profile | None = None,
+    ) -> TestUser:
+        user_id = next(ids)
+        name = handle or f"user{user_id}"
+        await accounts.UpsertUser(
+            accounts_pb2.UpsertUserRequest(
+                user=accounts_pb2.User(
+                    id=user_id, umbral_name=name, is_active=active, profile=profile
+                )
+            ),
+            metadata=admin,
+        )
+        await accounts.UpdateSettings(
+            accounts_pb2.UpdateSettingsRequest(
+                user_id=user_id,
+                settings=accounts_pb2.Settings(
+                    accept_connections=accept, preferred_name=preferred_name
+                ),
+                update_mask={"paths": ["accept_connections", "preferred_name"]},
+            ),
+            metadata=admin,
+        )
+        return TestUser(user_id, name.lower(), user_metadata(user_id))
+
+    return create

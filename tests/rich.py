@@ -1,0 +1,26 @@
+"""Reading rich error details (google.rpc.Status) off a failed call."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The google.rpc.Status a failed call carried in its trailers."""
+    for key, value in error.trailing_metadata() or ():
+        if key == DETAILS_KEY:
+            return status_pb2.Status.FromString(value)
+    raise AssertionError(f"no {DETAILS_KEY} on {error.code()}: {error.details()}")
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a failed call."""
+    for detail in status_details(error).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            assert info.domain == "connections.umbra"
+            return info.reason
+    raise AssertionError("no ErrorInfo in the status details")

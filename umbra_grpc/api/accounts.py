@@ -1,0 +1,74 @@
+"""AccountService servicer: protobuf in, one domain call, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from umbra_grpc.api import convert
+from umbra_grpc.api.status import maps_errors
+from umbra_grpc.domain.accounts import Accounts, Actor
+from umbra_grpc.domain.errors import InvalidField
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
+from umbra_grpc.peer import Network, client_address
+from umbra_grpc.principal import current_principal
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
+    """Backend services keep users and settings current (admin scope, checked by auth)."""
+
+    def __init__(self, accounts: Accounts, trusted_proxies: Sequence[Network]) -> None:
+        self._accounts = accounts
+        self._trusted_proxies = trusted_proxies
+
+    @maps_errors
+    async def UpsertUser(
+        self, request: accounts_pb2.UpsertUserRequest, context: Context
+    ) -> accounts_pb2.UpsertUserResponse:
+        """Creates or updates a user; a taken handle is ALREADY_EXISTS HANDLE_TAKEN."""
+        if not request.HasField("user"):
+            raise InvalidField("user is required")
+        user = await self._accounts.upsert_user(
+            user_id=request.user.id,
+            umbral_name=request.user.umbral_name,
+            is_active=request.user.is_active,
+            profile=convert.profile_from_pb(request.user.profile),
+            actor=self._actor(context),
+        )
+        return accounts_pb2.UpsertUserResponse(user=convert.user_to_pb(user))
+
+    @maps_errors
+    async def GetUser(
+        self, request: accounts_pb2.GetUserRequest, context: Context
+    ) -> accounts_pb2.GetUserResponse:
+        """Returns a user with settings (never the ntfy token)."""
+        user = await self._accounts.get_user(request.user_id)
+        return accounts_pb2.GetUserResponse(user=convert.user_to_pb(user))
+
+    @maps_errors
+    async def UpdateSettings(
+        self, request: accounts_pb2.UpdateSettingsRequest, context: Context
+    ) -> accounts_pb2.UpdateSettingsResponse:
+        """Updates the masked settings fields; returns the settings now in force."""
+        patch = convert.settings_patch(request.settings, request.update_mask)
+        settings = await self._accounts.update_settings(
+            request.user_id, patch, self._actor(context)
+        )
+        return accounts_pb2.UpdateSettingsResponse(settings=convert.settings_to_pb(settings))
+
+    def _actor(self, context: Context) -> Actor:
+        principal = current_principal.get()
+        metadata = dict(context.invocation_metadata() or ())
+        forwarded = metadata.get("x-forwarded-for")
+        return Actor(
+            name=principal.subject if principal else "unknown",
+            ip=client_address(
+                context.peer(),
+                forwarded if isinstance(forwarded, str) else None,
+                self._trusted_proxies,
+            ),
+        )

@@ -1,0 +1,159 @@
+"""Composition root: builds the server. The ONE place the interceptor order is written down.
+
+Outermost first: access log (and error hygiene) -> auth -> rate limit -> timing floor ->
+servicer. Health and reflection are registered beside the two services and need no token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from umbra_grpc.api.accounts import AccountServicer
+from umbra_grpc.api.connections import ConnectionServicer
+from umbra_grpc.config import Config
+from umbra_grpc.domain.accounts import Accounts
+from umbra_grpc.domain.callers import ActiveUsers
+from umbra_grpc.interceptors.access_log import AccessLogInterceptor
+from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
+from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
+from umbra_grpc.peer import parse_networks
+from umbra_grpc.storage import migrate
+from umbra_grpc.storage.database import Database
+
+_log = logging.getLogger(__name__)
+
+CONNECTION_SERVICE = connections_pb2.DESCRIPTOR.services_by_name["ConnectionService"].full_name
+ACCOUNT_SERVICE = accounts_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
+SERVICE_NAMES = (CONNECTION_SERVICE, ACCOUNT_SERVICE)
+HEALTH_PROBE_SECONDS = 1.0
+
+
+def server_options(config: Config) -> list[tuple[str, int]]:
+    """Channel arguments set on purpose (SPEC 4.1); each one has a test."""
+    return [
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # A second server on a taken port must fail loudly, not share the port.
+        ("grpc.so_reuseport", 0),
+        # Keepalive enforcement: clients may ping every 10 s at most, even without calls.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Connections are recycled so load balancers can rebalance long-lived clients.
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)),
+        ("grpc.max_connection_idle_ms", 15 * 60 * 1000),
+    ]
+
+
+class Service:
+    """A built server with what it owns: start it, then stop it once."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        *,
+        extra_servicers: Iterable[tuple[object, object]] = (),
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.active_users = ActiveUsers(db, config.user_cache_seconds)
+        self.health = health.aio.HealthServicer()
+        trusted = parse_networks(config.trusted_proxies)
+        self.server = grpc.aio.server(
+            interceptors=[
+                AccessLogInterceptor(trusted_proxies=trusted),
+                AuthInterceptor(TokenVerifier.from_config(config), self.active_users.is_active),
+                RateLimitInterceptor(parse_rate_limits(config.rate_limits)),
+                TimingFloorInterceptor(parse_timing_floors(config.timing_floors)),
+            ],
+            options=server_options(config),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        accounts = Accounts(db, on_user_changed=self.active_users.forget)
+        accounts_pb2_grpc.add_AccountServiceServicer_to_server(
+            AccountServicer(accounts, trusted), self.server
+        )
+        connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
+            ConnectionServicer(), self.server
+        )
+        for add, servicer in extra_servicers:
+            add(servicer, self.server)  # type: ignore[operator]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self._bind()
+        self._monitor: asyncio.Task[None] | None = None
+
+    def _bind(self) -> int:
+        config = self.config
+        if config.tls_cert_file is None or config.tls_key_file is None:
+            return self.server.add_insecure_port(config.listen)
+        root = config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
+            root_certificates=root,
+            require_client_auth=root is not None,
+        )
+        return self.server.add_secure_port(config.listen, credentials)
+
+    async def start(self) -> None:
+        """Starts serving; health turns SERVING once the database answers and is migrated."""
+        await self._set_health(serving=False)
+        await self.server.start()
+        self._monitor = asyncio.create_task(self._watch_database(), name="health-monitor")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
+        await self.health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await self.db.dispose()
+
+    async def _watch_database(self) -> None:
+        migrated = False
+        serving: bool | None = None
+        while True:
+            ok = await self.db.ping()
+            if ok and not migrated:
+                migrated = await self._is_migrated()
+            now_serving = ok and migrated
+            if now_serving != serving:
+                serving = now_serving
+                _log.info("health %s", "SERVING" if serving else "NOT_SERVING")
+                await self._set_health(serving=serving)
+            await asyncio.sleep(HEALTH_PROBE_SECONDS)
+
+    async def _is_migrated(self) -> bool:
+        try:
+            async with self.db.background() as conn:
+                return await conn.run_sync(migrate.is_at_head)
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            _log.warning("migration state unreadable", exc_info=True)
+            return False
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
