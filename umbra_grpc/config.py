@@ -29,6 +29,7 @@ class Config:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: float = 10.0
+    page_token_secret: str | None = None
     rate_limits: str = "default"
     timing_floors: str = "default"
     trusted_proxies: tuple[str, ...] = ()
@@ -66,6 +67,7 @@ class Config:
             jwt_issuer=env.text("UMBRA_JWT_ISSUER"),
             jwt_audience=env.text("UMBRA_JWT_AUDIENCE"),
             jwt_leeway_seconds=env.number("UMBRA_JWT_LEEWAY_SECONDS", cls.jwt_leeway_seconds),
+            page_token_secret=env.text("UMBRA_PAGE_TOKEN_SECRET"),
             rate_limits=env.text("UMBRA_RATE_LIMITS") or cls.rate_limits,
             timing_floors=env.text("UMBRA_TIMING_FLOORS") or cls.timing_floors,
             trusted_proxies=env.items("UMBRA_TRUSTED_PROXIES"),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import hmac
 import logging
+import secrets
 from collections.abc import Iterable
 
 import grpc
@@ -20,6 +23,9 @@ from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
 from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
+from umbra_grpc.domain.notifications import Notifications
+from umbra_grpc.domain.pages import PageTokens
+from umbra_grpc.domain.requests import Requests
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
@@ -58,6 +64,20 @@ def server_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+def page_token_key(config: Config) -> bytes:
+    """The page-token HMAC key: configured, else derived from the JWT secret, else random.
+
+    A random key works for one process only: replicas must share UMBRA_PAGE_TOKEN_SECRET
+    (or an HS256 UMBRA_JWT_SECRET) so that a page token made by one is accepted by another.
+    """
+    if config.page_token_secret:
+        return config.page_token_secret.encode()
+    if config.jwt_secret:
+        return hmac.new(config.jwt_secret.encode(), b"umbra page tokens", "sha256").digest()
+    _log.warning("no UMBRA_PAGE_TOKEN_SECRET: page tokens are valid in this process only")
+    return secrets.token_bytes(32)
+
+
 class Service:
     """A built server with what it owns: start it, then stop it once."""
 
@@ -84,11 +104,19 @@ class Service:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         accounts = Accounts(db, on_user_changed=self.active_users.forget)
+        pages = PageTokens(page_token_key(config))
+        requests = Requests(
+            db,
+            pages,
+            cap=config.pending_cap,
+            window=dt.timedelta(seconds=config.pending_window_seconds),
+        )
+        notifications = Notifications(db, pages)
         accounts_pb2_grpc.add_AccountServiceServicer_to_server(
             AccountServicer(accounts, trusted), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-            ConnectionServicer(), self.server
+            ConnectionServicer(requests, notifications, trusted), self.server
         )
         for add, servicer in extra_servicers:
             add(servicer, self.server)  # type: ignore[operator]
@@ -145,7 +173,7 @@ class Service:
         try:
             async with self.db.background() as conn:
                 return await conn.run_sync(migrate.is_at_head)
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        except Exception:  # any failure means "not ready yet"
             _log.warning("migration state unreadable", exc_info=True)
             return False
 

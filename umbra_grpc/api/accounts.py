@@ -7,13 +7,12 @@ from typing import Any
 
 import grpc
 
-from umbra_grpc.api import convert
+from umbra_grpc.api import caller, convert
 from umbra_grpc.api.status import maps_errors
 from umbra_grpc.domain.accounts import Accounts, Actor
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
-from umbra_grpc.peer import Network, client_address
-from umbra_grpc.principal import current_principal
+from umbra_grpc.peer import Network
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -61,14 +60,6 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         return accounts_pb2.UpdateSettingsResponse(settings=convert.settings_to_pb(settings))
 
     def _actor(self, context: Context) -> Actor:
-        principal = current_principal.get()
-        metadata = dict(context.invocation_metadata() or ())
-        forwarded = metadata.get("x-forwarded-for")
         return Actor(
-            name=principal.subject if principal else "unknown",
-            ip=client_address(
-                context.peer(),
-                forwarded if isinstance(forwarded, str) else None,
-                self._trusted_proxies,
-            ),
+            name=caller.principal().subject, ip=caller.client_ip(context, self._trusted_proxies)
         )

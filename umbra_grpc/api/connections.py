@@ -2,14 +2,183 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
+from umbra_grpc.api import caller, convert
+from umbra_grpc.api.status import maps_errors
+from umbra_grpc.domain.errors import InvalidField
+from umbra_grpc.domain.notifications import Notifications
+from umbra_grpc.domain.requests import Requests
+from umbra_grpc.pb import connections_pb2 as pb
 from umbra_grpc.pb import connections_pb2_grpc
+from umbra_grpc.peer import Network
+from umbra_grpc.rpc_errors import abort
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_ACTIONS = {pb.RespondRequest.ACTION_ACCEPT: True, pb.RespondRequest.ACTION_REJECT: False}
 
 
 class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
-    """Every RPC of the contract; the ones not built yet answer UNIMPLEMENTED."""
+    """The end users' API; the caller is the token's user (checked by auth)."""
+
+    def __init__(
+        self,
+        requests: Requests,
+        notifications: Notifications,
+        trusted_proxies: Sequence[Network],
+    ) -> None:
+        self._requests = requests
+        self._notifications = notifications
+        self._trusted_proxies = trusted_proxies
+
+    @maps_errors
+    async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
+        """found=false alike for every reason a request could not be sent."""
+        found = await self._requests.search(caller.user_id(), request.umbral_name)
+        return pb.SearchResponse(found=found)
+
+    @maps_errors
+    async def SendRequest(
+        self, request: pb.SendRequestRequest, context: Context
+    ) -> pb.SendRequestResponse:
+        """Sends a connection request to the user with the given handle."""
+        sent = await self._requests.send(caller.user_id(), request.umbral_name, self._ip(context))
+        return pb.SendRequestResponse(request=convert.request_to_pb(sent))
+
+    @maps_errors
+    async def ListIncomingRequests(
+        self, request: pb.ListIncomingRequestsRequest, context: Context
+    ) -> pb.ListIncomingRequestsResponse:
+        """The caller's pending incoming requests, newest first."""
+        page = await self._requests.pending(
+            caller.user_id(), incoming=True, size=request.page_size, token=request.page_token
+        )
+        return pb.ListIncomingRequestsResponse(
+            requests=[convert.request_to_pb(item) for item in page.requests],
+            next_page_token=page.next_page_token,
+        )
+
+    @maps_errors
+    async def ListOutgoingRequests(
+        self, request: pb.ListOutgoingRequestsRequest, context: Context
+    ) -> pb.ListOutgoingRequestsResponse:
+        """The caller's pending outgoing requests, newest first."""
+        page = await self._requests.pending(
+            caller.user_id(), incoming=False, size=request.page_size, token=request.page_token
+        )
+        return pb.ListOutgoingRequestsResponse(
+            requests=[convert.request_to_pb(item) for item in page.requests],
+            next_page_token=page.next_page_token,
+        )
+
+    async def WatchIncomingRequests(
+        self, request: pb.WatchIncomingRequestsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchIncomingRequestsResponse]:
+        """Not built yet (issue 5): answers UNIMPLEMENTED."""
+        await abort(
+            context,
+            grpc.StatusCode.UNIMPLEMENTED,
+            "NOT_IMPLEMENTED",
+            "WatchIncomingRequests is not available yet",
+        )
+        yield pb.WatchIncomingRequestsResponse()  # pragma: no cover - makes this a generator
+
+    @maps_errors
+    async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:
+        """Accepts or rejects a pending request sent to the caller."""
+        accept = _ACTIONS.get(request.action)
+        if accept is None:
+            raise InvalidField("action must be ACTION_ACCEPT or ACTION_REJECT")
+        resolved, connection = await self._requests.respond(
+            caller.user_id(), request.request_id, accept=accept, ip=self._ip(context)
+        )
+        response = pb.RespondResponse(request=convert.request_to_pb(resolved))
+        if connection is not None:
+            response.connection.CopyFrom(convert.connection_to_pb(connection))
+        return response
+
+    @maps_errors
+    async def CancelRequest(
+        self, request: pb.CancelRequestRequest, context: Context
+    ) -> pb.CancelRequestResponse:
+        """Withdraws a pending request the caller sent."""
+        cancelled = await self._requests.cancel(
+            caller.user_id(), request.request_id, self._ip(context)
+        )
+        return pb.CancelRequestResponse(request=convert.request_to_pb(cancelled))
+
+    async def ListConnections(
+        self, request: pb.ListConnectionsRequest, context: Context
+    ) -> pb.ListConnectionsResponse:
+        """Not built yet (issue 4): answers UNIMPLEMENTED."""
+        await _unimplemented(context, "ListConnections")
+
+    async def GetConnection(
+        self, request: pb.GetConnectionRequest, context: Context
+    ) -> pb.GetConnectionResponse:
+        """Not built yet (issue 4): answers UNIMPLEMENTED."""
+        await _unimplemented(context, "GetConnection")
+
+    async def GetSharedProfile(
+        self, request: pb.GetSharedProfileRequest, context: Context
+    ) -> pb.GetSharedProfileResponse:
+        """Not built yet (issue 4): answers UNIMPLEMENTED."""
+        await _unimplemented(context, "GetSharedProfile")
+
+    async def UpdateSharingOverrides(
+        self, request: pb.UpdateSharingOverridesRequest, context: Context
+    ) -> pb.UpdateSharingOverridesResponse:
+        """Not built yet (issue 4): answers UNIMPLEMENTED."""
+        await _unimplemented(context, "UpdateSharingOverrides")
+
+    async def RemoveConnection(
+        self, request: pb.RemoveConnectionRequest, context: Context
+    ) -> pb.RemoveConnectionResponse:
+        """Not built yet (issue 4): answers UNIMPLEMENTED."""
+        await _unimplemented(context, "RemoveConnection")
+
+    @maps_errors
+    async def GetContact(
+        self, request: pb.GetContactRequest, context: Context
+    ) -> pb.GetContactResponse:
+        """One of the caller's contact cards."""
+        contact = await self._notifications.contact(caller.user_id(), request.person_id)
+        return pb.GetContactResponse(contact=convert.contact_to_pb(contact))
+
+    @maps_errors
+    async def ListNotifications(
+        self, request: pb.ListNotificationsRequest, context: Context
+    ) -> pb.ListNotificationsResponse:
+        """The caller's in-app notifications, newest first."""
+        page = await self._notifications.page(
+            caller.user_id(),
+            unread_only=request.unread_only,
+            size=request.page_size,
+            token=request.page_token,
+        )
+        return pb.ListNotificationsResponse(
+            notifications=[convert.notification_to_pb(item) for item in page.notifications],
+            next_page_token=page.next_page_token,
+        )
+
+    @maps_errors
+    async def MarkNotificationsRead(
+        self, request: pb.MarkNotificationsReadRequest, context: Context
+    ) -> pb.MarkNotificationsReadResponse:
+        """Marks some of the caller's notifications read."""
+        updated = await self._notifications.mark_read(
+            caller.user_id(), list(request.notification_ids), self._ip(context)
+        )
+        return pb.MarkNotificationsReadResponse(updated_count=updated)
+
+    def _ip(self, context: Context) -> str | None:
+        return caller.client_ip(context, self._trusted_proxies)
+
+
+async def _unimplemented(context: Context, method: str) -> Any:
+    await abort(
+        context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{method} is not available yet"
+    )

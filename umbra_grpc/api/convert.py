@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
-from umbra_grpc.pb import accounts_pb2
+from umbra_grpc.domain.notifications import ContactView, NotificationView
+from umbra_grpc.domain.requests import ConnectionView, RequestView
+from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 _NTFY_COLUMNS = {
     "enabled": "ntfy_enabled",
@@ -90,3 +93,74 @@ def _settings_value(settings: accounts_pb2.Settings, column: str) -> Any:
     if column.startswith("ntfy_"):
         return getattr(settings.ntfy, column.removeprefix("ntfy_"))
     return getattr(settings, column)
+
+
+_REQUEST_STATUS = {
+    "pending": connections_pb2.ConnectionRequest.STATUS_PENDING,
+    "accepted": connections_pb2.ConnectionRequest.STATUS_ACCEPTED,
+    "rejected": connections_pb2.ConnectionRequest.STATUS_REJECTED,
+    "cancelled": connections_pb2.ConnectionRequest.STATUS_CANCELLED,
+}
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp (UTC)."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def request_to_pb(request: RequestView) -> connections_pb2.ConnectionRequest:
+    """A connection request; resolve_time stays unset while pending."""
+    message = connections_pb2.ConnectionRequest(
+        id=request.id,
+        sender_umbral_name=request.sender_name,
+        sender_preferred_name=request.sender_preferred or "",
+        receiver_umbral_name=request.receiver_name,
+        receiver_preferred_name=request.receiver_preferred or "",
+        status=_REQUEST_STATUS[request.status],
+        create_time=timestamp(request.create_time),
+    )
+    if request.resolve_time is not None:
+        message.resolve_time.CopyFrom(timestamp(request.resolve_time))
+    return message
+
+
+def connection_to_pb(connection: ConnectionView) -> connections_pb2.Connection:
+    """One side of a connection."""
+    return connections_pb2.Connection(
+        id=connection.id,
+        connected_user_id=connection.connected_user_id,
+        connected_umbral_name=connection.connected_name,
+        connected_preferred_name=connection.connected_preferred or "",
+        person_id=connection.person_id,
+        create_time=timestamp(connection.create_time),
+    )
+
+
+def notification_to_pb(notification: NotificationView) -> connections_pb2.Notification:
+    """An in-app notification."""
+    return connections_pb2.Notification(
+        id=notification.id,
+        type=notification.type,
+        title=notification.title,
+        message=notification.message,
+        data=notification.data,
+        source_type=notification.source_type or "",
+        source_id=notification.source_id or 0,
+        read=notification.read,
+        create_time=timestamp(notification.create_time),
+    )
+
+
+def contact_to_pb(contact: ContactView) -> connections_pb2.Contact:
+    """A contact card; fields not shared stay unset (not empty strings)."""
+    return connections_pb2.Contact(
+        id=contact.id,
+        linked_user_id=contact.linked_user_id or 0,
+        is_umbral_contact=contact.is_umbral_contact,
+        display_name=contact.display_name,
+        create_time=timestamp(contact.create_time),
+        update_time=timestamp(contact.update_time),
+        **contact.fields,
+    )

@@ -1,0 +1,134 @@
+"""In-app notifications and contact cards: what the service writes, the caller can read."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from umbra_grpc.domain.accounts import check_id
+from umbra_grpc.domain.errors import ContactNotFound, InvalidField
+from umbra_grpc.domain.models import SHAREABLE_FIELDS
+from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.storage import contacts as contact_store
+from umbra_grpc.storage import notifications as store
+from umbra_grpc.storage.database import Database
+
+DEFAULT_PAGE_SIZE = 20
+MAX_MARK_IDS = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotificationView:
+    """One in-app notification."""
+
+    id: int
+    type: str
+    title: str
+    message: str
+    data: dict[str, str]
+    source_type: str | None
+    source_id: int | None
+    read: bool
+    create_time: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotificationPage:
+    """A page of notifications and the token of the next one ("" on the last page)."""
+
+    notifications: list[NotificationView]
+    next_page_token: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContactView:
+    """A contact card; `fields` holds the shared values copied in (unset ones absent)."""
+
+    id: int
+    linked_user_id: int | None
+    is_umbral_contact: bool
+    display_name: str
+    fields: dict[str, str]
+    create_time: dt.datetime
+    update_time: dt.datetime
+
+
+class Notifications:
+    """ListNotifications, MarkNotificationsRead and GetContact."""
+
+    def __init__(self, db: Database, pages: PageTokens) -> None:
+        self._db = db
+        self._pages = pages
+
+    async def page(
+        self, caller: int, *, unread_only: bool, size: int, token: str
+    ) -> NotificationPage:
+        """The caller's notifications, newest first."""
+        limit = page_size(size, DEFAULT_PAGE_SIZE)
+        scope = "notifications.unread" if unread_only else "notifications.all"
+        after = self._pages.decode(token, scope, caller)
+        rows = await self._db.read(
+            lambda conn: store.page(
+                conn, caller=caller, unread_only=unread_only, after=after, limit=limit + 1
+            )
+        )
+        views = [
+            NotificationView(
+                id=row.id,
+                type=row.type,
+                title=row.title,
+                message=row.message,
+                data={key: str(value) for key, value in row.data.items()},
+                source_type=row.source_type,
+                source_id=row.source_id,
+                read=row.read,
+                create_time=row.created_at,
+            )
+            for row in rows[:limit]
+        ]
+        next_token = ""
+        if len(rows) > limit:
+            next_token = self._pages.encode(scope, caller, (views[-1].create_time, views[-1].id))
+        return NotificationPage(views, next_token)
+
+    async def mark_read(self, caller: int, ids: Sequence[int], ip: str | None) -> int:
+        """Marks some of the caller's notifications read; returns how many changed."""
+        if len(ids) > MAX_MARK_IDS:
+            raise InvalidField(f"at most {MAX_MARK_IDS} notification_ids at once")
+        for notification_id in ids:
+            check_id(notification_id, "notification_ids")
+        if not ids:
+            return 0
+        unique = sorted(set(ids))
+        return await self._db.transaction(
+            lambda conn: store.mark_read(conn, caller=caller, ids=unique, ip=ip)
+        )
+
+    async def contact(self, caller: int, person_id: int) -> ContactView:
+        """One of the caller's contact cards, or `ContactNotFound`."""
+        check_id(person_id, "person_id")
+        row = await self._db.read(
+            lambda conn: contact_store.contact(conn, caller=caller, person_id=person_id)
+        )
+        if row is None:
+            raise ContactNotFound
+        return ContactView(
+            id=row.id,
+            linked_user_id=row.linked_user_id,
+            is_umbral_contact=row.is_umbral_contact,
+            display_name=row.display_name,
+            fields=_present_fields(row),
+            create_time=row.created_at,
+            update_time=row.updated_at,
+        )
+
+
+def _present_fields(row: Any) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for field in SHAREABLE_FIELDS:
+        value = getattr(row, field)
+        if value is not None and value != "":
+            fields[field] = value.isoformat() if isinstance(value, dt.date) else str(value)
+    return fields

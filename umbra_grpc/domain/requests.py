@@ -1,0 +1,201 @@
+"""Connection request rules: search, send, list, respond, cancel.
+
+The rules are the router's (SPEC 3.1), with its races closed by the database (see
+`umbra_grpc.storage.requests`). Each method is one unit of work with a fixed statement budget:
+Search 1, SendRequest 4 (BEGIN, lock, write, COMMIT), Respond and CancelRequest 3, lists 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from umbra_grpc.domain.accounts import check_id
+from umbra_grpc.domain.errors import (
+    AlreadyConnected,
+    ConnectionsDisabled,
+    RequestNotPending,
+    RequestPending,
+    SelfRequest,
+    SenderInactive,
+    TooManyPending,
+    UserNotFound,
+)
+from umbra_grpc.domain.handles import normalize_handle
+from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.storage import requests as store
+from umbra_grpc.storage.database import Database
+
+DEFAULT_PAGE_SIZE = 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestView:
+    """A request with both sides' handles and preferred names."""
+
+    id: int
+    status: str
+    sender_name: str
+    sender_preferred: str | None
+    receiver_name: str
+    receiver_preferred: str | None
+    create_time: dt.datetime
+    resolve_time: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> RequestView:
+        """From a row of the storage layer's request view."""
+        return cls(
+            id=row.id,
+            status=row.status,
+            sender_name=row.sender_name,
+            sender_preferred=row.sender_preferred,
+            receiver_name=row.receiver_name,
+            receiver_preferred=row.receiver_preferred,
+            create_time=row.created_at,
+            resolve_time=row.resolved_at,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionView:
+    """One side of a connection as its owner sees it."""
+
+    id: int
+    connected_user_id: int
+    connected_name: str
+    connected_preferred: str | None
+    person_id: int
+    create_time: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestPage:
+    """A page of requests and the token of the next one ("" on the last page)."""
+
+    requests: list[RequestView]
+    next_page_token: str
+
+
+class Requests:
+    """The request half of ConnectionService."""
+
+    def __init__(self, db: Database, pages: PageTokens, *, cap: int, window: dt.timedelta) -> None:
+        self._db = db
+        self._pages = pages
+        self._cap = cap
+        self._window = window
+
+    async def search(self, caller: int, umbral_name: str) -> bool:
+        """Whether `caller` could send a request to `umbral_name` (one answer for all refusals)."""
+        handle = normalize_handle(umbral_name)
+        return await self._db.read(lambda conn: store.search(conn, caller=caller, handle=handle))
+
+    async def send(self, caller: int, umbral_name: str, ip: str | None) -> RequestView:
+        """Sends a request; refusals in the router's order (SPEC 3.1)."""
+        handle = normalize_handle(umbral_name)
+
+        async def work(conn: AsyncConnection) -> RequestView:
+            facts = await store.lock_target(conn, caller=caller, handle=handle)
+            if facts is None or facts.target_id is None or not facts.target_active:
+                raise UserNotFound
+            if facts.target_id == caller:
+                raise SelfRequest
+            if not facts.caller_accepts:
+                raise ConnectionsDisabled
+            if not facts.target_accepts:
+                raise UserNotFound
+            written = await store.insert_request(
+                conn,
+                sender=caller,
+                receiver=facts.target_id,
+                sender_name=facts.caller_name,
+                sender_display=facts.caller_preferred or facts.caller_name,
+                receiver_name=facts.target_name,
+                cap=self._cap,
+                window=self._window,
+                ip=ip,
+            )
+            if written.connected:
+                raise AlreadyConnected
+            if written.pending:
+                raise RequestPending
+            if written.id is None:
+                raise TooManyPending
+            return RequestView(
+                id=written.id,
+                status="pending",
+                sender_name=facts.caller_name,
+                sender_preferred=facts.caller_preferred,
+                receiver_name=facts.target_name,
+                receiver_preferred=facts.target_preferred,
+                create_time=written.created_at,
+                resolve_time=None,
+            )
+
+        return await self._db.transaction(
+            work,
+            constraint_errors={
+                store.PENDING_PAIR_INDEX: RequestPending,
+                store.CONNECTION_PAIR: AlreadyConnected,
+            },
+        )
+
+    async def pending(self, caller: int, *, incoming: bool, size: int, token: str) -> RequestPage:
+        """The caller's pending incoming or outgoing requests, newest first."""
+        limit = page_size(size, DEFAULT_PAGE_SIZE)
+        scope = "requests.incoming" if incoming else "requests.outgoing"
+        after = self._pages.decode(token, scope, caller)
+        rows = await self._db.read(
+            lambda conn: store.pending_page(
+                conn, caller=caller, incoming=incoming, after=after, limit=limit + 1
+            )
+        )
+        views = [RequestView.from_row(row) for row in rows[:limit]]
+        next_token = ""
+        if len(rows) > limit:
+            last = views[-1]
+            next_token = self._pages.encode(scope, caller, (last.create_time, last.id))
+        return RequestPage(views, next_token)
+
+    async def respond(
+        self, caller: int, request_id: int, *, accept: bool, ip: str | None
+    ) -> tuple[RequestView, ConnectionView | None]:
+        """Accepts or rejects a pending request sent to the caller."""
+        check_id(request_id, "request_id")
+        row = await self._db.transaction(
+            lambda conn: store.respond(
+                conn, caller=caller, request_id=request_id, accept=accept, ip=ip
+            ),
+            constraint_errors={store.CONNECTION_PAIR: AlreadyConnected},
+        )
+        if row is None:
+            raise RequestNotPending
+        request = RequestView.from_row(row)
+        if accept and request.status != "accepted":
+            raise SenderInactive
+        if row.connection_id is None:
+            return request, None
+        connection = ConnectionView(
+            id=row.connection_id,
+            connected_user_id=row.connected_user_id,
+            connected_name=request.sender_name,
+            connected_preferred=request.sender_preferred,
+            person_id=row.person_id,
+            create_time=row.connection_created_at,
+        )
+        return request, connection
+
+    async def cancel(self, caller: int, request_id: int, ip: str | None) -> RequestView:
+        """Withdraws a pending request the caller sent."""
+        check_id(request_id, "request_id")
+        row = await self._db.transaction(
+            lambda conn: store.cancel(conn, caller=caller, request_id=request_id, ip=ip)
+        )
+        if row is None:
+            raise RequestNotPending
+        return RequestView.from_row(row)

@@ -1,0 +1,325 @@
+"""Access log, the outermost interceptor: one structured line per RPC, and error hygiene.
+
+The line (logger `umbra.access`, INFO) carries `method`, `caller` (filled in by the auth
+interceptor through `call_record.current_call`), `peer` (`x-forwarded-for` believed only from
+UMBRA_TRUSTED_PROXIES), `code`, `duration_ms` and `correlation_id`; stream lines add
+`events_sent` and are written when the stream ends, not when its handler returns.
+
+Every call gets a correlation id (uuid4 hex), sent back as trailing metadata
+`x-correlation-id` whatever the outcome: inner layers see the context through a thin proxy
+that adds it to every status they end the call with.
+
+Hardening (grpc.aio's defaults leak internals, SPEC 4.1):
+- An exception other than `grpc.aio.AbortError` is logged at ERROR with its traceback and the
+  correlation id, and the call ends INTERNAL (reason INTERNAL) with a message that quotes only
+  the correlation id: no exception text reaches the client. AbortError always propagates
+  unchanged; so does `asyncio.CancelledError` (the line then says CANCELLED).
+- Request bytes that do not decode would get UNKNOWN with the parser's message; the request
+  deserializer is replaced by one that turns any failure into a sentinel, answered
+  INVALID_ARGUMENT (reason MALFORMED_REQUEST) before anything inner runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, NoReturn, cast
+
+import grpc
+
+from umbra_grpc.call_record import CallRecord, current_call
+from umbra_grpc.interceptors.handlers import (
+    Context,
+    Deserializer,
+    StreamBehavior,
+    UnaryBehavior,
+    wrap_handler,
+)
+from umbra_grpc.peer import Network, client_address
+from umbra_grpc.rpc_errors import error_status
+
+access_logger = logging.getLogger("umbra.access")
+logger = logging.getLogger(__name__)
+
+CORRELATION_ID_KEY: Final = "x-correlation-id"
+FORWARDED_FOR_KEY: Final = "x-forwarded-for"
+MALFORMED_MESSAGE: Final = "request could not be decoded"
+
+Clock = Callable[[], float]
+NewId = Callable[[], str]
+
+
+class _Undecodable:
+    """What the guarded deserializer returns for bytes the real one could not decode."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<undecodable request>"
+
+
+UNDECODABLE: Final = _Undecodable()
+
+
+def _new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+    """Logs one line per RPC; maps unexpected exceptions and undecodable requests.
+
+    `trusted_proxies` (from `peer.parse_networks`) are the peers whose `x-forwarded-for` is
+    believed. `clock` measures durations; `new_id` makes correlation ids.
+    """
+
+    def __init__(
+        self,
+        trusted_proxies: Sequence[Network] = (),
+        *,
+        clock: Clock = time.perf_counter,
+        new_id: NewId = _new_correlation_id,
+    ) -> None:
+        self._trusted = tuple(trusted_proxies)
+        self._clock = clock
+        self._new_id = new_id
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        started = self._clock()
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            # grpc.aio answers UNIMPLEMENTED itself; the line still shows who probed what.
+            record = CallRecord(method, self._new_id(), None, started)
+            self._write(record, grpc.StatusCode.UNIMPLEMENTED, streaming=False)
+            return None
+        request_streaming = handler.request_streaming
+        forwarded_for = _forwarded_for(handler_call_details.invocation_metadata)
+
+        def begin(context: Context) -> tuple[CallRecord, Context]:
+            record = CallRecord(
+                method,
+                self._new_id(),
+                client_address(context.peer(), forwarded_for, self._trusted),
+                started,
+            )
+            context.set_trailing_metadata(((CORRELATION_ID_KEY, record.correlation_id),))
+            return record, cast(Context, _CorrelatedContext(context, record))
+
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
+            async def logged(request: Any, context: Context) -> Any:
+                record, inner = begin(context)
+                token = current_call.set(record)
+                code = grpc.StatusCode.OK
+                try:
+                    if request is UNDECODABLE:
+                        await _abort(context, record, *_MALFORMED)
+                    if request_streaming:
+                        request = _decoded(request, context, record)
+                    response = await behavior(request, inner)
+                    code = _code(context)
+                    return response
+                except grpc.aio.AbortError:
+                    code = _code(context)
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    await self._fail(context, record)
+                finally:
+                    current_call.reset(token)
+                    self._write(record, code, streaming=False)
+
+            return logged
+
+        def stream(behavior: StreamBehavior) -> StreamBehavior:
+            async def logged(request: Any, context: Context) -> AsyncIterator[Any]:
+                record, inner = begin(context)
+                token = current_call.set(record)
+                code = grpc.StatusCode.OK
+                try:
+                    if request is UNDECODABLE:
+                        await _abort(context, record, *_MALFORMED)
+                    if request_streaming:
+                        request = _decoded(request, context, record)
+                    # wrap_handler hands streams over only when they are async generators.
+                    responses = cast(AsyncGenerator[Any, None], behavior(request, inner))
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            yield response
+                            record.events_sent += 1
+                    code = _code(context)
+                except grpc.aio.AbortError:
+                    code = _code(context)
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    # GeneratorExit: the stream was abandoned (client gone) while its message
+                    # was being written, and the event loop closed it afterwards.
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    await self._fail(context, record)
+                finally:
+                    with contextlib.suppress(ValueError):  # closed later, in another context
+                        current_call.reset(token)
+                    self._write(record, code, streaming=True)
+
+            return logged
+
+        deserializer = handler.request_deserializer
+        return wrap_handler(
+            handler,
+            unary=unary,
+            stream=stream,
+            request_deserializer=_guarded(deserializer) if deserializer is not None else None,
+        )
+
+    async def _fail(self, context: Context, record: CallRecord) -> NoReturn:
+        """Logs the exception being handled and ends the call INTERNAL, quoting only the id."""
+        logger.error(
+            "unhandled exception in %s (correlation id %s)",
+            record.method,
+            record.correlation_id,
+            exc_info=True,
+            extra={"method": record.method, "correlation_id": record.correlation_id},
+        )
+        await _abort(
+            context,
+            record,
+            grpc.StatusCode.INTERNAL,
+            "INTERNAL",
+            f"internal error (correlation id {record.correlation_id})",
+        )
+
+    def _write(self, record: CallRecord, code: grpc.StatusCode, *, streaming: bool) -> None:
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = round((self._clock() - record.started) * 1000, 3)
+        fields: dict[str, Any] = {
+            "method": record.method,
+            "caller": record.caller,
+            "peer": record.peer,
+            "code": code.name,
+            "duration_ms": duration_ms,
+            "correlation_id": record.correlation_id,
+        }
+        if streaming:
+            fields["events_sent"] = record.events_sent
+        access_logger.info("%s %s %.3fms", record.method, code.name, duration_ms, extra=fields)
+
+
+class _CorrelatedContext:
+    """The servicer context as inner layers see it: every status keeps `x-correlation-id`.
+
+    grpc.aio replaces the trailing metadata set before an abort with the abort's own (the
+    rich status details), so the id is appended there too. Writes are counted for streams
+    whose handler writes through the context instead of yielding.
+    """
+
+    __slots__ = ("_context", "_record")
+
+    def __init__(self, context: Context, record: CallRecord) -> None:
+        self._context = context
+        self._record = record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, Any]]) -> None:
+        self._context.set_trailing_metadata(_with_correlation_id(trailing_metadata, self._record))
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, Any]] = (),
+    ) -> NoReturn:
+        # With no metadata grpc.aio keeps what was set before, which already holds the id.
+        metadata = (
+            _with_correlation_id(trailing_metadata, self._record) if trailing_metadata else ()
+        )
+        await self._context.abort(code, details, metadata)
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._record.events_sent += 1
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is UNDECODABLE:
+            await _abort(self._context, self._record, *_MALFORMED)
+        return message
+
+
+_MALFORMED: Final = (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", MALFORMED_MESSAGE)
+
+
+async def _abort(
+    context: Context, record: CallRecord, code: grpc.StatusCode, reason: str, message: str
+) -> NoReturn:
+    status = error_status(code, reason, message)
+    metadata = _with_correlation_id(status.trailing_metadata, record)
+    await context.abort(status.code, status.details, metadata)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+def _with_correlation_id(
+    metadata: Sequence[tuple[str, Any]], record: CallRecord
+) -> tuple[tuple[str, Any], ...]:
+    items = tuple(metadata)
+    if any(key == CORRELATION_ID_KEY for key, _ in items):
+        return items
+    return (*items, (CORRELATION_ID_KEY, record.correlation_id))
+
+
+def _guarded(deserializer: Deserializer) -> Deserializer:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            # protobuf's DecodeError or anything else: the client sent bytes we cannot read.
+            return UNDECODABLE
+
+    return deserialize
+
+
+async def _decoded(
+    requests: AsyncIterator[Any], context: Context, record: CallRecord
+) -> AsyncIterator[Any]:
+    """A request stream that ends the call INVALID_ARGUMENT at the first undecodable message."""
+    async for request in requests:
+        if request is UNDECODABLE:
+            await _abort(context, record, *_MALFORMED)
+        yield request
+
+
+def _code(context: Context) -> grpc.StatusCode:
+    # grpc.aio's ServicerContext.code() is None until a code is set or the call aborts.
+    code: grpc.StatusCode | None = context.code()
+    return grpc.StatusCode.OK if code is None else code
+
+
+def _forwarded_for(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    values = [
+        value
+        for key, value in metadata or ()
+        if key == FORWARDED_FOR_KEY and isinstance(value, str)
+    ]
+    # Several headers count as one comma-joined list (RFC 9110 section 5.3).
+    return ",".join(values) if values else None

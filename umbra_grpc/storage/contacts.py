@@ -1,0 +1,21 @@
+"""Contact cards (persons): the caller's own rows only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Row, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+_CONTACT = text(
+    """
+    SELECT id, linked_user_id, is_umbral_contact, display_name, email, phone, mobile, address,
+           company, job_title, birthday, created_at, updated_at
+    FROM persons WHERE id = :person_id AND owner_user_id = :caller
+    """
+)
+
+
+async def contact(conn: AsyncConnection, *, caller: int, person_id: int) -> Row[Any] | None:
+    """One of the caller's contact cards, or None."""
+    return (await conn.execute(_CONTACT, {"caller": caller, "person_id": person_id})).first()

@@ -1,0 +1,75 @@
+"""In-app notifications: the caller's own rows only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Row, TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+def _page_query(*, unread_only: bool, after: bool) -> TextClause:
+    unread = "AND NOT read" if unread_only else ""
+    cursor = "AND (created_at, id) < (:after_time, :after_id)" if after else ""
+    return text(
+        f"""
+        SELECT id, type, title, message, data, source_type, source_id, read, created_at
+        FROM notifications
+        WHERE user_id = :caller {unread} {cursor}
+        ORDER BY created_at DESC, id DESC
+        LIMIT :limit
+        """
+    )
+
+
+_PAGES = {
+    (unread_only, after): _page_query(unread_only=unread_only, after=after)
+    for unread_only in (True, False)
+    for after in (True, False)
+}
+
+
+async def page(
+    conn: AsyncConnection,
+    *,
+    caller: int,
+    unread_only: bool,
+    after: tuple[dt.datetime, int] | None,
+    limit: int,
+) -> list[Row[Any]]:
+    """The caller's notifications, newest first, after a keyset cursor."""
+    params: dict[str, Any] = {"caller": caller, "limit": limit}
+    if after is not None:
+        params["after_time"], params["after_id"] = after
+    result = await conn.execute(_PAGES[(unread_only, after is not None)], params)
+    return list(result.all())
+
+
+_MARK_READ = text(
+    """
+    WITH marked AS (
+        UPDATE notifications SET read = true
+        WHERE user_id = :caller AND id = ANY(CAST(:ids AS bigint[])) AND NOT read
+        RETURNING id
+    ),
+    audit AS (
+        INSERT INTO audit_log (action, actor_id, target_id, detail, ip)
+        SELECT 'notifications.marked_read', CAST(:caller AS bigint), NULL,
+               jsonb_build_object('notification_ids', jsonb_agg(marked.id ORDER BY marked.id)),
+               CAST(:ip AS inet)
+        FROM marked HAVING count(*) > 0
+        RETURNING id
+    )
+    SELECT (SELECT count(*) FROM marked) AS updated, (SELECT count(*) FROM audit) AS audited
+    """
+)
+
+
+async def mark_read(
+    conn: AsyncConnection, *, caller: int, ids: Sequence[int], ip: str | None
+) -> int:
+    """Marks the caller's unread notifications among `ids` read; returns how many changed."""
+    row = (await conn.execute(_MARK_READ, {"caller": caller, "ids": list(ids), "ip": ip})).one()
+    return int(row.updated)

@@ -1,0 +1,346 @@
+"""Connection requests: the SQL of Search, SendRequest, Respond, CancelRequest and the lists.
+
+Each write is one statement built from data-modifying CTEs, so an RPC costs a fixed, small
+number of round trips (SPEC 8) and either all of its rows are written or none:
+- `lock_target` (SendRequest, statement 1 of 2) resolves the handle and takes a
+  `FOR NO KEY UPDATE` lock on the receiver's row: senders racing one receiver queue here, so
+  the pending cap (I3) is counted by a statement that starts after the lock is held.
+- `insert_request` (statement 2) re-checks connected / pending / cap in a fresh snapshot and,
+  only when all clear, writes the request, the receiver's notification, the audit row, the
+  outbox row and the NOTIFY. The pending-pair unique index (I1) settles the one race the
+  lock does not cover (A->B and B->A at once).
+- `resolve` (Respond, CancelRequest) is one conditional UPDATE ... WHERE status = 'pending'
+  with everything that follows hanging off its RETURNING, so a request resolves at most once.
+NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Row, TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from umbra_grpc.domain.models import SHAREABLE_FIELDS
+
+REQUESTS_CHANNEL = "umbra_requests"
+PENDING_PAIR_INDEX = "uq_connection_requests_pending_pair"
+CONNECTION_PAIR = "uq_user_connections_pair"
+
+_SEARCH = text(
+    """
+    SELECT EXISTS (
+        SELECT 1 FROM settings WHERE user_id = :caller AND accept_connections
+    ) AND EXISTS (
+        SELECT 1 FROM users u JOIN settings s ON s.user_id = u.id
+        WHERE lower(u.umbral_name) = :handle AND u.id <> :caller
+          AND u.is_active AND s.accept_connections
+    ) AS found
+    """
+)
+
+
+async def search(conn: AsyncConnection, *, caller: int, handle: str) -> bool:
+    """Whether `caller` (opted in) could send a request to the active, accepting `handle`."""
+    return bool((await conn.execute(_SEARCH, {"caller": caller, "handle": handle})).scalar())
+
+
+_LOCK_TARGET = text(
+    """
+    WITH target AS (
+        SELECT u.id, u.umbral_name, u.is_active, s.accept_connections, s.preferred_name
+        FROM users u JOIN settings s ON s.user_id = u.id
+        WHERE lower(u.umbral_name) = :handle
+        FOR NO KEY UPDATE OF u
+    )
+    SELECT c.umbral_name AS caller_name, cs.preferred_name AS caller_preferred,
+           cs.accept_connections AS caller_accepts,
+           t.id AS target_id, t.umbral_name AS target_name, t.preferred_name AS target_preferred,
+           t.is_active AS target_active, t.accept_connections AS target_accepts
+    FROM users c JOIN settings cs ON cs.user_id = c.id
+    LEFT JOIN target t ON true
+    WHERE c.id = :caller
+    """
+)
+
+
+async def lock_target(conn: AsyncConnection, *, caller: int, handle: str) -> Row[Any] | None:
+    """Caller and target facts, with the target's row locked until commit."""
+    return (await conn.execute(_LOCK_TARGET, {"caller": caller, "handle": handle})).first()
+
+
+_AUDIT_COLUMNS = "action, actor_id, target_id, detail, ip"
+
+_INSERT_REQUEST = text(
+    f"""
+    WITH flags AS (
+        SELECT
+            EXISTS (SELECT 1 FROM user_connections
+                    WHERE user_id = :sender AND connected_user_id = :receiver) AS connected,
+            EXISTS (SELECT 1 FROM connection_requests
+                    WHERE status = 'pending'
+                      AND least(sender_id, receiver_id) = least(:sender, :receiver)
+                      AND greatest(sender_id, receiver_id) = greatest(:sender, :receiver)
+                   ) AS pending,
+            (SELECT count(*) FROM connection_requests
+             WHERE receiver_id = :receiver AND status = 'pending'
+               AND created_at >= now() - CAST(:window AS interval)) AS recent
+    ),
+    req AS (
+        INSERT INTO connection_requests (sender_id, receiver_id)
+        SELECT CAST(:sender AS bigint), CAST(:receiver AS bigint) FROM flags
+        WHERE NOT connected AND NOT pending AND recent < :cap
+        RETURNING id, created_at
+    ),
+    note AS (
+        INSERT INTO notifications (user_id, type, title, message, data, source_type, source_id)
+        SELECT CAST(:receiver AS bigint), 'connection_request', 'New Connection Request',
+               CAST(:message AS text),
+               jsonb_build_object('sender_umbral_name', CAST(:sender_name AS text)),
+               'connection_request', req.id
+        FROM req RETURNING id
+    ),
+    audit AS (
+        INSERT INTO audit_log ({_AUDIT_COLUMNS})
+        SELECT 'connection.request_sent', CAST(:sender AS bigint), CAST(:receiver AS bigint),
+               jsonb_build_object('request_id', req.id,
+                                  'receiver_umbral_name', CAST(:receiver_name AS text)),
+               CAST(:ip AS inet)
+        FROM req RETURNING id
+    ),
+    push AS (
+        INSERT INTO outbox (user_id, kind, display_name)
+        SELECT CAST(:receiver AS bigint), 'request_received', CAST(:sender_display AS text)
+        FROM req RETURNING id
+    ),
+    wake AS (
+        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
+            'kind', 'received', 'request_id', req.id, 'receiver_id', CAST(:receiver AS bigint),
+            'sender_id', CAST(:sender AS bigint))::text)
+        FROM req
+    )
+    SELECT flags.connected, flags.pending, flags.recent, req.id, req.created_at,
+           (SELECT count(*) FROM note) + (SELECT count(*) FROM audit)
+           + (SELECT count(*) FROM push) + (SELECT count(*) FROM wake) AS side_rows
+    FROM flags LEFT JOIN req ON true
+    """
+)
+
+
+async def insert_request(
+    conn: AsyncConnection,
+    *,
+    sender: int,
+    receiver: int,
+    sender_name: str,
+    sender_display: str,
+    receiver_name: str,
+    cap: int,
+    window: dt.timedelta,
+    ip: str | None,
+) -> Row[Any]:
+    """Checks and, when clear, writes the request with its side rows; returns the flags."""
+    return (
+        await conn.execute(
+            _INSERT_REQUEST,
+            {
+                "sender": sender,
+                "receiver": receiver,
+                "sender_name": sender_name,
+                "sender_display": sender_display,
+                "receiver_name": receiver_name,
+                "message": f"{sender_display} wants to connect with you",
+                "cap": cap,
+                "window": window,
+                "ip": ip,
+            },
+        )
+    ).one()
+
+
+def _card_column(field: str) -> str:
+    """A contact-card value: copied only when the owner shares it and it is non-empty."""
+    value = f"u.{field}" if field == "birthday" else f"nullif(u.{field}, '')"
+    return f"CASE WHEN s.share_{field} THEN {value} END"
+
+
+_CARD_FIELDS = ", ".join(SHAREABLE_FIELDS)
+_CARD_VALUES = ", ".join(_card_column(field) for field in SHAREABLE_FIELDS)
+
+_REQUEST_VIEW = """
+    SELECT r.id, r.status, r.created_at, r.resolved_at,
+           su.umbral_name AS sender_name, ss.preferred_name AS sender_preferred,
+           ru.umbral_name AS receiver_name, rs.preferred_name AS receiver_preferred
+    FROM {source} r
+    JOIN users su ON su.id = r.sender_id JOIN settings ss ON ss.user_id = r.sender_id
+    JOIN users ru ON ru.id = r.receiver_id JOIN settings rs ON rs.user_id = r.receiver_id
+"""
+
+_RESPOND = text(
+    f"""
+    WITH me AS (
+        SELECT u.umbral_name, coalesce(s.preferred_name, u.umbral_name) AS display
+        FROM users u JOIN settings s ON s.user_id = u.id WHERE u.id = :caller
+    ),
+    req AS (
+        UPDATE connection_requests r
+        SET status = CASE
+                WHEN CAST(:action AS text) = 'reject' THEN 'rejected'
+                WHEN EXISTS (SELECT 1 FROM users WHERE id = r.sender_id AND is_active)
+                    THEN 'accepted'
+                ELSE 'rejected'
+            END,
+            resolved_at = now()
+        WHERE r.id = :request_id AND r.receiver_id = :caller AND r.status = 'pending'
+        RETURNING r.id, r.sender_id, r.receiver_id, r.status, r.created_at, r.resolved_at
+    ),
+    cards AS (
+        INSERT INTO persons (owner_user_id, linked_user_id, is_umbral_contact, display_name,
+                             {_CARD_FIELDS})
+        SELECT pair.owner, pair.other, true, coalesce(s.preferred_name, u.umbral_name),
+               {_CARD_VALUES}
+        FROM req
+        CROSS JOIN LATERAL (VALUES (req.receiver_id, req.sender_id),
+                                   (req.sender_id, req.receiver_id)) AS pair(owner, other)
+        JOIN users u ON u.id = pair.other JOIN settings s ON s.user_id = pair.other
+        WHERE req.status = 'accepted'
+        RETURNING id, owner_user_id, linked_user_id
+    ),
+    links AS (
+        INSERT INTO user_connections (user_id, connected_user_id, person_id)
+        SELECT owner_user_id, linked_user_id, id FROM cards
+        RETURNING id, user_id, connected_user_id, person_id, created_at
+    ),
+    note AS (
+        INSERT INTO notifications (user_id, type, title, message, data, source_type, source_id)
+        SELECT req.sender_id, 'connection_accepted', 'Connection Accepted',
+               me.display || ' accepted your connection request',
+               jsonb_build_object('connected_umbral_name', me.umbral_name),
+               'user_connection', links.id
+        FROM req JOIN links ON links.user_id = req.sender_id CROSS JOIN me
+        RETURNING id
+    ),
+    push AS (
+        INSERT INTO outbox (user_id, kind, display_name)
+        SELECT req.sender_id, 'request_accepted', me.display
+        FROM req CROSS JOIN me WHERE req.status = 'accepted'
+        RETURNING id
+    ),
+    audit AS (
+        INSERT INTO audit_log ({_AUDIT_COLUMNS})
+        SELECT CASE
+                   WHEN req.status = 'accepted' THEN 'connection.accepted'
+                   WHEN CAST(:action AS text) = 'reject' THEN 'connection.rejected'
+                   ELSE 'connection.rejected_sender_inactive'
+               END,
+               CAST(:caller AS bigint), req.sender_id, jsonb_build_object('request_id', req.id),
+               CAST(:ip AS inet)
+        FROM req RETURNING id
+    ),
+    wake AS (
+        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
+            'kind', 'resolved', 'request_id', req.id, 'receiver_id', req.receiver_id,
+            'sender_id', req.sender_id)::text)
+        FROM req
+    ),
+    view AS ({_REQUEST_VIEW.format(source="req")})
+    SELECT view.*, links.id AS connection_id, links.connected_user_id, links.person_id,
+           links.created_at AS connection_created_at,
+           (SELECT count(*) FROM note) + (SELECT count(*) FROM push)
+           + (SELECT count(*) FROM audit) + (SELECT count(*) FROM wake) AS side_rows
+    FROM view LEFT JOIN links ON links.user_id = :caller
+    """
+)
+
+
+async def respond(
+    conn: AsyncConnection,
+    *,
+    caller: int,
+    request_id: int,
+    accept: bool,
+    ip: str | None,
+) -> Row[Any] | None:
+    """Resolves a pending request sent to `caller`; None when there is none to resolve."""
+    result = await conn.execute(
+        _RESPOND,
+        {
+            "caller": caller,
+            "request_id": request_id,
+            "action": "accept" if accept else "reject",
+            "ip": ip,
+        },
+    )
+    return result.first()
+
+
+_CANCEL = text(
+    f"""
+    WITH req AS (
+        UPDATE connection_requests r SET status = 'cancelled', resolved_at = now()
+        WHERE r.id = :request_id AND r.sender_id = :caller AND r.status = 'pending'
+        RETURNING r.id, r.sender_id, r.receiver_id, r.status, r.created_at, r.resolved_at
+    ),
+    audit AS (
+        INSERT INTO audit_log ({_AUDIT_COLUMNS})
+        SELECT 'connection.request_cancelled', CAST(:caller AS bigint), req.receiver_id,
+               jsonb_build_object('request_id', req.id), CAST(:ip AS inet)
+        FROM req RETURNING id
+    ),
+    wake AS (
+        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
+            'kind', 'cancelled', 'request_id', req.id, 'receiver_id', req.receiver_id,
+            'sender_id', req.sender_id)::text)
+        FROM req
+    ),
+    view AS ({_REQUEST_VIEW.format(source="req")})
+    SELECT view.*, (SELECT count(*) FROM audit) + (SELECT count(*) FROM wake) AS side_rows
+    FROM view
+    """
+)
+
+
+async def cancel(
+    conn: AsyncConnection, *, caller: int, request_id: int, ip: str | None
+) -> Row[Any] | None:
+    """Cancels a pending request `caller` sent; None when there is none to cancel."""
+    result = await conn.execute(_CANCEL, {"caller": caller, "request_id": request_id, "ip": ip})
+    return result.first()
+
+
+def _page_query(side: str, *, after: bool) -> TextClause:
+    cursor = "AND (r.created_at, r.id) < (:after_time, :after_id)" if after else ""
+    return text(
+        _REQUEST_VIEW.format(source="connection_requests")
+        + f"""
+    WHERE r.{side} = :caller AND r.status = 'pending' {cursor}
+    ORDER BY r.created_at DESC, r.id DESC
+    LIMIT :limit
+    """
+    )
+
+
+# Keyset pages: one statement for the first page, one after a cursor, so that both are
+# served by the (receiver|sender, created_at DESC, id DESC) partial indexes.
+_PAGES = {
+    (incoming, after): _page_query("receiver_id" if incoming else "sender_id", after=after)
+    for incoming in (True, False)
+    for after in (True, False)
+}
+
+
+async def pending_page(
+    conn: AsyncConnection,
+    *,
+    caller: int,
+    incoming: bool,
+    after: tuple[dt.datetime, int] | None,
+    limit: int,
+) -> list[Row[Any]]:
+    """Pending requests to (incoming) or from `caller`, newest first, after a keyset cursor."""
+    params: dict[str, Any] = {"caller": caller, "limit": limit}
+    if after is not None:
+        params["after_time"], params["after_id"] = after
+    result = await conn.execute(_PAGES[(incoming, after is not None)], params)
+    return list(result.all())
