@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -54,17 +57,21 @@ def admin_sql(url: str, *statements: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_url() -> Iterator[str]:
     """A PostgreSQL server URL for the whole run."""
     configured = os.environ.get("UMBRA_TEST_DATABASE_URL")
     if configured:
         yield configured
         return
-    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), durable=False)
+    # Not under pytest's tmp_path: that is private to root, and PostgreSQL runs as another
+    # user when the tests run as root.
+    data_dir = Path(tempfile.mkdtemp(prefix="umbra-test-pg-"))
+    cluster = EmbeddedPostgres(data_dir, durable=False)
     try:
         yield cluster.start()
     finally:
         cluster.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -235,3 +242,27 @@ def new_user(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadat
         return TestUser(user_id, name.lower(), user_metadata(user_id))
 
     return create
+
+
+class Sql:
+    """Direct reads of the module's database, to check rows after each scenario."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    async def rows(self, query: str, *args: object) -> list[asyncpg.Record]:
+        connection = await asyncpg.connect(self._url)
+        try:
+            return list(await connection.fetch(query, *args))
+        finally:
+            await connection.close()
+
+    async def value(self, query: str, *args: object) -> object:
+        rows = await self.rows(query, *args)
+        return rows[0][0] if rows else None
+
+
+@pytest.fixture(scope="module")
+def sql(database_url: str) -> Sql:
+    """Direct SQL on this module's database."""
+    return Sql(database_url)

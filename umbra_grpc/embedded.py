@@ -96,6 +96,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(exist_ok=True)
         if self._user is not None:
+            _check_reachable(self.data_dir, self._user)
             for path in (self.data_dir, self.socket_dir):
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
             if self.log_file.exists():
@@ -182,6 +183,17 @@ def _run_as_user() -> pwd.struct_passwd | None:
         capture_output=True,
     )
     return pwd.getpwnam(_FALLBACK_USER)
+
+
+def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
+    """PostgreSQL runs as `user`: every folder above the data directory must let it pass."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001 and parent.stat().st_uid != user.pw_uid:
+            raise EmbeddedPostgresError(
+                f"{parent} is closed to the '{user.pw_name}' user PostgreSQL runs as; "
+                "choose another UMBRA_DATA_DIR (e.g. under /tmp or /var/lib)"
+            )
 
 
 def dev_jwt_secret(data_dir: Path) -> str:

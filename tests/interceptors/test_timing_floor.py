@@ -54,10 +54,15 @@ class FakeTime:
 
 
 class FakeContext:
-    """Just enough of `grpc.aio.ServicerContext` for the floor: code(), set_code(), abort."""
+    """Just enough of `grpc.aio.ServicerContext` for the floor: code(), set_code(), abort.
 
-    def __init__(self) -> None:
+    Like grpc.aio, an abort sends the status at once (`sent_at`), then raises.
+    """
+
+    def __init__(self, fake: FakeTime | None = None) -> None:
         self._code: grpc.StatusCode | None = None
+        self._fake = fake
+        self.sent_at: float | None = None
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
@@ -67,11 +72,11 @@ class FakeContext:
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()):
         self._code = code
+        self.sent_at = self._fake.now if self._fake else None
         raise grpc.aio.AbortError()
 
     async def abort_with_status(self, status: grpc.Status) -> None:
-        self._code = status.code
-        raise grpc.aio.AbortError()
+        await self.abort(status.code, status.details, status.trailing_metadata)
 
 
 class Details(grpc.HandlerCallDetails):
@@ -121,18 +126,41 @@ async def test_success_is_released_at_the_floor_counted_from_entry() -> None:
     assert fake.sleeps[0] == pytest.approx(0.050 - 0.010 - 0.002)
 
 
-async def test_abort_is_floored_and_reraised_unchanged() -> None:
+async def test_abort_is_held_before_its_status_is_sent_and_reraised_unchanged() -> None:
     fake = FakeTime()
-    context = FakeContext()
+    context = FakeContext(fake)
+    raised: list[grpc.aio.AbortError] = []
 
     async def search(request: bytes, context: Any) -> bytes:
-        await rpc_errors.abort(context, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", "no user")
+        fake.work(0.004)
+        try:
+            await rpc_errors.abort(context, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", "no user")
+        except grpc.aio.AbortError as error:
+            raised.append(error)
+            raise
+
+    with pytest.raises(grpc.aio.AbortError) as caught:
+        await call(interceptor(fake), "Search", search, context)
+
+    assert caught.value is raised[0]
+    assert context.code() == grpc.StatusCode.NOT_FOUND
+    # grpc.aio sends the status inside abort(), so that is where the floor must be.
+    assert context.sent_at is not None
+    assert context.sent_at - START >= 0.050
+    assert fake.now == context.sent_at  # held once, not again after the error
+
+
+async def test_plain_context_abort_is_held_too() -> None:
+    fake = FakeTime()
+    context = FakeContext(fake)
+
+    async def search(request: bytes, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
 
     with pytest.raises(grpc.aio.AbortError):
         await call(interceptor(fake), "Search", search, context)
-
-    assert context.code() == grpc.StatusCode.NOT_FOUND
-    assert fake.now - START >= 0.050
+    assert context.sent_at is not None
+    assert context.sent_at - START >= 0.050
 
 
 async def test_unexpected_exception_is_floored_and_reraised() -> None:
@@ -163,9 +191,11 @@ async def test_send_request_is_floored_only_on_not_found() -> None:
     assert fake.now == START
     assert fake.sleeps == []
 
+    context = FakeContext(fake)
     with pytest.raises(grpc.aio.AbortError):
-        await call(interceptor(fake), "SendRequest", not_found)
-    assert fake.now - START >= 0.050
+        await call(interceptor(fake), "SendRequest", not_found, context)
+    assert context.sent_at is not None
+    assert context.sent_at - START >= 0.050
 
 
 async def test_send_request_other_errors_are_not_floored() -> None:
@@ -309,13 +339,12 @@ async def test_the_real_wait_reaches_the_deadline() -> None:
 
 
 def test_parse_default_and_off() -> None:
-    assert parse_timing_floors("default") == DEFAULT_TIMING_FLOORS
-    assert parse_timing_floors(" Default ") == DEFAULT_TIMING_FLOORS
-    assert parse_timing_floors("off") == ()
-    assert DEFAULT_TIMING_FLOORS == (
+    assert parse_timing_floors("default") == (
         FloorRule("Search", 0.050),
         FloorRule("SendRequest", 0.050, grpc.StatusCode.NOT_FOUND),
     )
+    assert parse_timing_floors(" Default ") == DEFAULT_TIMING_FLOORS
+    assert parse_timing_floors("off") == ()
 
 
 def test_parse_a_list() -> None:

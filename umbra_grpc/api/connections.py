@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -178,7 +178,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return caller.client_ip(context, self._trusted_proxies)
 
 
-async def _unimplemented(context: Context, method: str) -> Any:
+async def _unimplemented(context: Context, method: str) -> NoReturn:
     await abort(
         context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{method} is not available yet"
     )

@@ -103,6 +103,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             self._write(record, grpc.StatusCode.UNIMPLEMENTED, streaming=False)
             return None
         request_streaming = handler.request_streaming
+        response_streaming = handler.response_streaming
         forwarded_for = _forwarded_for(handler_call_details.invocation_metadata)
 
         def begin(context: Context) -> tuple[CallRecord, Context]:
@@ -139,7 +140,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     await self._fail(context, record)
                 finally:
                     current_call.reset(token)
-                    self._write(record, code, streaming=False)
+                    # A stream may be served by a coroutine writing through the context.
+                    self._write(record, code, streaming=response_streaming)
 
             return logged
 

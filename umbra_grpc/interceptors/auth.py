@@ -74,7 +74,7 @@ ASYMMETRIC_ALGORITHMS: Final = frozenset({"RS256", "ES256", "EdDSA"})
 UNAUTHENTICATED_MESSAGE: Final = "missing or invalid bearer token"
 NOT_ACTIVE_MESSAGE: Final = "the caller is not an active user"
 ADMIN_SCOPE_MESSAGE: Final = "this method needs a token with the umbra.admin scope"
-USER_TOKEN_MESSAGE: Final = "a service token may call AccountService only"
+USER_TOKEN_MESSAGE: Final = "a service token may call AccountService only"  # noqa: S105
 UNAVAILABLE_MESSAGE: Final = "the database is unavailable; retry"
 
 MIN_SECRET_BYTES: Final = 32
@@ -531,9 +531,7 @@ def _short(value: object) -> str:
 
 
 def _reset(variable: ContextVar[Any], token: Token[Any]) -> None:
-    try:
+    # A stream abandoned mid-iteration is closed later by the event loop, in another
+    # context; the context it set the variable in has ended with its task.
+    with contextlib.suppress(ValueError):
         variable.reset(token)
-    except ValueError:
-        # A stream abandoned mid-iteration is closed later by the event loop, in another
-        # context; the context it set the variable in has ended with its task.
-        pass

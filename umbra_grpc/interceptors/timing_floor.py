@@ -12,10 +12,14 @@ steady ~1 ms difference between outcomes. So the wait sleeps until `spin` second
 (`time.perf_counter` by default).
 
 A floor is chosen by the outcome's status code: a rule naming that code wins over a rule for
-the method with no code. The outcome is `context.code()` after the behaviour (OK when unset)
-or after a `grpc.aio.AbortError` (which is always re-raised unchanged). Any other exception
-counts as INTERNAL (what the service maps it to) and also matches a rule for UNKNOWN (what
-grpc.aio would send unmapped). A cancelled call is not floored: nobody receives its answer.
+the method with no code. grpc.aio's `context.abort` sends the status *before* it raises
+`grpc.aio.AbortError` (measured: the client had its NOT_FOUND while the handler was still
+running), so the behaviour gets a context whose `abort` and `abort_with_status` first wait
+for the floor of the code being sent; the `AbortError` then goes up unchanged. A behaviour
+that returns is held with `context.code()` (OK when unset) before its response is released.
+Any other exception counts as INTERNAL (what the service maps it to) and also matches a rule
+for UNKNOWN (what grpc.aio sends unmapped); it is re-raised after the wait. A cancelled call
+is not held: nobody receives its answer.
 
 Methods are matched by the last segment of the full method name ("Search" in
 "/umbra.connections.v1.ConnectionService/Search"). Work that takes longer than its floor is
@@ -41,7 +45,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -135,16 +139,16 @@ class TimingFloorInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def floored(request: Any, context: Context) -> Any:
-                start = self._clock()
+                gate = _Gate(self, method, floors)
                 try:
-                    response = await behavior(request, context)
+                    response = await behavior(request, gate.context(context))
                 except grpc.aio.AbortError:
-                    await self._hold(method, floors, start, (_code(context),))
+                    await gate.open((_code(context),))
                     raise
                 except Exception:
-                    await self._hold(method, floors, start, _EXCEPTION_CODES)
+                    await gate.open(_EXCEPTION_CODES)
                     raise
-                await self._hold(method, floors, start, (_code(context),))
+                await gate.open((_code(context),))
                 return response
 
             return floored
@@ -152,17 +156,17 @@ class TimingFloorInterceptor(grpc.aio.ServerInterceptor):
         def stream(behavior: StreamBehavior) -> StreamBehavior:
             # For a stream only the end (its status) is held: messages go out as they come.
             async def floored(request: Any, context: Context) -> AsyncIterator[Any]:
-                start = self._clock()
+                gate = _Gate(self, method, floors)
                 try:
-                    async for response in behavior(request, context):
+                    async for response in behavior(request, gate.context(context)):
                         yield response
                 except grpc.aio.AbortError:
-                    await self._hold(method, floors, start, (_code(context),))
+                    await gate.open((_code(context),))
                     raise
                 except Exception:
-                    await self._hold(method, floors, start, _EXCEPTION_CODES)
+                    await gate.open(_EXCEPTION_CODES)
                     raise
-                await self._hold(method, floors, start, (_code(context),))
+                await gate.open((_code(context),))
 
             return floored
 
@@ -193,15 +197,59 @@ class TimingFloorInterceptor(grpc.aio.ServerInterceptor):
         await self._wait_until(deadline)
 
     async def _wait_until(self, deadline: float) -> None:
-        """Sleeps to just before `deadline`, then yields until the clock reaches it."""
-        while True:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return
-            if remaining > self._spin:
-                await self._sleep(remaining - self._spin)
-            else:
-                await self._sleep(0)
+        """Sleeps once to just before `deadline`, then yields until the clock reaches it."""
+        # One sleep, not a loop of shrinking ones: a timer that wakes early would otherwise
+        # make ever smaller sleeps that never reach the yields. Yielding always ends.
+        remaining = deadline - self._clock()
+        if remaining > self._spin:
+            await self._sleep(remaining - self._spin)
+        while self._clock() < deadline:
+            await self._sleep(0)
+
+
+class _Gate:
+    """One call's floor: started on entry, opened once, when the outcome is known."""
+
+    def __init__(
+        self, interceptor: TimingFloorInterceptor, method: str, floors: _MethodFloors
+    ) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._floors = floors
+        self._start = interceptor._clock()
+        self._opened = False
+
+    async def open(self, codes: tuple[grpc.StatusCode, ...]) -> None:
+        if self._opened:
+            return
+        self._opened = True
+        await self._interceptor._hold(self._method, self._floors, self._start, codes)
+
+    def context(self, context: Context) -> Context:
+        return cast(Context, _GatedContext(context, self))
+
+
+class _GatedContext:
+    """The call's context, except that an abort waits for the floor before it is sent.
+
+    grpc.aio's `abort` sends the status at once and only then raises `AbortError`, so
+    holding the call after catching the error would be too late.
+    """
+
+    def __init__(self, context: Context, gate: _Gate) -> None:
+        self._context = context
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, *args: Any, **kwargs: Any) -> NoReturn:
+        await self._gate.open((code,))
+        await self._context.abort(code, *args, **kwargs)
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        await self._gate.open((status.code,))
+        await self._context.abort_with_status(status)
 
 
 def _code(context: Context) -> grpc.StatusCode:

@@ -114,7 +114,8 @@ class StatementCounter:
 
     def _transaction_event(self, name: str) -> Callable[[Connection], None]:
         def on_event(conn: Connection) -> None:
-            if conn.get_isolation_level() != "AUTOCOMMIT":
+            # Read the option, never the server: asking would be a statement of its own.
+            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
                 self._record(conn, name)
 
         return on_event
