@@ -13,7 +13,6 @@ from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-
 async def upsert(accounts, admin: Metadata, **fields: object) -> accounts_pb2.User:
     reply = await accounts.UpsertUser(
         accounts_pb2.UpsertUserRequest(user=accounts_pb2.User(**fields)), metadata=admin
@@ -183,9 +182,7 @@ async def test_update_settings_masks(accounts, admin: Metadata, sql: Sql) -> Non
 @pytest.mark.parametrize(
     "path", ["unknown", "ntfy.has_auth_token", "sharing_defaults.nickname", "settings"]
 )
-async def test_update_settings_unknown_path(
-    accounts, admin: Metadata, sql: Sql, path: str
-) -> None:
+async def test_update_settings_unknown_path(accounts, admin: Metadata, sql: Sql, path: str) -> None:
     await upsert(accounts, admin, id=11, umbral_name="badmask", is_active=True)
     before = await sql.rows("SELECT * FROM settings WHERE user_id = 11")
     await expect_error(
@@ -289,7 +286,9 @@ async def test_ntfy_token_is_write_only(
 
 
 async def test_deactivation_hides_user_at_once(
-    accounts, connections: connections_pb2_grpc.ConnectionServiceAsyncStub, admin: Metadata,
+    accounts,
+    connections: connections_pb2_grpc.ConnectionServiceAsyncStub,
+    admin: Metadata,
     new_user: NewUser,
 ) -> None:
     searcher = await new_user()

@@ -80,9 +80,7 @@ async def test_search_malformed_handle(connections, new_user: NewUser, handle: s
 # --- SendRequest ------------------------------------------------------------------------
 
 
-async def test_send_writes_request_and_side_rows(
-    connections, new_user: NewUser, sql: Sql
-) -> None:
+async def test_send_writes_request_and_side_rows(connections, new_user: NewUser, sql: Sql) -> None:
     sender = await new_user(preferred_name="Sally Sender")
     receiver = await new_user(preferred_name="Rita")
     request = await send(connections, sender, receiver)
@@ -119,9 +117,7 @@ async def test_send_refusals(connections, new_user: NewUser, sql: Sql) -> None:
     not_opted_in = await new_user(accept=False)
 
     before = await table_counts(sql)
-    await expect_error(
-        send(connections, me, me), grpc.StatusCode.INVALID_ARGUMENT, "SELF_REQUEST"
-    )
+    await expect_error(send(connections, me, me), grpc.StatusCode.INVALID_ARGUMENT, "SELF_REQUEST")
     await expect_error(
         send(connections, not_opted_in, other),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -251,9 +247,7 @@ async def test_page_size_rules(connections, new_user: NewUser) -> None:
     )
 
 
-async def test_page_tokens_are_tamper_evident(
-    connections, new_user: NewUser
-) -> None:
+async def test_page_tokens_are_tamper_evident(connections, new_user: NewUser) -> None:
     receiver = await new_user()
     other = await new_user()
     for _ in range(3):
@@ -353,13 +347,20 @@ async def test_accept_creates_cards_connections_and_side_rows(
         sender.id,
     )
     assert [n["message"] for n in notes] == [f"{receiver.handle} accepted your connection request"]
-    assert await sql.value(
-        "SELECT count(*) FROM outbox WHERE user_id = $1 AND kind = 'request_accepted'", sender.id
-    ) == 1
-    assert await sql.value(
-        "SELECT count(*) FROM audit_log WHERE action = 'connection.accepted' AND actor_id = $1",
-        receiver.id,
-    ) == 1
+    assert (
+        await sql.value(
+            "SELECT count(*) FROM outbox WHERE user_id = $1 AND kind = 'request_accepted'",
+            sender.id,
+        )
+        == 1
+    )
+    assert (
+        await sql.value(
+            "SELECT count(*) FROM audit_log WHERE action = 'connection.accepted' AND actor_id = $1",
+            receiver.id,
+        )
+        == 1
+    )
 
 
 async def test_reject_is_silent(connections, new_user: NewUser, sql: Sql) -> None:
@@ -398,16 +399,15 @@ async def test_accept_from_inactive_sender(
         grpc.StatusCode.FAILED_PRECONDITION,
         "SENDER_INACTIVE",
     )
-    assert await sql.value(
-        "SELECT status FROM connection_requests WHERE id = $1", request.id
-    ) == "rejected"
+    assert (
+        await sql.value("SELECT status FROM connection_requests WHERE id = $1", request.id)
+        == "rejected"
+    )
     after = await table_counts(sql)
     assert after == {**before, "audit_log": before["audit_log"] + 1}
 
 
-async def test_respond_not_pending_is_one_answer(
-    connections, new_user: NewUser, sql: Sql
-) -> None:
+async def test_respond_not_pending_is_one_answer(connections, new_user: NewUser, sql: Sql) -> None:
     sender, receiver, stranger = await new_user(), await new_user(), await new_user()
     request = await send(connections, sender, receiver)
     accept = pb.RespondRequest.ACTION_ACCEPT
@@ -437,7 +437,9 @@ async def test_cancel(connections, new_user: NewUser, sql: Sql) -> None:
     sender, receiver = await new_user(), await new_user()
     request = await send(connections, sender, receiver)
     await expect_error(
-        connections.CancelRequest(pb.CancelRequestRequest(request_id=request.id), metadata=receiver.md),
+        connections.CancelRequest(
+            pb.CancelRequestRequest(request_id=request.id), metadata=receiver.md
+        ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "REQUEST_NOT_PENDING",
     )
@@ -447,15 +449,20 @@ async def test_cancel(connections, new_user: NewUser, sql: Sql) -> None:
     assert reply.request.status == Status.STATUS_CANCELLED
     assert reply.request.HasField("resolve_time")
     await expect_error(
-        connections.CancelRequest(pb.CancelRequestRequest(request_id=request.id), metadata=sender.md),
+        connections.CancelRequest(
+            pb.CancelRequestRequest(request_id=request.id), metadata=sender.md
+        ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "REQUEST_NOT_PENDING",
     )
-    assert await sql.value(
-        "SELECT count(*) FROM audit_log WHERE action = 'connection.request_cancelled' "
-        "AND actor_id = $1",
-        sender.id,
-    ) == 1
+    assert (
+        await sql.value(
+            "SELECT count(*) FROM audit_log WHERE action = 'connection.request_cancelled' "
+            "AND actor_id = $1",
+            sender.id,
+        )
+        == 1
+    )
     await send(connections, receiver, sender)  # the pair is free again
 
 
@@ -489,9 +496,7 @@ async def test_bad_input_is_invalid_argument_and_changes_nothing(
 # --- Notifications and contact cards ---------------------------------------------------------
 
 
-async def test_notifications_list_and_mark_read(
-    connections, new_user: NewUser, sql: Sql
-) -> None:
+async def test_notifications_list_and_mark_read(connections, new_user: NewUser, sql: Sql) -> None:
     receiver = await new_user()
     senders = [await new_user(preferred_name=f"Sender {n}") for n in range(3)]
     for sender in senders:
@@ -566,30 +571,42 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
         await call
         return server.statements.count
 
-    assert await count(
-        connections.Search(pb.SearchRequest(umbral_name=b.handle), metadata=a.md)
-    ) == 1
+    assert (
+        await count(connections.Search(pb.SearchRequest(umbral_name=b.handle), metadata=a.md)) == 1
+    )
     sent = connections.SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
     assert await count(sent) <= 4
-    assert await count(
-        connections.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=b.md)
-    ) == 1
-    assert await count(
-        connections.ListOutgoingRequests(pb.ListOutgoingRequestsRequest(), metadata=a.md)
-    ) == 1
+    assert (
+        await count(
+            connections.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=b.md)
+        )
+        == 1
+    )
+    assert (
+        await count(
+            connections.ListOutgoingRequests(pb.ListOutgoingRequestsRequest(), metadata=a.md)
+        )
+        == 1
+    )
     request_id = (
-        await connections.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=b.md)
-    ).requests[0].id
+        (await connections.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=b.md))
+        .requests[0]
+        .id
+    )
     accept = pb.RespondRequest(request_id=request_id, action=pb.RespondRequest.ACTION_ACCEPT)
     assert await count(connections.Respond(accept, metadata=b.md)) <= 4
-    assert await count(
-        connections.ListNotifications(pb.ListNotificationsRequest(), metadata=a.md)
-    ) == 1
+    assert (
+        await count(connections.ListNotifications(pb.ListNotificationsRequest(), metadata=a.md))
+        == 1
+    )
     c = await new_user()
     await connections.Search(pb.SearchRequest(umbral_name="warm-up"), metadata=c.md)
     pending = (
         await connections.SendRequest(pb.SendRequestRequest(umbral_name=a.handle), metadata=c.md)
     ).request
-    assert await count(
-        connections.CancelRequest(pb.CancelRequestRequest(request_id=pending.id), metadata=c.md)
-    ) <= 3
+    assert (
+        await count(
+            connections.CancelRequest(pb.CancelRequestRequest(request_id=pending.id), metadata=c.md)
+        )
+        <= 3
+    )

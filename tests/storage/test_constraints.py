@@ -49,29 +49,39 @@ async def test_i1_one_pending_request_per_unordered_pair(db: asyncpg.Connection)
     ):
         assert await violation(db, statement) == "uq_connection_requests_pending_pair"
     # Resolved requests do not count.
-    await db.execute(
-        "UPDATE connection_requests SET status = 'rejected', resolved_at = now()"
-    )
+    await db.execute("UPDATE connection_requests SET status = 'rejected', resolved_at = now()")
     await db.execute("INSERT INTO connection_requests (sender_id, receiver_id) VALUES (2, 1)")
 
 
 async def test_request_shape(db: asyncpg.Connection) -> None:
-    assert await violation(
-        db, "INSERT INTO connection_requests (sender_id, receiver_id) VALUES (1, 1)"
-    ) == "ck_connection_requests_not_self"
-    assert await violation(
-        db,
-        "INSERT INTO connection_requests (sender_id, receiver_id, status, resolved_at) "
-        "VALUES (1, 3, 'maybe', now())",
-    ) == "ck_connection_requests_status"
-    assert await violation(
-        db,
-        "INSERT INTO connection_requests (sender_id, receiver_id, status) "
-        "VALUES (1, 3, 'accepted')",
-    ) == "ck_connection_requests_resolved_at"
-    assert await violation(
-        db, "INSERT INTO connection_requests (sender_id, receiver_id) VALUES (1, 99)"
-    ) == "fk_connection_requests_receiver_id"
+    assert (
+        await violation(
+            db, "INSERT INTO connection_requests (sender_id, receiver_id) VALUES (1, 1)"
+        )
+        == "ck_connection_requests_not_self"
+    )
+    assert (
+        await violation(
+            db,
+            "INSERT INTO connection_requests (sender_id, receiver_id, status, resolved_at) "
+            "VALUES (1, 3, 'maybe', now())",
+        )
+        == "ck_connection_requests_status"
+    )
+    assert (
+        await violation(
+            db,
+            "INSERT INTO connection_requests (sender_id, receiver_id, status) "
+            "VALUES (1, 3, 'accepted')",
+        )
+        == "ck_connection_requests_resolved_at"
+    )
+    assert (
+        await violation(
+            db, "INSERT INTO connection_requests (sender_id, receiver_id) VALUES (1, 99)"
+        )
+        == "fk_connection_requests_receiver_id"
+    )
 
 
 async def test_i2_connections_are_symmetric_and_unique(db: asyncpg.Connection) -> None:
@@ -94,20 +104,25 @@ async def test_i2_connections_are_symmetric_and_unique(db: asyncpg.Connection) -
         "VALUES (1, 2, 1), (2, 1, 2)"
     )
     await db.execute("SET CONSTRAINTS ALL IMMEDIATE")
-    assert await violation(
-        db,
-        "INSERT INTO user_connections (user_id, connected_user_id, person_id) VALUES (1, 2, 1)",
-    ) == "uq_user_connections_pair"
+    assert (
+        await violation(
+            db,
+            "INSERT INTO user_connections (user_id, connected_user_id, person_id) VALUES (1, 2, 1)",
+        )
+        == "uq_user_connections_pair"
+    )
 
 
 async def test_handles_unique_case_insensitively_and_lower_case(db: asyncpg.Connection) -> None:
-    assert await violation(
-        db, "INSERT INTO users (id, umbral_name) VALUES (4, 'One')"
-    ) == "ck_users_umbral_name_format"
+    assert (
+        await violation(db, "INSERT INTO users (id, umbral_name) VALUES (4, 'One')")
+        == "ck_users_umbral_name_format"
+    )
     await db.execute("UPDATE users SET umbral_name = 'uno' WHERE id = 1")
-    assert await violation(
-        db, "INSERT INTO users (id, umbral_name) VALUES (4, 'uno')"
-    ) == "uq_users_umbral_name_lower"
+    assert (
+        await violation(db, "INSERT INTO users (id, umbral_name) VALUES (4, 'uno')")
+        == "uq_users_umbral_name_lower"
+    )
 
 
 async def test_timestamps_are_timestamptz(db: asyncpg.Connection) -> None:

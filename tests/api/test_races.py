@@ -1,0 +1,180 @@
+"""Invariants under real concurrent clients (SPEC 2): each race is run many times.
+
+Each client gets its own channel (its own HTTP/2 connection), so the calls really meet in
+the server and in PostgreSQL at the same time. After every round the rows are read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from tests.conftest import NewUser, RunningServer, Sql, TestUser
+from tests.rich import error_reason
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+pb = connections_pb2
+ROUNDS = 5
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def clients(
+    server: RunningServer,
+) -> AsyncIterator[list[connections_pb2_grpc.ConnectionServiceAsyncStub]]:
+    channels = [grpc.aio.insecure_channel(server.target) for _ in range(24)]
+    try:
+        yield [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]  # type: ignore[misc]
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def outcome(call) -> str:
+    """OK, or the ErrorInfo reason of the failure."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error_reason(error)
+    return "OK"
+
+
+async def test_many_senders_one_receiver_respect_the_cap(
+    clients, new_user: NewUser, sql: Sql
+) -> None:
+    for _ in range(ROUNDS):
+        receiver = await new_user()
+        senders = [await new_user() for _ in range(24)]
+        results = await asyncio.gather(
+            *(
+                outcome(
+                    stub.SendRequest(
+                        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
+                    )
+                )
+                for stub, sender in zip(clients, senders, strict=True)
+            )
+        )
+        assert results.count("OK") == 5
+        assert results.count("TOO_MANY_PENDING") == 19
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM connection_requests WHERE receiver_id = $1 "
+                "AND status = 'pending'",
+                receiver.id,
+            )
+            == 5
+        )
+        assert (
+            await sql.value("SELECT count(*) FROM notifications WHERE user_id = $1", receiver.id)
+            == 5
+        )
+        assert await sql.value("SELECT count(*) FROM outbox WHERE user_id = $1", receiver.id) == 5
+
+
+async def test_crossed_requests_leave_one_pending(clients, new_user: NewUser, sql: Sql) -> None:
+    for _ in range(ROUNDS * 4):
+        a, b = await new_user(), await new_user()
+        results = await asyncio.gather(
+            outcome(
+                clients[0].SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
+            ),
+            outcome(
+                clients[1].SendRequest(pb.SendRequestRequest(umbral_name=a.handle), metadata=b.md)
+            ),
+        )
+        assert sorted(results) == ["OK", "REQUEST_PENDING"]
+        rows = await sql.rows(
+            "SELECT status FROM connection_requests WHERE $1 IN (sender_id, receiver_id)", a.id
+        )
+        assert [row["status"] for row in rows] == ["pending"]
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM audit_log WHERE action = 'connection.request_sent' "
+                "AND actor_id IN ($1, $2)",
+                a.id,
+                b.id,
+            )
+            == 1
+        )
+
+
+async def pending_request(clients, sender: TestUser, receiver: TestUser) -> int:
+    reply = await clients[0].SendRequest(
+        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
+    )
+    return reply.request.id
+
+
+async def test_concurrent_accepts_have_one_winner(clients, new_user: NewUser, sql: Sql) -> None:
+    for _ in range(ROUNDS):
+        sender, receiver = await new_user(), await new_user()
+        request_id = await pending_request(clients, sender, receiver)
+        accept = pb.RespondRequest(request_id=request_id, action=pb.RespondRequest.ACTION_ACCEPT)
+        results = await asyncio.gather(
+            *(outcome(stub.Respond(accept, metadata=receiver.md)) for stub in clients[:10])
+        )
+        assert results.count("OK") == 1
+        assert results.count("REQUEST_NOT_PENDING") == 9
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM user_connections WHERE $1 IN (user_id, connected_user_id)",
+                sender.id,
+            )
+            == 2
+        )
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM persons WHERE $1 IN (owner_user_id, linked_user_id)",
+                sender.id,
+            )
+            == 2
+        )
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM audit_log WHERE action = 'connection.accepted' "
+                "AND actor_id = $1",
+                receiver.id,
+            )
+            == 1
+        )
+
+
+async def test_accept_racing_cancel_has_one_winner(clients, new_user: NewUser, sql: Sql) -> None:
+    winners: set[str] = set()
+    for _ in range(ROUNDS * 4):
+        sender, receiver = await new_user(), await new_user()
+        request_id = await pending_request(clients, sender, receiver)
+        accept, cancel = await asyncio.gather(
+            outcome(
+                clients[1].Respond(
+                    pb.RespondRequest(
+                        request_id=request_id, action=pb.RespondRequest.ACTION_ACCEPT
+                    ),
+                    metadata=receiver.md,
+                )
+            ),
+            outcome(
+                clients[2].CancelRequest(
+                    pb.CancelRequestRequest(request_id=request_id), metadata=sender.md
+                )
+            ),
+        )
+        assert sorted([accept, cancel]).count("OK") == 1
+        assert "REQUEST_NOT_PENDING" in (accept, cancel)
+        status = await sql.value("SELECT status FROM connection_requests WHERE id = $1", request_id)
+        links = await sql.value(
+            "SELECT count(*) FROM user_connections WHERE $1 IN (user_id, connected_user_id)",
+            sender.id,
+        )
+        if accept == "OK":
+            winners.add("accept")
+            assert (status, links) == ("accepted", 2)
+        else:
+            winners.add("cancel")
+            assert (status, links) == ("cancelled", 0)
+    assert winners  # at least one side won every round; which side varies with scheduling
