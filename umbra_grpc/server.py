@@ -33,7 +33,7 @@ from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_t
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.peer import parse_networks
 from umbra_grpc.storage import migrate
-from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.database import Database, StorageUnavailable
 
 _log = logging.getLogger(__name__)
 
@@ -96,7 +96,11 @@ class Service:
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted),
-                AuthInterceptor(TokenVerifier.from_config(config), self.active_users.is_active),
+                AuthInterceptor(
+                    TokenVerifier.from_config(config),
+                    self.active_users.is_active,
+                    unavailable=(StorageUnavailable,),
+                ),
                 RateLimitInterceptor(parse_rate_limits(config.rate_limits)),
                 TimingFloorInterceptor(parse_timing_floors(config.timing_floors)),
             ],

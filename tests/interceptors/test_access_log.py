@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -545,3 +546,50 @@ def test_text_format_is_a_readable_line() -> None:
 def test_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="log format"):
         configure_logging("xml", "INFO")
+
+
+class FakeContext:
+    """Just enough of a servicer context for a stream that is never aborted."""
+
+    def __init__(self) -> None:
+        self.trailing: Any = ()
+
+    def peer(self) -> str:
+        return "ipv4:192.0.2.10:40000"
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing = metadata
+
+    def code(self) -> None:
+        return None
+
+
+class Details:
+    method = WATCH
+    invocation_metadata = ()
+
+
+async def test_abandoned_stream_still_gets_its_line(lines: Lines) -> None:
+    """grpc.aio leaves a stream suspended when its client goes away mid-write; the event loop
+    closes it later from another task. That still writes the line, as CANCELLED."""
+
+    async def events(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        while True:
+            yield b"event"
+
+    async def continuation(details: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_stream_rpc_method_handler(events)
+
+    handler = await AccessLogInterceptor().intercept_service(continuation, Details())
+    assert handler is not None
+    stream = handler.unary_stream(b"", FakeContext())
+
+    async def two() -> None:
+        await anext(stream)
+        await anext(stream)
+
+    await asyncio.create_task(two())
+    assert lines.records == []
+    await asyncio.create_task(stream.aclose(), context=contextvars.Context())
+    [line] = lines.records
+    assert (line.code, line.events_sent, line.peer) == ("CANCELLED", 1, "192.0.2.10")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import hmac
@@ -910,3 +912,50 @@ def test_load_public_key_accepts_a_certificate(keys: Keys) -> None:
     )
     key = load_public_key(certificate.public_bytes(serialization.Encoding.PEM))
     assert pem(key) == pem(keys.ec.public_key())
+
+
+# --- an abandoned stream ------------------------------------------------------------------
+
+
+class FakeContext:
+    """Just enough of a servicer context for a stream that is never aborted."""
+
+    def code(self) -> None:
+        return None
+
+
+class Details:
+    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+async def test_abandoned_stream_is_closed_from_another_context() -> None:
+    """grpc.aio leaves a stream suspended when its client goes away mid-write; the event loop
+    closes it later from another task. The principal reset must not blow up there, and the
+    handler's own generator must be closed too."""
+    closed: list[bool] = []
+
+    async def events(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield _principal_body()
+        finally:
+            closed.append(True)
+
+    async def continuation(details: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_stream_rpc_method_handler(events)
+
+    auth = AuthInterceptor(verifier(), Users().is_active)
+    metadata = (("authorization", f"Bearer {hs256(claims())}"),)
+    handler = await auth.intercept_service(continuation, Details(WATCH, metadata))
+    assert handler is not None
+    stream = handler.unary_stream(b"", FakeContext())
+
+    async def first() -> dict[str, Any]:
+        return dict(json.loads(await anext(stream)))
+
+    assert (await asyncio.create_task(first()))["user_id"] == ACTIVE_USER
+    await asyncio.create_task(stream.aclose(), context=contextvars.Context())
+    assert closed == [True]
+    assert current_principal.get() is None

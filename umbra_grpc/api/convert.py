@@ -8,9 +8,15 @@ from typing import Any
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from umbra_grpc.domain.errors import InvalidField
-from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
+from umbra_grpc.domain.models import (
+    SHAREABLE_FIELDS,
+    ConnectionView,
+    Profile,
+    User,
+    UserSettings,
+)
 from umbra_grpc.domain.notifications import ContactView, NotificationView
-from umbra_grpc.domain.requests import ConnectionView, RequestView
+from umbra_grpc.domain.requests import RequestView
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 _NTFY_COLUMNS = {

@@ -56,3 +56,15 @@ class User:
     settings: UserSettings
     create_time: dt.datetime | None = None
     update_time: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionView:
+    """One side of a connection as its owner sees it."""
+
+    id: int
+    connected_user_id: int
+    connected_name: str
+    connected_preferred: str | None
+    person_id: int
+    create_time: dt.datetime

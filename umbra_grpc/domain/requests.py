@@ -26,6 +26,7 @@ from umbra_grpc.domain.errors import (
     UserNotFound,
 )
 from umbra_grpc.domain.handles import normalize_handle
+from umbra_grpc.domain.models import ConnectionView
 from umbra_grpc.domain.pages import PageTokens, page_size
 from umbra_grpc.storage import requests as store
 from umbra_grpc.storage.database import Database
@@ -59,18 +60,6 @@ class RequestView:
             create_time=row.created_at,
             resolve_time=row.resolved_at,
         )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionView:
-    """One side of a connection as its owner sees it."""
-
-    id: int
-    connected_user_id: int
-    connected_name: str
-    connected_preferred: str | None
-    person_id: int
-    create_time: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

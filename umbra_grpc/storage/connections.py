@@ -1,0 +1,178 @@
+"""Connections: the SQL of the list, get, shared profile, sharing overrides and removal.
+
+A row X->Y holds in `sharing_overrides` what Y shares with X (as the router stored it), so
+GetSharedProfile reads the caller's own row and UpdateSharingOverrides writes the mirror row.
+Every statement starts from the caller's own row (`user_id = :caller`): another user's id
+finds nothing, exactly as an id that does not exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Row, TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from umbra_grpc.domain.models import SHAREABLE_FIELDS
+
+_VIEW = """
+    SELECT c.id, c.connected_user_id, u.umbral_name, s.preferred_name, c.person_id,
+           c.created_at
+    FROM user_connections c
+    JOIN users u ON u.id = c.connected_user_id
+    JOIN settings s ON s.user_id = c.connected_user_id
+"""
+
+
+def _page_query(*, after: bool) -> TextClause:
+    cursor = "AND (c.created_at, c.id) < (:after_time, :after_id)" if after else ""
+    return text(
+        _VIEW
+        + f"""
+    WHERE c.user_id = :caller {cursor}
+    ORDER BY c.created_at DESC, c.id DESC
+    LIMIT :limit
+    """
+    )
+
+
+_PAGES = {after: _page_query(after=after) for after in (True, False)}
+_ONE = text(_VIEW + " WHERE c.id = :connection_id AND c.user_id = :caller")
+
+
+async def page(
+    conn: AsyncConnection, *, caller: int, after: tuple[dt.datetime, int] | None, limit: int
+) -> list[Row[Any]]:
+    """The caller's connections, newest first, after a keyset cursor."""
+    params: dict[str, Any] = {"caller": caller, "limit": limit}
+    if after is not None:
+        params["after_time"], params["after_id"] = after
+    return list((await conn.execute(_PAGES[after is not None], params)).all())
+
+
+async def one(conn: AsyncConnection, *, caller: int, connection_id: int) -> Row[Any] | None:
+    """One of the caller's connections, or None."""
+    result = await conn.execute(_ONE, {"caller": caller, "connection_id": connection_id})
+    return result.first()
+
+
+_SHARED = text(
+    f"""
+    SELECT u.umbral_name, s.preferred_name, c.sharing_overrides,
+           {", ".join(f"u.{field}, s.share_{field}" for field in SHAREABLE_FIELDS)}
+    FROM user_connections c
+    JOIN users u ON u.id = c.connected_user_id
+    JOIN settings s ON s.user_id = c.connected_user_id
+    WHERE c.id = :connection_id AND c.user_id = :caller
+    """
+)
+
+
+async def shared_profile_source(
+    conn: AsyncConnection, *, caller: int, connection_id: int
+) -> Row[Any] | None:
+    """The other side's profile, sharing defaults and overrides for the caller, or None."""
+    result = await conn.execute(_SHARED, {"caller": caller, "connection_id": connection_id})
+    return result.first()
+
+
+_UPDATE_OVERRIDES = text(
+    """
+    WITH mine AS (
+        SELECT user_id, connected_user_id FROM user_connections
+        WHERE id = :connection_id AND user_id = :caller
+    ),
+    changed AS (
+        UPDATE user_connections r
+        SET sharing_overrides = nullif(
+            (coalesce(r.sharing_overrides, '{}'::jsonb) - CAST(:clear AS text[]))
+            || CAST(:set AS jsonb),
+            '{}'::jsonb)
+        FROM mine
+        WHERE r.user_id = mine.connected_user_id AND r.connected_user_id = mine.user_id
+        RETURNING r.sharing_overrides, r.user_id
+    ),
+    audit AS (
+        INSERT INTO audit_log (action, actor_id, target_id, detail, ip)
+        SELECT 'connection.sharing_updated', CAST(:caller AS bigint), changed.user_id,
+               jsonb_build_object('connection_id', CAST(:connection_id AS bigint),
+                                  'set', CAST(:set AS jsonb),
+                                  'cleared', to_jsonb(CAST(:clear AS text[]))),
+               CAST(:ip AS inet)
+        FROM changed RETURNING id
+    )
+    SELECT changed.sharing_overrides, (SELECT count(*) FROM audit) AS audited FROM changed
+    """
+)
+
+
+async def update_overrides(
+    conn: AsyncConnection,
+    *,
+    caller: int,
+    connection_id: int,
+    set_values: Mapping[str, bool],
+    clear: Sequence[str],
+    ip: str | None,
+) -> Row[Any] | None:
+    """Sets and clears the caller's overrides on the mirror row in one atomic UPDATE.
+
+    Merging happens inside the UPDATE (jsonb `-` and `||` on the locked row), so two callers
+    changing different fields at once both keep their change.
+    """
+    result = await conn.execute(
+        _UPDATE_OVERRIDES,
+        {
+            "caller": caller,
+            "connection_id": connection_id,
+            "set": json.dumps(dict(set_values)),
+            "clear": list(clear),
+            "ip": ip,
+        },
+    )
+    return result.first()
+
+
+_REMOVE = text(
+    """
+    WITH mine AS (
+        SELECT user_id, connected_user_id FROM user_connections
+        WHERE id = :connection_id AND user_id = :caller
+    ),
+    gone AS (
+        DELETE FROM user_connections c USING mine
+        WHERE (c.user_id = mine.user_id AND c.connected_user_id = mine.connected_user_id)
+           OR (c.user_id = mine.connected_user_id AND c.connected_user_id = mine.user_id)
+        RETURNING c.person_id
+    ),
+    cards AS (
+        UPDATE persons p
+        SET linked_user_id = NULL, is_umbral_contact = false, updated_at = now()
+        FROM gone WHERE p.id = gone.person_id
+        RETURNING p.id
+    ),
+    audit AS (
+        INSERT INTO audit_log (action, actor_id, target_id, detail, ip)
+        SELECT 'connection.removed', CAST(:caller AS bigint), mine.connected_user_id,
+               jsonb_build_object('connection_id', CAST(:connection_id AS bigint)),
+               CAST(:ip AS inet)
+        FROM mine WHERE EXISTS (SELECT 1 FROM gone)
+        RETURNING id
+    )
+    SELECT (SELECT count(*) FROM gone) AS removed, (SELECT count(*) FROM cards) AS detached,
+           (SELECT count(*) FROM audit) AS audited
+    """
+)
+
+
+async def remove(
+    conn: AsyncConnection, *, caller: int, connection_id: int, ip: str | None
+) -> int:
+    """Deletes both rows of the caller's connection and detaches both cards; rows deleted."""
+    result = await conn.execute(
+        _REMOVE, {"caller": caller, "connection_id": connection_id, "ip": ip}
+    )
+    return int(result.one().removed)
