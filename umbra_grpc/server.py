@@ -23,6 +23,7 @@ from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
 from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
+from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
@@ -120,7 +121,8 @@ class Service:
             AccountServicer(accounts, trusted), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-            ConnectionServicer(requests, notifications, trusted), self.server
+            ConnectionServicer(requests, Connections(db, pages), notifications, trusted),
+            self.server,
         )
         for add, servicer in extra_servicers:
             add(servicer, self.server)  # type: ignore[operator]

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -550,24 +550,27 @@ async def test_kid_rotation_drops_the_removed_key(keys: Keys, tmp_path: Path) ->
 # --- dates and claims ---------------------------------------------------------------------
 
 
+# Payloads are built when each test runs, not at collection: times must be relative to now.
 @pytest.mark.parametrize(
-    ("payload", "accepted"),
+    ("make_payload", "accepted"),
     [
-        (claims(ttl=-60), False),  # expired beyond the 10 s leeway
-        (claims(ttl=-3), True),  # expired, within the leeway
-        (claims(nbf=int(time.time()) + 3600), False),  # not valid yet
-        (claims(nbf=int(time.time()) + 3), True),  # not valid yet, within the leeway
-        (claims(nbf=int(time.time()) - 60), True),
-        (claims(sub=None), False),  # no sub
-        (claims(sub=""), False),
-        ({"sub": "7", "iat": int(time.time())}, False),  # no exp
-        (claims(exp="tomorrow"), False),
-        (claims(sub=7), False),  # sub must be a string
+        (lambda: claims(ttl=-60), False),  # expired beyond the 10 s leeway
+        (lambda: claims(ttl=-3), True),  # expired, within the leeway
+        (lambda: claims(nbf=int(time.time()) + 3600), False),  # not valid yet
+        (lambda: claims(nbf=int(time.time()) + 3), True),  # not valid yet, within the leeway
+        (lambda: claims(nbf=int(time.time()) - 60), True),
+        (lambda: claims(sub=None), False),  # no sub
+        (lambda: claims(sub=""), False),
+        (lambda: {"sub": "7", "iat": int(time.time())}, False),  # no exp
+        (lambda: claims(exp="tomorrow"), False),
+        (lambda: claims(sub=7), False),  # sub must be a string
     ],
 )
-async def test_dates_and_required_claims(payload: dict[str, Any], accepted: bool) -> None:
+async def test_dates_and_required_claims(
+    make_payload: Callable[[], dict[str, Any]], accepted: bool
+) -> None:
     async with serving() as client:
-        outcome = await client.call(SEARCH, hs256(payload))
+        outcome = await client.call(SEARCH, hs256(make_payload()))
     if accepted:
         assert outcome.code == grpc.StatusCode.OK
     else:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
 from umbra_grpc.api import caller, convert
 from umbra_grpc.api.status import maps_errors
+from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.requests import Requests
@@ -27,10 +28,12 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     def __init__(
         self,
         requests: Requests,
+        connections: Connections,
         notifications: Notifications,
         trusted_proxies: Sequence[Network],
     ) -> None:
         self._requests = requests
+        self._connections = connections
         self._notifications = notifications
         self._trusted_proxies = trusted_proxies
 
@@ -110,35 +113,53 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         )
         return pb.CancelRequestResponse(request=convert.request_to_pb(cancelled))
 
+    @maps_errors
     async def ListConnections(
         self, request: pb.ListConnectionsRequest, context: Context
     ) -> pb.ListConnectionsResponse:
-        """Not built yet (issue 4): answers UNIMPLEMENTED."""
-        await _unimplemented(context, "ListConnections")
+        """The caller's connections, newest first."""
+        page = await self._connections.page(
+            caller.user_id(), size=request.page_size, token=request.page_token
+        )
+        return pb.ListConnectionsResponse(
+            connections=[convert.connection_to_pb(item) for item in page.connections],
+            next_page_token=page.next_page_token,
+        )
 
+    @maps_errors
     async def GetConnection(
         self, request: pb.GetConnectionRequest, context: Context
     ) -> pb.GetConnectionResponse:
-        """Not built yet (issue 4): answers UNIMPLEMENTED."""
-        await _unimplemented(context, "GetConnection")
+        """One of the caller's connections."""
+        connection = await self._connections.get(caller.user_id(), request.connection_id)
+        return pb.GetConnectionResponse(connection=convert.connection_to_pb(connection))
 
+    @maps_errors
     async def GetSharedProfile(
         self, request: pb.GetSharedProfileRequest, context: Context
     ) -> pb.GetSharedProfileResponse:
-        """Not built yet (issue 4): answers UNIMPLEMENTED."""
-        await _unimplemented(context, "GetSharedProfile")
+        """What the other side of a connection shares with the caller."""
+        profile = await self._connections.shared_profile(caller.user_id(), request.connection_id)
+        return pb.GetSharedProfileResponse(profile=convert.shared_profile_to_pb(profile))
 
+    @maps_errors
     async def UpdateSharingOverrides(
         self, request: pb.UpdateSharingOverridesRequest, context: Context
     ) -> pb.UpdateSharingOverridesResponse:
-        """Not built yet (issue 4): answers UNIMPLEMENTED."""
-        await _unimplemented(context, "UpdateSharingOverrides")
+        """Sets or clears what the caller shares with one connection."""
+        change = convert.overrides_change(request.overrides, request.update_mask)
+        overrides = await self._connections.update_overrides(
+            caller.user_id(), request.connection_id, change, self._ip(context)
+        )
+        return pb.UpdateSharingOverridesResponse(overrides=convert.overrides_to_pb(overrides))
 
+    @maps_errors
     async def RemoveConnection(
         self, request: pb.RemoveConnectionRequest, context: Context
     ) -> pb.RemoveConnectionResponse:
-        """Not built yet (issue 4): answers UNIMPLEMENTED."""
-        await _unimplemented(context, "RemoveConnection")
+        """Removes a connection on both sides; the contact cards stay, detached."""
+        await self._connections.remove(caller.user_id(), request.connection_id, self._ip(context))
+        return pb.RemoveConnectionResponse()
 
     @maps_errors
     async def GetContact(
@@ -176,9 +197,3 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     def _ip(self, context: Context) -> str | None:
         return caller.client_ip(context, self._trusted_proxies)
-
-
-async def _unimplemented(context: Context, method: str) -> NoReturn:
-    await abort(
-        context, grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{method} is not available yet"
-    )

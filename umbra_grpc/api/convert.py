@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from umbra_grpc.domain.connections import OverridesChange, SharedProfile
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.models import (
     SHAREABLE_FIELDS,
@@ -169,4 +170,38 @@ def contact_to_pb(contact: ContactView) -> connections_pb2.Contact:
         create_time=timestamp(contact.create_time),
         update_time=timestamp(contact.update_time),
         **contact.fields,
+    )
+
+
+def shared_profile_to_pb(profile: SharedProfile) -> connections_pb2.SharedProfile:
+    """Fields not shared stay unset (not empty strings)."""
+    return connections_pb2.SharedProfile(
+        umbral_name=profile.umbral_name,
+        preferred_name=profile.preferred_name or "",
+        **profile.fields,
+    )
+
+
+def overrides_change(
+    overrides: connections_pb2.SharingOverrides, mask: field_mask_pb2.FieldMask
+) -> OverridesChange:
+    """Update-mask semantics: a masked field with a value is set, without one is cleared.
+
+    An empty mask means every shareable field. A path that is not a shareable field is
+    INVALID_ARGUMENT.
+    """
+    paths = list(mask.paths) or list(SHAREABLE_FIELDS)
+    unknown = [path for path in paths if path not in SHAREABLE_FIELDS]
+    if unknown:
+        raise InvalidField(f"update_mask path {unknown[0]!r} is not a shareable field")
+    present = {field.name: value for field, value in overrides.ListFields()}
+    set_values = {path: bool(present[path]) for path in paths if path in present}
+    clear = tuple(path for path in paths if path not in present)
+    return OverridesChange(set_values=set_values, clear=clear)
+
+
+def overrides_to_pb(overrides: dict[str, bool]) -> connections_pb2.SharingOverrides:
+    """The overrides in force; fields following the default stay unset."""
+    return connections_pb2.SharingOverrides(
+        **{field: value for field, value in overrides.items() if field in SHAREABLE_FIELDS}
     )

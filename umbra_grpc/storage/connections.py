@@ -168,9 +168,7 @@ _REMOVE = text(
 )
 
 
-async def remove(
-    conn: AsyncConnection, *, caller: int, connection_id: int, ip: str | None
-) -> int:
+async def remove(conn: AsyncConnection, *, caller: int, connection_id: int, ip: str | None) -> int:
     """Deletes both rows of the caller's connection and detaches both cards; rows deleted."""
     result = await conn.execute(
         _REMOVE, {"caller": caller, "connection_id": connection_id, "ip": ip}
