@@ -211,7 +211,10 @@ class NtfySettings(_message.Message):
     """Topic to publish to."""
     auth_token: _builtins.str
     """Input only: bearer token for the ntfy server. Never returned; responses
-    say whether one is stored through has_auth_token.
+    say whether one is stored through has_auth_token. Replacing the whole
+    settings (empty mask) or the whole `ntfy` message keeps a stored token
+    unless a non-empty one is sent; naming `ntfy.auth_token` in the mask with
+    an empty value clears it.
     """
     connections_enabled: _builtins.bool
     """Push connection events (requests received, requests accepted)."""
@@ -348,7 +351,8 @@ class UpdateSettingsRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Paths within Settings: accept_connections, preferred_name,
         sharing_defaults (all of them) or sharing_defaults.<field>, ntfy (all of
-        it) or ntfy.<field>. Empty means every field of settings.
+        it) or ntfy.<field>. Empty means every field of settings. Any other path
+        is INVALID_ARGUMENT and nothing changes.
         """
 
     def __init__(
