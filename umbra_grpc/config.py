@@ -52,6 +52,18 @@ class Config:
     max_connection_age_grace_seconds: float = 30.0
     pending_cap: int = 5
     pending_window_seconds: float = 600.0
+    listener_probe_seconds: float = 2.0
+    watch_heartbeat_seconds: float = 15.0
+    watch_queue_size: int = 64
+    watch_max_per_user: int = 5
+    watch_max_streams: int = 10_000
+    outbox_enabled: bool = True
+    outbox_batch_size: int = 20
+    outbox_poll_seconds: float = 5.0
+    outbox_retry_base_seconds: float = 0.5
+    outbox_retry_cap_seconds: float = 30.0
+    outbox_max_attempts: int = 5
+    ntfy_timeout_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -108,6 +120,26 @@ class Config:
             pending_window_seconds=env.number(
                 "UMBRA_PENDING_WINDOW_SECONDS", cls.pending_window_seconds
             ),
+            listener_probe_seconds=env.number(
+                "UMBRA_LISTENER_PROBE_SECONDS", cls.listener_probe_seconds
+            ),
+            watch_heartbeat_seconds=env.number(
+                "UMBRA_WATCH_HEARTBEAT_SECONDS", cls.watch_heartbeat_seconds
+            ),
+            watch_queue_size=env.integer("UMBRA_WATCH_QUEUE_SIZE", cls.watch_queue_size),
+            watch_max_per_user=env.integer("UMBRA_WATCH_MAX_PER_USER", cls.watch_max_per_user),
+            watch_max_streams=env.integer("UMBRA_WATCH_MAX_STREAMS", cls.watch_max_streams),
+            outbox_enabled=env.flag("UMBRA_OUTBOX_ENABLED", cls.outbox_enabled),
+            outbox_batch_size=env.integer("UMBRA_OUTBOX_BATCH_SIZE", cls.outbox_batch_size),
+            outbox_poll_seconds=env.number("UMBRA_OUTBOX_POLL_SECONDS", cls.outbox_poll_seconds),
+            outbox_retry_base_seconds=env.number(
+                "UMBRA_OUTBOX_RETRY_BASE_SECONDS", cls.outbox_retry_base_seconds
+            ),
+            outbox_retry_cap_seconds=env.number(
+                "UMBRA_OUTBOX_RETRY_CAP_SECONDS", cls.outbox_retry_cap_seconds
+            ),
+            outbox_max_attempts=env.integer("UMBRA_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
+            ntfy_timeout_seconds=env.number("UMBRA_NTFY_TIMEOUT_SECONDS", cls.ntfy_timeout_seconds),
         )
         config.validate()
         return config
@@ -122,6 +154,8 @@ class Config:
             raise ConfigError("UMBRA_TLS_CERT_FILE and UMBRA_TLS_KEY_FILE go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ConfigError("UMBRA_TLS_CLIENT_CA_FILE needs UMBRA_TLS_CERT_FILE")
+        if self.watch_queue_size < 1 or self.outbox_max_attempts < 1:
+            raise ConfigError("UMBRA_WATCH_QUEUE_SIZE and UMBRA_OUTBOX_MAX_ATTEMPTS must be >= 1")
         if self.db_pool_timeout_seconds <= 0 or self.db_pool_size < 1:
             raise ConfigError("UMBRA_DB_POOL_SIZE and UMBRA_DB_POOL_TIMEOUT_SECONDS must be > 0")
 
@@ -171,6 +205,16 @@ class _Env:
         if number < 0:
             raise ConfigError(f"{name} must not be negative")
         return number
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.text(name)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.text(name)

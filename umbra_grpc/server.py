@@ -31,10 +31,14 @@ from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
+from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.peer import parse_networks
 from umbra_grpc.storage import migrate
-from umbra_grpc.storage.database import Database, StorageUnavailable
+from umbra_grpc.storage.database import Database, StorageUnavailable, plain_url
+from umbra_grpc.storage.listener import Listener
+from umbra_grpc.storage.requests import OUTBOX_CHANNEL
+from umbra_grpc.storage.users import USERS_CHANNEL
 
 _log = logging.getLogger(__name__)
 
@@ -133,6 +137,19 @@ class Service:
         self.port = self._bind()
         self._monitor: asyncio.Task[None] | None = None
 
+        assert config.database_url is not None
+        self.listener = Listener(
+            plain_url(config.database_url), probe_interval=config.listener_probe_seconds
+        )
+        # Other replicas changed a user: drop what this one cached. After an outage events
+        # may have been missed, so everything cached is dropped.
+        self.listener.subscribe(
+            USERS_CHANNEL, lambda payload: self.active_users.forget(int(payload))
+        )
+        self.listener.on_down(self.active_users.forget_all)
+        self.outbox = OutboxWorker(db, config)
+        self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
+
     def _bind(self) -> int:
         config = self.config
         if config.tls_cert_file is None or config.tls_key_file is None:
@@ -148,6 +165,9 @@ class Service:
     async def start(self) -> None:
         """Starts serving; health turns SERVING once the database answers and is migrated."""
         await self._set_health(serving=False)
+        await self.listener.start()
+        if self.config.outbox_enabled:
+            await self.outbox.start()
         await self.server.start()
         self._monitor = asyncio.create_task(self._watch_database(), name="health-monitor")
 
@@ -159,6 +179,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await self.outbox.stop()
+        await self.listener.stop()
         await self.db.dispose()
 
     async def _watch_database(self) -> None:
@@ -168,7 +190,7 @@ class Service:
             ok = await self.db.ping()
             if ok and not migrated:
                 migrated = await self._is_migrated()
-            now_serving = ok and migrated
+            now_serving = ok and migrated and self.listener.connected
             if now_serving != serving:
                 serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")

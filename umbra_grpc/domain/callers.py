@@ -43,3 +43,7 @@ class ActiveUsers:
     def forget(self, user_id: int) -> None:
         """Drops what is cached about the user (it changed)."""
         self._entries.pop(user_id, None)
+
+    def forget_all(self) -> None:
+        """Drops everything (change notices may have been missed)."""
+        self._entries.clear()

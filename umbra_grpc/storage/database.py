@@ -52,6 +52,11 @@ def async_url(url: str) -> str:
     raise ValueError("not a postgresql:// URL")
 
 
+def plain_url(url: str) -> str:
+    """The `postgresql://` URL asyncpg itself takes (no SQLAlchemy driver suffix)."""
+    return "postgresql://" + async_url(url).removeprefix("postgresql+asyncpg://")
+
+
 def sqlstate(error: BaseException) -> str | None:
     """The PostgreSQL SQLSTATE behind a SQLAlchemy or asyncpg error, if any."""
     orig = getattr(error, "orig", error)

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from umbra_grpc.domain.models import SHAREABLE_FIELDS
 
 REQUESTS_CHANNEL = "umbra_requests"
+OUTBOX_CHANNEL = "umbra_outbox"
 PENDING_PAIR_INDEX = "uq_connection_requests_pending_pair"
 CONNECTION_PAIR = "uq_user_connections_pair"
 
@@ -119,6 +120,8 @@ _INSERT_REQUEST = text(
             'kind', 'received', 'request_id', req.id, 'receiver_id', CAST(:receiver AS bigint),
             'sender_id', CAST(:sender AS bigint))::text)
         FROM req
+        UNION ALL
+        SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM push
     )
     SELECT flags.connected, flags.pending, flags.recent, req.id, req.created_at,
            (SELECT count(*) FROM note) + (SELECT count(*) FROM audit)
@@ -243,6 +246,8 @@ _RESPOND = text(
             'kind', 'resolved', 'request_id', req.id, 'receiver_id', req.receiver_id,
             'sender_id', req.sender_id)::text)
         FROM req
+        UNION ALL
+        SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM push
     ),
     view AS ({_REQUEST_VIEW.format(source="req")})
     SELECT view.*, links.id AS connection_id, links.connected_user_id, links.person_id,

@@ -1,0 +1,1 @@
+"""Push delivery (ntfy) from the transactional outbox."""
