@@ -132,6 +132,14 @@ class RunningServer:
         return f"127.0.0.1:{self.service.port}"
 
 
+def separate_channel(target: str, *options: tuple[str, int]) -> grpc.aio.Channel:
+    """A channel with its own TCP connection: by default channels to one target share one,
+    and its HTTP/2 stream limit (UMBRA_MAX_CONCURRENT_STREAMS), which real clients do not."""
+    return grpc.aio.insecure_channel(
+        target, options=[("grpc.use_local_subchannel_pool", 1), *options]
+    )
+
+
 async def start_server(config: Config) -> RunningServer:
     """Starts a server and waits until health says SERVING."""
     db = Database.connect(config)

@@ -55,6 +55,7 @@ class Config:
     listener_probe_seconds: float = 2.0
     watch_heartbeat_seconds: float = 15.0
     watch_queue_size: int = 64
+    watch_write_timeout_seconds: float = 10.0
     watch_max_per_user: int = 5
     watch_max_streams: int = 10_000
     outbox_enabled: bool = True
@@ -127,6 +128,9 @@ class Config:
                 "UMBRA_WATCH_HEARTBEAT_SECONDS", cls.watch_heartbeat_seconds
             ),
             watch_queue_size=env.integer("UMBRA_WATCH_QUEUE_SIZE", cls.watch_queue_size),
+            watch_write_timeout_seconds=env.number(
+                "UMBRA_WATCH_WRITE_TIMEOUT_SECONDS", cls.watch_write_timeout_seconds
+            ),
             watch_max_per_user=env.integer("UMBRA_WATCH_MAX_PER_USER", cls.watch_max_per_user),
             watch_max_streams=env.integer("UMBRA_WATCH_MAX_STREAMS", cls.watch_max_streams),
             outbox_enabled=env.flag("UMBRA_OUTBOX_ENABLED", cls.outbox_enabled),

@@ -27,6 +27,7 @@ from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
+from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
@@ -37,7 +38,7 @@ from umbra_grpc.peer import parse_networks
 from umbra_grpc.storage import migrate
 from umbra_grpc.storage.database import Database, StorageUnavailable, plain_url
 from umbra_grpc.storage.listener import Listener
-from umbra_grpc.storage.requests import OUTBOX_CHANNEL
+from umbra_grpc.storage.requests import OUTBOX_CHANNEL, REQUESTS_CHANNEL
 from umbra_grpc.storage.users import USERS_CHANNEL
 
 _log = logging.getLogger(__name__)
@@ -121,11 +122,23 @@ class Service:
             window=dt.timedelta(seconds=config.pending_window_seconds),
         )
         notifications = Notifications(db, pages)
+        self.feed = RequestFeed(
+            db,
+            queue_size=config.watch_queue_size,
+            max_per_user=config.watch_max_per_user,
+            max_streams=config.watch_max_streams,
+        )
+        watching = Watching(
+            db,
+            self.feed,
+            heartbeat=config.watch_heartbeat_seconds,
+            write_timeout=config.watch_write_timeout_seconds,
+        )
         accounts_pb2_grpc.add_AccountServiceServicer_to_server(
             AccountServicer(accounts, trusted), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-            ConnectionServicer(requests, Connections(db, pages), notifications, trusted),
+            ConnectionServicer(requests, Connections(db, pages), notifications, watching, trusted),
             self.server,
         )
         for add, servicer in extra_servicers:
@@ -147,8 +160,13 @@ class Service:
             USERS_CHANNEL, lambda payload: self.active_users.forget(int(payload))
         )
         self.listener.on_down(self.active_users.forget_all)
+        self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
+        self.listener.on_up(self.feed.on_up)
+        self.listener.on_down(self.feed.on_down)
         self.outbox = OutboxWorker(db, config)
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
+        # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
+        self.listener.on_up(self.outbox.wake)
 
     def _bind(self) -> int:
         config = self.config
@@ -174,6 +192,7 @@ class Service:
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
         await self.health.enter_graceful_shutdown()
+        self.feed.shut_down()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser
+from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser, separate_channel
 from tests.rich import error_reason, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
@@ -232,7 +232,7 @@ async def test_override_paths_must_be_shareable_fields(
 async def test_concurrent_override_updates_of_different_fields_both_survive(
     connections, new_user: NewUser, server: RunningServer
 ) -> None:
-    channels = [grpc.aio.insecure_channel(server.target) for _ in range(2)]
+    channels = [separate_channel(server.target) for _ in range(2)]
     stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
     try:
         for _ in range(ROUNDS):
@@ -320,7 +320,7 @@ async def test_remove_connection(connections, new_user: NewUser, sql: Sql) -> No
 async def test_both_sides_removing_at_once(
     connections, new_user: NewUser, sql: Sql, server: RunningServer
 ) -> None:
-    channels = [grpc.aio.insecure_channel(server.target) for _ in range(2)]
+    channels = [separate_channel(server.target) for _ in range(2)]
     stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
     try:
         for _ in range(ROUNDS):
@@ -391,7 +391,7 @@ async def assert_symmetric(sql: Sql) -> None:
 async def test_remove_racing_override_update(
     connections, new_user: NewUser, sql: Sql, server: RunningServer
 ) -> None:
-    channels = [grpc.aio.insecure_channel(server.target) for _ in range(2)]
+    channels = [separate_channel(server.target) for _ in range(2)]
     stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
     try:
         for _ in range(ROUNDS):
@@ -425,7 +425,7 @@ async def test_remove_racing_override_update(
 async def test_remove_racing_new_request(
     connections, new_user: NewUser, sql: Sql, server: RunningServer
 ) -> None:
-    channels = [grpc.aio.insecure_channel(server.target) for _ in range(2)]
+    channels = [separate_channel(server.target) for _ in range(2)]
     stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
     try:
         for _ in range(ROUNDS):

@@ -1,6 +1,6 @@
 """Invariants under real concurrent clients (SPEC 2): each race is run many times.
 
-Each client gets its own channel (its own HTTP/2 connection), so the calls really meet in
+Each client gets its own channel and TCP connection, so the calls really meet in
 the server and in PostgreSQL at the same time. After every round the rows are read back.
 """
 
@@ -13,7 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.conftest import NewUser, RunningServer, Sql, TestUser
+from tests.conftest import NewUser, RunningServer, Sql, TestUser, separate_channel
 from tests.rich import error_reason
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
@@ -26,7 +26,7 @@ ROUNDS = 5
 async def clients(
     server: RunningServer,
 ) -> AsyncIterator[list[connections_pb2_grpc.ConnectionServiceAsyncStub]]:
-    channels = [grpc.aio.insecure_channel(server.target) for _ in range(24)]
+    channels = [separate_channel(server.target) for _ in range(24)]
     try:
         yield [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]  # type: ignore[misc]
     finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -13,10 +13,10 @@ from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.requests import Requests
+from umbra_grpc.domain.watch import Watching
 from umbra_grpc.pb import connections_pb2 as pb
 from umbra_grpc.pb import connections_pb2_grpc
 from umbra_grpc.peer import Network
-from umbra_grpc.rpc_errors import abort
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _ACTIONS = {pb.RespondRequest.ACTION_ACCEPT: True, pb.RespondRequest.ACTION_REJECT: False}
@@ -30,11 +30,13 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         requests: Requests,
         connections: Connections,
         notifications: Notifications,
+        watching: Watching,
         trusted_proxies: Sequence[Network],
     ) -> None:
         self._requests = requests
         self._connections = connections
         self._notifications = notifications
+        self._watching = watching
         self._trusted_proxies = trusted_proxies
 
     @maps_errors
@@ -77,17 +79,19 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    async def WatchIncomingRequests(
+    @maps_errors
+    async def WatchIncomingRequests(  # type: ignore[override]
         self, request: pb.WatchIncomingRequestsRequest, context: Context
-    ) -> AsyncIterator[pb.WatchIncomingRequestsResponse]:
-        """Not built yet (issue 5): answers UNIMPLEMENTED."""
-        await abort(
-            context,
-            grpc.StatusCode.UNIMPLEMENTED,
-            "NOT_IMPLEMENTED",
-            "WatchIncomingRequests is not available yet",
-        )
-        yield pb.WatchIncomingRequestsResponse()  # pragma: no cover - makes this a generator
+    ) -> None:
+        """Snapshot of pending incoming requests, `synced`, then live events (SPEC 5).
+
+        Written with `context.write` rather than as a generator so that a write the client
+        does not take can be timed out and the stream ended RESOURCE_EXHAUSTED.
+        """
+        principal = caller.principal()
+        async with self._watching.open(caller.user_id()) as stream:
+            async for item in stream.items(principal.expires_at):
+                await stream.send(context.write, convert.watch_item_to_pb(item))
 
     @maps_errors
     async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:

@@ -18,6 +18,7 @@ from umbra_grpc.domain.models import (
 )
 from umbra_grpc.domain.notifications import ContactView, NotificationView
 from umbra_grpc.domain.requests import RequestView
+from umbra_grpc.domain.watch import Heartbeat, Synced, WatchItem
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 _NTFY_COLUMNS = {
@@ -205,3 +206,18 @@ def overrides_to_pb(overrides: dict[str, bool]) -> connections_pb2.SharingOverri
     return connections_pb2.SharingOverrides(
         **{field: value for field, value in overrides.items() if field in SHAREABLE_FIELDS}
     )
+
+
+def watch_item_to_pb(item: WatchItem) -> connections_pb2.WatchIncomingRequestsResponse:
+    """One event of the watch stream."""
+    message = connections_pb2.WatchIncomingRequestsResponse
+    if isinstance(item, Synced):
+        return message(synced=message.Synced())
+    if isinstance(item, Heartbeat):
+        return message(heartbeat=message.Heartbeat())
+    request = request_to_pb(item.request)
+    if item.kind == "received":
+        return message(received=request)
+    if item.kind == "cancelled":
+        return message(cancelled=request)
+    return message(resolved=request)

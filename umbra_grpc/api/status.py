@@ -7,6 +7,7 @@ turns it into INTERNAL with a correlation id, and the details stay in the server
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,6 +30,8 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -55,10 +58,16 @@ def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
     async def wrapper(self: S, request: Req, context: Context) -> Resp:
         try:
             return await handler(self, request, context)
-        except errors.DomainError as error:
-            await context.abort_with_status(domain_status(error))
-        except StorageUnavailable as error:
-            await context.abort_with_status(unavailable_status(error))
+        except (errors.DomainError, StorageUnavailable) as error:
+            if context.cancelled():
+                # The client is gone (a stream ended by it and by us at once): no one to tell.
+                raise asyncio.CancelledError from error
+            status = (
+                domain_status(error)
+                if isinstance(error, errors.DomainError)
+                else unavailable_status(error)
+            )
+            await context.abort_with_status(status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return wrapper

@@ -17,8 +17,15 @@
     │   ├── ConnectionsDisabled      CONNECTIONS_DISABLED
     │   ├── RequestNotPending        REQUEST_NOT_PENDING
     │   └── SenderInactive           SENDER_INACTIVE
-    └── ResourceExhausted
-        └── TooManyPending           TOO_MANY_PENDING
+    ├── ResourceExhausted
+    │   ├── TooManyPending           TOO_MANY_PENDING
+    │   ├── TooManyStreams           TOO_MANY_STREAMS
+    │   └── StreamTooSlow            STREAM_TOO_SLOW
+    ├── Unavailable                  retry later, perhaps on another replica
+    │   ├── FeedUnavailable          FEED_UNAVAILABLE
+    │   └── ShuttingDown             SHUTTING_DOWN
+    └── Unauthenticated
+        └── TokenExpired             TOKEN_EXPIRED
 
 `umbra_grpc.api.status` maps each branch to one status code. Messages are public: they never
 name another user's data or echo a secret.
@@ -162,3 +169,50 @@ class TooManyPending(ResourceExhausted):
 
     reason = "TOO_MANY_PENDING"
     default_message = "this user has too many pending requests; try again later"
+
+
+class TooManyStreams(ResourceExhausted):
+    """The caller (or this process) holds as many watch streams as allowed."""
+
+    reason = "TOO_MANY_STREAMS"
+    default_message = "too many open watch streams; close one and retry"
+
+
+class StreamTooSlow(ResourceExhausted):
+    """The client read its watch stream too slowly; events would have been lost."""
+
+    reason = "STREAM_TOO_SLOW"
+    default_message = "the stream was read too slowly; reconnect to get a fresh snapshot"
+
+
+class Unavailable(DomainError):
+    """The service cannot do this right now; retrying (elsewhere) may work."""
+
+    reason = "UNAVAILABLE"
+
+
+class FeedUnavailable(Unavailable):
+    """The event feed (the LISTEN connection) is down; events could be missed."""
+
+    reason = "FEED_UNAVAILABLE"
+    default_message = "the event feed is unavailable; reconnect to get a fresh snapshot"
+
+
+class ShuttingDown(Unavailable):
+    """This server is shutting down."""
+
+    reason = "SHUTTING_DOWN"
+    default_message = "the server is shutting down; reconnect"
+
+
+class Unauthenticated(DomainError):
+    """The caller's credentials no longer hold."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class TokenExpired(Unauthenticated):
+    """The bearer token expired while its stream was open."""
+
+    reason = "TOKEN_EXPIRED"
+    default_message = "the bearer token expired"

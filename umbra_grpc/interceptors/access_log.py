@@ -136,7 +136,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 except Exception:
-                    code = grpc.StatusCode.INTERNAL
+                    cancelled = context.cancelled()
+                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
                     await self._fail(context, record)
                 finally:
                     current_call.reset(token)
@@ -171,7 +172,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 except Exception:
-                    code = grpc.StatusCode.INTERNAL
+                    cancelled = context.cancelled()
+                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
                     await self._fail(context, record)
                 finally:
                     with contextlib.suppress(ValueError):  # closed later, in another context
@@ -190,6 +192,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
     async def _fail(self, context: Context, record: CallRecord) -> NoReturn:
         """Logs the exception being handled and ends the call INTERNAL, quoting only the id."""
+        if context.cancelled():
+            # The client is gone: the call cannot be ended again, only let go.
+            raise asyncio.CancelledError
         logger.error(
             "unhandled exception in %s (correlation id %s)",
             record.method,

@@ -349,3 +349,31 @@ async def pending_page(
         params["after_time"], params["after_id"] = after
     result = await conn.execute(_PAGES[(incoming, after is not None)], params)
     return list(result.all())
+
+
+SNAPSHOT_LIMIT = 1000
+
+_SNAPSHOT = text(
+    _REQUEST_VIEW.format(source="connection_requests")
+    + """
+    WHERE r.receiver_id = :caller AND r.status = 'pending'
+    ORDER BY r.created_at, r.id
+    LIMIT :limit
+    """
+)
+
+
+async def pending_for_receiver(conn: AsyncConnection, *, caller: int) -> list[Row[Any]]:
+    """Every pending request to `caller`, oldest first (a watch stream's snapshot)."""
+    result = await conn.execute(_SNAPSHOT, {"caller": caller, "limit": SNAPSHOT_LIMIT})
+    return list(result.all())
+
+
+_BY_IDS = text(
+    _REQUEST_VIEW.format(source="connection_requests") + " WHERE r.id = ANY(CAST(:ids AS bigint[]))"
+)
+
+
+async def by_ids(conn: AsyncConnection, ids: list[int]) -> list[Row[Any]]:
+    """Requests by id, in any order (one query for a whole batch of events)."""
+    return list((await conn.execute(_BY_IDS, {"ids": ids})).all())

@@ -1,0 +1,282 @@
+"""WatchIncomingRequests on real PostgreSQL through the real stubs (SPEC 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+
+from tests.conftest import (
+    TEST_SECRET,
+    NewUser,
+    RunningServer,
+    Sql,
+    TestUser,
+    bearer,
+    separate_channel,
+    start_server,
+    stop_server,
+    test_config,
+)
+from tests.rich import error_reason
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+from umbra_grpc.tokens import mint_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+pb = connections_pb2
+Event = pb.WatchIncomingRequestsResponse
+READ_TIMEOUT = 10.0
+# Enough events (15,000, about 1.5 MB) to fill what gRPC buffers for a client that does not read.
+BURSTS, BURST = 300, 50
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    """Quick heartbeats and small limits so that every rule shows within seconds."""
+    config = test_config(
+        database_url,
+        watch_heartbeat_seconds=0.5,
+        watch_max_per_user=3,
+        watch_max_streams=300,
+        listener_probe_seconds=0.5,
+        watch_write_timeout_seconds=2.0,
+    )
+    running = await start_server(config)
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+def watch(stub, user: TestUser, metadata=None):
+    # A deadline, so that no test can hang on a stream (grpc reads ignore cancellation).
+    return stub.WatchIncomingRequests(
+        pb.WatchIncomingRequestsRequest(), metadata=metadata or user.md, timeout=60
+    )
+
+
+async def next_event(call, *, heartbeats: bool = False) -> Event:
+    """The next event, skipping heartbeats unless asked for."""
+    while True:
+        event = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        assert event is not grpc.aio.EOF
+        if heartbeats or event.WhichOneof("event") != "heartbeat":
+            return event
+
+
+async def until_synced(call) -> list[Event]:
+    events = []
+    while (event := await next_event(call)).WhichOneof("event") != "synced":
+        events.append(event)
+    return events
+
+
+async def send(stub, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
+    reply = await stub.SendRequest(
+        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
+    )
+    return reply.request
+
+
+async def ended_with(call) -> tuple[grpc.StatusCode, str]:
+    """Reads until the stream ends; its code and ErrorInfo reason."""
+    try:
+        while await asyncio.wait_for(call.read(), READ_TIMEOUT) is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error_reason(error)
+    raise AssertionError("the stream ended OK")
+
+
+async def test_snapshot_synced_then_live_events(connections, new_user: NewUser) -> None:
+    me = await new_user()
+    first, second, third = await new_user(), await new_user(), await new_user()
+    old = [await send(connections, first, me), await send(connections, second, me)]
+    call = watch(connections, me)
+    try:
+        snapshot = await until_synced(call)
+        assert [e.received.id for e in snapshot] == [r.id for r in old]  # oldest first
+        assert snapshot[0].received.sender_umbral_name == first.handle
+
+        live = await send(connections, third, me)
+        event = await next_event(call)
+        assert event.WhichOneof("event") == "received"
+        assert event.received.id == live.id
+        assert event.received.sender_umbral_name == third.handle
+
+        await connections.CancelRequest(
+            pb.CancelRequestRequest(request_id=live.id), metadata=third.md
+        )
+        event = await next_event(call)
+        assert event.WhichOneof("event") == "cancelled"
+        assert event.cancelled.id == live.id
+        assert event.cancelled.status == pb.ConnectionRequest.STATUS_CANCELLED
+
+        # Answered "from another device": the stream is told it was resolved.
+        await connections.Respond(
+            pb.RespondRequest(request_id=old[0].id, action=pb.RespondRequest.ACTION_ACCEPT),
+            metadata=me.md,
+        )
+        event = await next_event(call)
+        assert event.WhichOneof("event") == "resolved"
+        assert event.resolved.id == old[0].id
+        assert event.resolved.status == pb.ConnectionRequest.STATUS_ACCEPTED
+    finally:
+        call.cancel()
+
+
+async def test_heartbeat_after_quiet_interval(connections, new_user: NewUser) -> None:
+    me = await new_user()
+    call = watch(connections, me)
+    try:
+        await until_synced(call)
+        event = await next_event(call, heartbeats=True)
+        assert event.WhichOneof("event") == "heartbeat"
+    finally:
+        call.cancel()
+
+
+async def test_stream_ends_when_the_token_expires(connections, new_user: NewUser) -> None:
+    me = await new_user()
+    short = bearer(mint_token(TEST_SECRET, subject=str(me.id), ttl_seconds=2))
+    call = watch(connections, me, metadata=short)
+    await until_synced(call)
+    assert await ended_with(call) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
+
+
+async def test_per_user_stream_limit(connections, new_user: NewUser) -> None:
+    me = await new_user()
+    calls = [watch(connections, me) for _ in range(3)]
+    try:
+        for call in calls:
+            await until_synced(call)
+        extra = watch(connections, me)
+        assert await ended_with(extra) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS")
+    finally:
+        for call in calls:
+            call.cancel()
+    # Closed streams free their places.
+    await asyncio.sleep(0.2)
+    again = watch(connections, me)
+    try:
+        await until_synced(again)
+    finally:
+        again.cancel()
+
+
+async def test_200_watchers_each_get_exactly_their_own_events(
+    connections, new_user: NewUser, server: RunningServer
+) -> None:
+    watchers = [await new_user() for _ in range(200)]
+    senders = [await new_user() for _ in range(200)]
+    channels = [separate_channel(server.target) for _ in range(10)]
+    stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
+    calls = [watch(stubs[n % 10], user) for n, user in enumerate(watchers)]
+    try:
+        await asyncio.gather(*(until_synced(call) for call in calls))
+        sent = await asyncio.gather(
+            *(
+                send(stubs[n % 10], sender, watcher)
+                for n, (sender, watcher) in enumerate(zip(senders, watchers, strict=True))
+            )
+        )
+        received = await asyncio.gather(*(next_event(call) for call in calls))
+        assert [event.received.id for event in received] == [request.id for request in sent]
+        # Nothing else arrives for anyone (heartbeats aside).
+        extra = await asyncio.gather(*(next_event(call, heartbeats=True) for call in calls[:20]))
+        assert {event.WhichOneof("event") for event in extra} == {"heartbeat"}
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+
+
+async def test_slow_consumer_is_ended_while_others_carry_on(
+    connections, new_user: NewUser, server: RunningServer, database_url: str
+) -> None:
+    slow_user, fast_user, sender = await new_user(), await new_user(), await new_user()
+    slow_request = await send(connections, sender, slow_user)
+    fast_request = await send(connections, sender, fast_user)
+    slow = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.api.slow_watcher",
+        server.target,
+        mint_token(TEST_SECRET, subject=str(slow_user.id)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[2],
+    )
+    fast = watch(connections, fast_user)
+    try:
+        assert slow.stdout is not None
+        assert slow.stdin is not None
+        line = await asyncio.wait_for(slow.stdout.readline(), 30)
+        assert line.strip() == b"synced"
+        await until_synced(fast)
+        # Bursts of events for both; the fast client keeps up, the slow one reads nothing.
+        connection = await asyncpg.connect(database_url)
+        try:
+            for _ in range(BURSTS):
+                for user, request in ((slow_user, slow_request), (fast_user, fast_request)):
+                    payload = {"kind": "resolved", "request_id": request.id, "receiver_id": user.id}
+                    await connection.execute(
+                        "SELECT pg_notify('umbra_requests', $1 || n || '}') "
+                        "FROM generate_series(1, $2) AS n",
+                        json.dumps(payload)[:-1] + ', "n": ',
+                        BURST,
+                    )
+                for _ in range(BURST):
+                    assert (await next_event(fast)).resolved.id == fast_request.id
+                await asyncio.sleep(0.01)
+        finally:
+            await connection.close()
+        slow.stdin.write(b"read\n")
+        await slow.stdin.drain()
+        ended = await asyncio.wait_for(slow.stdout.readline(), 60)
+        assert ended.split() == [b"RESOURCE_EXHAUSTED", b"STREAM_TOO_SLOW"]
+        # The fast one is still open and live.
+        late = await send(connections, await new_user(), fast_user)
+        assert (await next_event(fast)).received.id == late.id
+    finally:
+        fast.cancel()
+        if slow.returncode is None:
+            slow.kill()
+        await slow.wait()
+
+
+async def test_listener_loss_ends_streams_and_recovers(
+    connections, new_user: NewUser, server: RunningServer, sql: Sql
+) -> None:
+    me, sender = await new_user(), await new_user()
+    call = watch(connections, me)
+    await until_synced(call)
+    pid = server.service.listener.backend_pid
+    await sql.rows("SELECT pg_terminate_backend($1)", pid)
+    assert await ended_with(call) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
+    # Within seconds a new stream works again, and events flow.
+    for _ in range(100):
+        again = watch(connections, me)
+        try:
+            await until_synced(again)
+            break
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("no stream within 10 s of losing the listener")
+    try:
+        assert server.service.listener.backend_pid != pid
+        request = await send(connections, sender, me)
+        assert (await next_event(again)).received.id == request.id
+    finally:
+        again.cancel()

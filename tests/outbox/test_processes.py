@@ -1,0 +1,195 @@
+"""Real `umbra-grpc serve` processes: kill -9 between commit and delivery, and two replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import TEST_SECRET, Sql, clone_database, user_metadata
+from tests.outbox.recorder import HOLD, NtfyRecorder
+from umbra_grpc.embedded import free_port
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+EXECUTABLE = Path(sys.executable).parent / "umbra-grpc"
+NTFY_TIMEOUT = 1.0
+LEASE = 2 * NTFY_TIMEOUT + 5.0  # the worker's default lease for this timeout
+
+
+@pytest.fixture
+def fresh_database(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """A migrated database of this test's own."""
+    yield from clone_database(pg_server_url, template_database)
+
+
+@dataclass
+class ServerProcess:
+    """A `umbra-grpc serve` child process and a channel to it."""
+
+    process: asyncio.subprocess.Process
+    channel: grpc.aio.Channel
+    log: Path
+
+    @property
+    def connections(self) -> connections_pb2_grpc.ConnectionServiceAsyncStub:
+        return connections_pb2_grpc.ConnectionServiceStub(self.channel)
+
+
+Spawn = Callable[..., Awaitable[ServerProcess]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """Starts server processes on a database; kills whatever is left at the end."""
+    started: list[ServerProcess] = []
+
+    async def start(database_url: str, **env: str) -> ServerProcess:
+        port = free_port()
+        log = tmp_path / f"server-{len(started)}.log"
+        environment = {
+            **os.environ,
+            "UMBRA_DATABASE_URL": database_url,
+            "UMBRA_JWT_SECRET": TEST_SECRET,
+            "UMBRA_LISTEN": f"127.0.0.1:{port}",
+            "UMBRA_RATE_LIMITS": "off",
+            "UMBRA_TIMING_FLOORS": "off",
+            "UMBRA_DATA_DIR": str(tmp_path / "data"),
+            "UMBRA_LOG_FORMAT": "text",
+            "UMBRA_NTFY_TIMEOUT_SECONDS": str(NTFY_TIMEOUT),
+            "UMBRA_OUTBOX_RETRY_BASE_SECONDS": "0.05",
+            "UMBRA_OUTBOX_RETRY_CAP_SECONDS": "0.2",
+            **env,
+        }
+        with log.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                str(EXECUTABLE),
+                "serve",
+                env=environment,
+                cwd=tmp_path,
+                stdout=sink,
+                stderr=sink,
+            )
+        server = ServerProcess(process, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), log)
+        started.append(server)
+        await wait_serving(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.channel.close()
+            if server.process.returncode is None:
+                server.process.kill()
+                await server.process.wait()
+
+
+async def wait_serving(server: ServerProcess, within: float = 30.0) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        assert server.process.returncode is None, server.log.read_text()
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("server process never became SERVING:\n" + server.log.read_text())
+
+
+async def add_users(sql: Sql, ids: range, *, ntfy_url: str | None = None) -> None:
+    """Opted-in users `user<id>`; with `ntfy_url`, pushes go to topic `t<id>` there."""
+    await sql.rows(
+        "INSERT INTO users (id, umbral_name) SELECT n, 'user' || n FROM unnest($1::bigint[]) n",
+        list(ids),
+    )
+    await sql.rows(
+        "INSERT INTO settings (user_id, accept_connections, preferred_name, ntfy_enabled, "
+        "ntfy_server_url, ntfy_topic) "
+        "SELECT n, true, 'Sender ' || n, $2::text IS NOT NULL, $2::text, 't' || n "
+        "FROM unnest($1::bigint[]) n",
+        list(ids),
+        ntfy_url,
+    )
+
+
+async def send(server: ServerProcess, sender: int, receiver: int) -> None:
+    await server.connections.SendRequest(
+        connections_pb2.SendRequestRequest(umbral_name=f"user{receiver}"),
+        metadata=user_metadata(sender),
+    )
+
+
+async def test_kill_9_between_commit_and_delivery_then_delivered_after_restart(
+    spawn: Spawn, fresh_database: str, recorder: NtfyRecorder
+) -> None:
+    sql = Sql(fresh_database)
+    await add_users(sql, range(1, 2))
+    await add_users(sql, range(2, 3), ntfy_url=recorder.url)
+    recorder.script("t2", HOLD)  # the first POST never gets an answer
+    first = await spawn(fresh_database)
+
+    await send(first, 1, 2)
+    [held] = await recorder.wait_for("t2", 1)
+    # Committed, claimed, POST in flight, no outcome written: now the process dies.
+    first.process.kill()
+    await first.process.wait()
+    [row] = await sql.rows("SELECT *, next_attempt_at > now() AS leased FROM outbox")
+    assert (row["status"], row["attempts"], row["leased"]) == ("pending", 1, True)
+
+    await spawn(fresh_database)
+    _, delivered = await recorder.wait_for("t2", 2, within=LEASE + 20)
+    assert delivered.body == "Sender 1 wants to connect with you"
+    assert delivered.at - held.at >= LEASE - 1.0  # only once the dead process's lease ran out
+    deadline = time.monotonic() + 5
+    while (status := await sql.value("SELECT status FROM outbox")) == "pending":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert status == "sent"
+    assert await sql.value("SELECT attempts FROM outbox") == 2
+
+
+async def test_two_processes_deliver_200_pushes_exactly_once(
+    spawn: Spawn, fresh_database: str, recorder: NtfyRecorder
+) -> None:
+    sql = Sql(fresh_database)
+    receiver = 10_000
+    senders = range(1, 201)
+    await add_users(sql, senders)
+    await add_users(sql, range(receiver, receiver + 1), ntfy_url=recorder.url)
+    replicas = [
+        await spawn(fresh_database, UMBRA_PENDING_CAP="1000", UMBRA_OUTBOX_BATCH_SIZE="10")
+        for _ in range(2)
+    ]
+
+    limit = asyncio.Semaphore(20)
+
+    async def one(sender: int) -> None:
+        async with limit:
+            await send(replicas[sender % 2], sender, receiver)
+
+    await asyncio.gather(*(one(sender) for sender in senders))
+    await recorder.wait_for(f"t{receiver}", 200, within=30)
+    deadline = time.monotonic() + 10
+    while await sql.value("SELECT count(*) FROM outbox WHERE status <> 'sent'"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # time for a duplicate to show up, if there were one
+
+    bodies = Counter(request.body for request in recorder.for_topic(f"t{receiver}"))
+    assert len(bodies) == 200
+    assert [body for body, count in bodies.items() if count > 1] == []
+    assert await sql.value("SELECT count(*) FROM outbox WHERE attempts = 1") == 200
