@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -47,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umbra-grpc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="migrate the database, then serve")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N server processes sharing the port (SO_REUSEPORT); needs a fixed port",
+    )
     serve.set_defaults(run=_serve)
     commands.add_parser("migrate", help="migrate the database to head").set_defaults(run=_migrate)
     token = commands.add_parser("token", help="print a JWT for grpcurl and scripts")
@@ -84,10 +93,53 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if not config.jwt_secret and not config.jwt_public_key_files and not config.jwt_jwks_file:
         config = config.with_changes(jwt_secret=dev_jwt_secret(config.data_dir))
         _log.warning("no UMBRA_JWT_SECRET: using the development secret in %s", config.data_dir)
+    if args.workers < 1:
+        sys.exit("--workers must be at least 1")
+    if args.workers > 1 and config.listen.rsplit(":", 1)[-1] == "0":
+        sys.exit("--workers needs a fixed port in UMBRA_LISTEN (port 0 would differ per process)")
     with _database(config) as ready:
         assert ready.database_url is not None
         migrate.upgrade(ready.database_url)
-        return asyncio.run(_run_server(ready))
+        if args.workers == 1:
+            return asyncio.run(_run_server(ready))
+        return _run_workers(ready.with_changes(reuse_port=True), args.workers)
+
+
+def _run_workers(config: Config, count: int) -> int:
+    """N processes serving one port; SIGTERM/SIGINT reach all of them; 0 when all exit 0."""
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker_main, args=(config,), name=f"umbra-worker-{n}")
+        for n in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    _log.info("serving with %d worker processes on %s", count, config.listen)
+    _print_banner(config, int(config.listen.rsplit(":", 1)[-1]))
+    for worker in workers:
+        worker.join()
+    failed = [w.name for w in workers if w.exitcode != 0]
+    if failed and not stopping:
+        _log.error("worker processes exited early: %s", ", ".join(failed))
+    return 1 if failed else 0
+
+
+def _worker_main(config: Config) -> None:
+    """One of `serve --workers N`'s processes."""
+    configure_logging(config.log_format, config.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+    sys.exit(asyncio.run(_run_server(config)))
 
 
 async def _run_server(config: Config) -> int:
@@ -95,18 +147,24 @@ async def _run_server(config: Config) -> int:
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A worker of `--workers N` leaves SIGINT to its parent, which forwards SIGTERM.
+    for sig in (signal.SIGTERM,) if config.reuse_port else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(
-        f"umbra-grpc serving on {config.listen} (port {service.port})\n"
-        f"  mint a token:  umbra-grpc token --user 1   (or --admin)\n"
-        f"  try it:        grpcurl -plaintext {config.listen} list",
-        flush=True,
-    )
+    if not config.reuse_port:
+        _print_banner(config, service.port)
     await stop.wait()
     _log.info("shutting down (grace %.1fs)", config.grace_seconds)
     await service.stop()
     return 0
+
+
+def _print_banner(config: Config, port: int) -> None:
+    print(
+        f"umbra-grpc serving on {config.listen} (port {port})\n"
+        f"  mint a token:  umbra-grpc token --user 1   (or --admin)\n"
+        f"  try it:        grpcurl -plaintext {config.listen} list",
+        flush=True,
+    )
 
 
 def _migrate(config: Config, args: argparse.Namespace) -> int:

@@ -65,6 +65,8 @@ class Config:
     outbox_retry_cap_seconds: float = 30.0
     outbox_max_attempts: int = 5
     ntfy_timeout_seconds: float = 5.0
+    # Set by `serve --workers N` for its own processes only (never from the environment).
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -55,8 +55,9 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-        # A second server on a taken port must fail loudly, not share the port.
-        ("grpc.so_reuseport", 0),
+        # A second server on a taken port must fail loudly, not share the port; only the
+        # processes of one `serve --workers N` share theirs.
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         # Keepalive enforcement: clients may ping every 10 s at most, even without calls.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),

@@ -80,13 +80,13 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 class Serving:
     """A `umbra-grpc serve` subprocess whose output goes to files (no pipe can fill up)."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, env: dict[str, str], logs: Path, *serve_args: str) -> None:
         self.target = env["UMBRA_LISTEN"]
         self.stdout_path = logs / "serve.stdout"
         self.stderr_path = logs / "serve.stderr"
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.process = subprocess.Popen(
-                [str(UMBRA_GRPC), "serve"], env=env, stdout=out, stderr=err
+                [str(UMBRA_GRPC), "serve", *serve_args], env=env, stdout=out, stderr=err
             )
 
     @property
@@ -124,8 +124,8 @@ class Serving:
 
 
 @contextlib.contextmanager
-def serving(env: dict[str, str], logs: Path) -> Iterator[Serving]:
-    server = Serving(env, logs)
+def serving(env: dict[str, str], logs: Path, *serve_args: str) -> Iterator[Serving]:
+    server = Serving(env, logs, *serve_args)
     try:
         yield server
     finally:
@@ -290,3 +290,55 @@ def test_bad_configuration_names_the_variable(command: str, variable: str, value
     assert variable in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on `port` (from /proc/net/tcp: state 0A is LISTEN)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+            count += 1
+    return count
+
+
+def test_serve_workers_share_one_port_and_stop_together(
+    module_env: dict[str, str], tmp_path: Path
+) -> None:
+    with serving(module_env, tmp_path, "--workers", "2") as server:
+        server.wait_serving()
+        workers = [
+            child
+            for child in children(server.process.pid)
+            if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_text()
+        ]
+        assert len(workers) == 2
+        # Both hold a listening socket on the one port (SO_REUSEPORT among themselves only).
+        port = int(server.target.rsplit(":", 1)[1])
+        assert listening_sockets(port) == 2
+        with grpc.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(20):
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert server.stop(signal.SIGTERM) == 0, server.stderr[-3000:]
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+    assert "Traceback" not in server.stderr
+
+
+def test_serve_workers_need_a_fixed_port(module_env: dict[str, str]) -> None:
+    result = run("serve", "--workers", "2", env={**module_env, "UMBRA_LISTEN": "127.0.0.1:0"})
+    assert result.returncode != 0
+    assert "fixed port" in result.stderr

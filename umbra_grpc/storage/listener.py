@@ -53,6 +53,7 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.backend_pid: int | None = None
+        self._stopping = False
 
     def subscribe(self, channel: str, handler: Handler) -> None:
         """Calls `handler(payload)` for every NOTIFY on `channel` (register before start)."""
@@ -68,10 +69,12 @@ class Listener:
 
     async def start(self) -> None:
         """Starts the keep-alive loop; returns at once (the first connect happens in it)."""
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="pg-listener")
 
     async def stop(self) -> None:
         """Stops listening and closes the connection."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,7 +125,8 @@ class Listener:
                 return
 
     def _on_terminated(self, connection: Any) -> None:
-        _log.warning("listener connection terminated")
+        if not self._stopping:
+            _log.warning("listener connection terminated")
         self._lost.set()
 
     def _dispatch(self, connection: Any, pid: int, channel: str, payload: str) -> None:
