@@ -305,12 +305,13 @@ def children(pid: int) -> list[int]:
 
 
 def listening_sockets(port: int) -> int:
-    """How many TCP sockets listen on `port` (from /proc/net/tcp: state 0A is LISTEN)."""
+    """How many TCP sockets listen on `port` (/proc/net/tcp{,6}: state 0A is LISTEN)."""
     count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-            count += 1
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                count += 1
     return count
 
 
