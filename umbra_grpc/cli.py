@@ -109,7 +109,9 @@ def _run_workers(config: Config, count: int) -> int:
     """N processes serving one port; SIGTERM/SIGINT reach all of them; 0 when all exit 0."""
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker_main, args=(config,), name=f"umbra-worker-{n}")
+        context.Process(
+            target=_worker_main, args=(_worker_config(config, n),), name=f"umbra-worker-{n}"
+        )
         for n in range(count)
     ]
     for worker in workers:
@@ -133,6 +135,14 @@ def _run_workers(config: Config, count: int) -> int:
     if failed and not stopping:
         _log.error("worker processes exited early: %s", ", ".join(failed))
     return 1 if failed else 0
+
+
+def _worker_config(config: Config, index: int) -> Config:
+    """Worker `index` serves its metrics on the configured port + index."""
+    if not config.metrics_listen:
+        return config
+    host, _, port = config.metrics_listen.rpartition(":")
+    return config.with_changes(metrics_listen=f"{host}:{int(port) + index}")
 
 
 def _worker_main(config: Config) -> None:

@@ -22,6 +22,7 @@ class Config:
 
     database_url: str | None = None
     listen: str = "127.0.0.1:50051"
+    metrics_listen: str | None = None
     data_dir: Path = Path(".umbra")
     jwt_secret: str | None = None
     jwt_public_key_files: tuple[Path, ...] = ()
@@ -75,6 +76,7 @@ class Config:
         config = cls(
             database_url=env.text("UMBRA_DATABASE_URL"),
             listen=env.text("UMBRA_LISTEN") or cls.listen,
+            metrics_listen=env.text("UMBRA_METRICS_LISTEN"),
             data_dir=Path(env.text("UMBRA_DATA_DIR") or cls.data_dir),
             jwt_secret=env.text("UMBRA_JWT_SECRET"),
             jwt_public_key_files=tuple(Path(p) for p in env.items("UMBRA_JWT_PUBLIC_KEY_FILES")),
@@ -156,6 +158,8 @@ class Config:
             ("postgresql://", "postgres://", "postgresql+asyncpg://")
         ):
             raise ConfigError("UMBRA_DATABASE_URL must be a postgresql:// URL")
+        if self.metrics_listen is not None and not self.metrics_listen.rpartition(":")[2].isdigit():
+            raise ConfigError("UMBRA_METRICS_LISTEN must be host:port (empty disables it)")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("UMBRA_TLS_CERT_FILE and UMBRA_TLS_KEY_FILE go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -32,6 +32,7 @@ from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
+from umbra_grpc.metrics import Metrics
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.peer import parse_networks
@@ -99,17 +100,20 @@ class Service:
         self.db = db
         self.active_users = ActiveUsers(db, config.user_cache_seconds)
         self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
         trusted = parse_networks(config.trusted_proxies)
+        rate_limit = RateLimitInterceptor(parse_rate_limits(config.rate_limits))
+        timing_floor = TimingFloorInterceptor(parse_timing_floors(config.timing_floors))
         self.server = grpc.aio.server(
             interceptors=[
-                AccessLogInterceptor(trusted_proxies=trusted),
+                AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
                     self.active_users.is_active,
                     unavailable=(StorageUnavailable,),
                 ),
-                RateLimitInterceptor(parse_rate_limits(config.rate_limits)),
-                TimingFloorInterceptor(parse_timing_floors(config.timing_floors)),
+                rate_limit,
+                timing_floor,
             ],
             options=server_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -168,6 +172,56 @@ class Service:
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
+        self._outbox_backlog = 0
+        self._register_metrics(rate_limit, timing_floor)
+
+    def _register_metrics(
+        self, rate_limit: RateLimitInterceptor, timing_floor: TimingFloorInterceptor
+    ) -> None:
+        metrics, pool, stats = self.metrics, self.db.engine.pool, self.outbox.stats
+        metrics.gauge(
+            "umbra_watch_streams",
+            "Open WatchIncomingRequests streams.",
+            lambda: self.feed.open_streams,
+        )
+        metrics.gauge("umbra_db_pool_checked_out", "Pooled connections in use.", pool.checkedout)  # type: ignore[attr-defined]
+        metrics.gauge(
+            "umbra_db_pool_size", "Pooled connections allowed.", lambda: self.config.db_pool_size
+        )
+        metrics.gauge(
+            "umbra_listener_up",
+            "1 while the LISTEN connection is up.",
+            lambda: int(self.listener.connected),
+        )
+        metrics.gauge(
+            "umbra_outbox_backlog",
+            "Pending outbox rows (refreshed every second).",
+            lambda: self._outbox_backlog,
+        )
+        metrics.counter(
+            "umbra_outbox_sent", "Pushes delivered by this process.", lambda: stats.sent
+        )
+        metrics.counter(
+            "umbra_outbox_skipped",
+            "Pushes skipped (switched off) by this process.",
+            lambda: stats.skipped,
+        )
+        metrics.counter(
+            "umbra_outbox_failed", "Pushes dead-lettered by this process.", lambda: stats.failed
+        )
+        metrics.counter(
+            "umbra_outbox_retried", "Push attempts retried by this process.", lambda: stats.retried
+        )
+        metrics.counter(
+            "umbra_timing_floor_overruns",
+            "Calls whose work outlasted their floor.",
+            lambda: sum(timing_floor.overruns.values()),
+        )
+        metrics.counter(
+            "umbra_rate_limited",
+            "Calls refused by the rate limits.",
+            lambda: sum(rate_limit.refusals.values()),
+        )
 
     def _bind(self) -> int:
         config = self.config
@@ -188,6 +242,9 @@ class Service:
         if self.config.outbox_enabled:
             await self.outbox.start()
         await self.server.start()
+        if self.config.metrics_listen:
+            port = self.metrics.serve(self.config.metrics_listen)
+            _log.info("metrics on %s (port %d)", self.config.metrics_listen, port)
         self._monitor = asyncio.create_task(self._watch_database(), name="health-monitor")
 
     async def stop(self, grace: float | None = None) -> None:
@@ -201,6 +258,7 @@ class Service:
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.outbox.stop()
         await self.listener.stop()
+        self.metrics.stop()
         await self.db.dispose()
 
     async def _watch_database(self) -> None:
@@ -211,6 +269,9 @@ class Service:
             if ok and not migrated:
                 migrated = await self._is_migrated()
             now_serving = ok and migrated and self.listener.connected
+            if ok:
+                with contextlib.suppress(Exception):
+                    self._outbox_backlog = await self.outbox.backlog()
             if now_serving != serving:
                 serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")

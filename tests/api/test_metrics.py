@@ -1,0 +1,78 @@
+"""The Prometheus endpoint: RPC counts and latencies, streams, pool, listener, outbox."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from tests.conftest import NewUser, RunningServer, start_server, stop_server, test_config
+from umbra_grpc.embedded import free_port
+from umbra_grpc.pb import connections_pb2
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+pb = connections_pb2
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    running = await start_server(
+        test_config(database_url, metrics_listen=f"127.0.0.1:{free_port()}")
+    )
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+def scrape(server: RunningServer) -> str:
+    url = f"http://{server.service.config.metrics_listen}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read().decode()
+
+
+def value(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not in the scrape")
+
+
+async def test_rpcs_are_counted_by_method_and_code(connections, new_user: NewUser, server) -> None:
+    me = await new_user()
+    await connections.Search(pb.SearchRequest(umbral_name="someone"), metadata=me.md)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await connections.Search(pb.SearchRequest(umbral_name="x"), metadata=me.md)
+    text = scrape(server)
+    search = "/umbra.connections.v1.ConnectionService/Search"
+    assert value(text, f'umbra_rpcs_total{{code="OK",method="{search}"}}') >= 1
+    assert value(text, f'umbra_rpcs_total{{code="INVALID_ARGUMENT",method="{search}"}}') == 1
+    assert value(text, f'umbra_rpc_duration_seconds_count{{method="{search}"}}') >= 2
+
+
+async def test_live_values_are_read_at_scrape_time(connections, new_user: NewUser, server) -> None:
+    me = await new_user()
+    call = connections.WatchIncomingRequests(
+        pb.WatchIncomingRequestsRequest(), metadata=me.md, timeout=30
+    )
+    try:
+        while (await call.read()).WhichOneof("event") != "synced":
+            pass
+        text = scrape(server)
+        assert value(text, "umbra_watch_streams") == 1
+    finally:
+        call.cancel()
+    assert value(text, "umbra_listener_up") == 1
+    assert value(text, "umbra_db_pool_size") == server.service.config.db_pool_size
+    for name in (
+        "umbra_db_pool_checked_out",
+        "umbra_outbox_backlog",
+        "umbra_outbox_sent_total",
+        "umbra_outbox_failed_total",
+        "umbra_timing_floor_overruns_total",
+        "umbra_rate_limited_total",
+    ):
+        assert value(text, name) >= 0
