@@ -1,0 +1,384 @@
+"""WatchIncomingRequests across processes, at shutdown, with the listener down, in the log.
+
+Real PostgreSQL through the fixtures; a second server is a real `umbra-grpc serve` subprocess
+on the same database (SPEC 5: events cross replicas through LISTEN/NOTIFY). Everything here
+runs on the session's event loop, which also serves the in-process server: nothing blocks it
+(the subprocess is driven through asyncio, health is polled through grpc.aio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import (
+    TEST_SECRET,
+    NewUser,
+    RunningServer,
+    TestUser,
+    bearer,
+    separate_channel,
+    start_server,
+    stop_server,
+    test_config,
+)
+from tests.rich import DETAILS_KEY, error_reason
+from umbra_grpc.embedded import free_port
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+from umbra_grpc.server import CONNECTION_SERVICE
+from umbra_grpc.tokens import mint_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+pb = connections_pb2
+Event = pb.WatchIncomingRequestsResponse
+Stub = connections_pb2_grpc.ConnectionServiceStub
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
+WATCH_METHOD = f"/{CONNECTION_SERVICE}/WatchIncomingRequests"
+READ_TIMEOUT = 10.0
+STARTUP_SECONDS = 60.0
+EXIT_SECONDS = 30.0
+GRACE_SECONDS = 5.0
+# Time a process needs after its grace period to close its pool and interpreter.
+EXIT_MARGIN_SECONDS = 1.5
+
+
+# --- stream helpers -------------------------------------------------------------------------
+
+
+def watch(stub: Stub, user: TestUser, metadata: tuple[tuple[str, str], ...] | None = None):
+    # A deadline, so that no test can hang on a stream (grpc reads ignore cancellation).
+    return stub.WatchIncomingRequests(
+        pb.WatchIncomingRequestsRequest(), metadata=metadata or user.md, timeout=60
+    )
+
+
+async def next_event(call, *, heartbeats: bool = False) -> Event:
+    """The next event, skipping heartbeats unless asked for."""
+    while True:
+        event = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        assert event is not grpc.aio.EOF
+        if heartbeats or event.WhichOneof("event") != "heartbeat":
+            return event
+
+
+async def until_synced(call) -> list[Event]:
+    events = []
+    while (event := await next_event(call)).WhichOneof("event") != "synced":
+        events.append(event)
+    return events
+
+
+async def ended_with(call) -> tuple[grpc.StatusCode, str | None]:
+    """Reads until the stream ends: its code and ErrorInfo reason (None without details)."""
+    try:
+        while await asyncio.wait_for(call.read(), READ_TIMEOUT) is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as error:
+        has_details = any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+        return error.code(), error_reason(error) if has_details else None
+    raise AssertionError("the stream ended OK")
+
+
+async def send(stub: Stub, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
+    reply = await stub.SendRequest(
+        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md, timeout=10
+    )
+    return reply.request
+
+
+async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) -> float:
+    """Seconds until grpc health says `status` for the server and ConnectionService."""
+    health = health_pb2_grpc.HealthStub(channel)
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        replies = [
+            await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            for name in ("", CONNECTION_SERVICE)
+        ]
+        if all(reply.status == status for reply in replies):
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health never became {status} within {within}s")
+
+
+# --- a real `umbra-grpc serve` subprocess ---------------------------------------------------
+
+
+@dataclass
+class Serve:
+    """A `umbra-grpc serve` subprocess whose output goes to files (no pipe can fill up)."""
+
+    process: asyncio.subprocess.Process
+    target: str
+    stderr_path: Path
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    async def wait_serving(self) -> None:
+        """Polls grpc health until SERVING; fails early when the process dies."""
+        deadline = time.monotonic() + STARTUP_SECONDS
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.returncode is not None:
+                    pytest.fail(f"serve exited {self.process.returncode}: {self.stderr[-3000:]}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == SERVING:
+                        return
+                await asyncio.sleep(0.2)
+        pytest.fail(f"serve never became SERVING: {self.stderr[-3000:]}")
+
+    async def end(self) -> None:
+        """SIGTERM, then SIGKILL if it will not go (idempotent)."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), EXIT_SECONDS)
+            except TimeoutError:
+                self.process.kill()
+        await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def serving(database_url: str, logs: Path, **variables: str) -> AsyncIterator[Serve]:
+    """A SERVING `umbra-grpc serve` on `database_url`, ended however the test goes."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("UMBRA_")}
+    target = f"127.0.0.1:{free_port()}"
+    env.update(
+        UMBRA_DATABASE_URL=database_url,
+        UMBRA_JWT_SECRET=TEST_SECRET,
+        UMBRA_LISTEN=target,
+        UMBRA_RATE_LIMITS="off",
+        UMBRA_TIMING_FLOORS="off",
+        UMBRA_LOG_FORMAT="text",
+        UMBRA_DATA_DIR=str(logs),
+        **variables,
+    )
+    stdout_path, stderr_path = logs / "serve.stdout", logs / "serve.stderr"
+    with stdout_path.open("w") as out, stderr_path.open("w") as err:
+        process = await asyncio.create_subprocess_exec(
+            str(UMBRA_GRPC), "serve", env=env, stdout=out, stderr=err
+        )
+    server = Serve(process, target, stderr_path)
+    try:
+        await server.wait_serving()
+        yield server
+    finally:
+        await server.end()
+
+
+# --- two processes on one database ----------------------------------------------------------
+
+
+async def test_a_stream_on_one_process_gets_the_events_of_writes_made_through_another(
+    connections: Stub, new_user: NewUser, database_url: str, tmp_path: Path
+) -> None:
+    me, early, late = await new_user(), await new_user(), await new_user()
+    async with (
+        serving(database_url, tmp_path) as other,
+        grpc.aio.insecure_channel(other.target) as channel,
+    ):
+        elsewhere = Stub(channel)
+        pending = await send(elsewhere, early, me)
+        # The stream is held by the in-process server; every write goes through the other.
+        call = watch(connections, me)
+        try:
+            snapshot = await until_synced(call)
+            assert [event.received.id for event in snapshot] == [pending.id]
+
+            sent = await send(elsewhere, late, me)
+            event = await next_event(call)
+            assert event.WhichOneof("event") == "received"
+            assert event.received.id == sent.id
+            assert event.received.sender_umbral_name == late.handle
+
+            await elsewhere.CancelRequest(
+                pb.CancelRequestRequest(request_id=sent.id), metadata=late.md, timeout=10
+            )
+            event = await next_event(call)
+            assert event.WhichOneof("event") == "cancelled"
+            assert event.cancelled.id == sent.id
+            assert event.cancelled.status == pb.ConnectionRequest.STATUS_CANCELLED
+
+            # The watcher answers from "another device", connected to the other process.
+            await elsewhere.Respond(
+                pb.RespondRequest(request_id=pending.id, action=pb.RespondRequest.ACTION_ACCEPT),
+                metadata=me.md,
+                timeout=10,
+            )
+            event = await next_event(call)
+            assert event.WhichOneof("event") == "resolved"
+            assert event.resolved.id == pending.id
+            assert event.resolved.status == pb.ConnectionRequest.STATUS_ACCEPTED
+        finally:
+            call.cancel()
+    assert "Traceback" not in other.stderr
+
+
+# --- shutdown with 100 open streams ---------------------------------------------------------
+
+
+async def test_sigterm_with_100_open_streams_ends_them_unavailable_and_exits_within_grace(
+    new_user: NewUser, database_url: str, tmp_path: Path
+) -> None:
+    # UMBRA_WATCH_MAX_PER_USER is 5 by default: 20 users hold 5 streams each.
+    users = [await new_user() for _ in range(20)]
+    async with serving(database_url, tmp_path, UMBRA_GRACE_SECONDS=str(GRACE_SECONDS)) as other:
+        # Ten connections of ten streams: one HTTP/2 connection allows 100 streams at most.
+        channels = [separate_channel(other.target) for _ in range(10)]
+        try:
+            stubs = [Stub(channel) for channel in channels]
+            calls = [watch(stubs[n % 10], users[n % 20]) for n in range(100)]
+            await asyncio.gather(*(until_synced(call) for call in calls))
+
+            ended_at: list[float] = []
+
+            async def end_of(call) -> tuple[grpc.StatusCode, str | None]:
+                outcome = await ended_with(call)
+                ended_at.append(time.monotonic() - signalled)
+                return outcome
+
+            signalled = time.monotonic()
+            other.process.send_signal(signal.SIGTERM)
+            outcomes = await asyncio.gather(*(end_of(call) for call in calls))
+            returncode = await asyncio.wait_for(other.process.wait(), EXIT_SECONDS)
+            exited = time.monotonic() - signalled
+        finally:
+            for channel in channels:
+                await channel.close()
+    assert returncode == 0, other.stderr[-3000:]
+    assert exited < GRACE_SECONDS + EXIT_MARGIN_SECONDS, exited
+    assert Counter(outcomes) == {(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"): 100}
+    # Ended by the server at once, not cut off when the grace period ran out.
+    assert max(ended_at) < GRACE_SECONDS / 2, max(ended_at)
+    assert "Traceback" not in other.stderr
+
+
+# --- health follows the listener ------------------------------------------------------------
+
+
+@pytest.fixture
+async def own_server(database_url: str) -> AsyncIterator[RunningServer]:
+    """A server of this test's own, so that stopping its listener disturbs no one else."""
+    running = await start_server(test_config(database_url, listener_probe_seconds=0.5))
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+async def test_health_and_streams_follow_the_listener(
+    own_server: RunningServer, new_user: NewUser
+) -> None:
+    stub = Stub(own_server.channel)
+    me, sender = await new_user(), await new_user()
+    open_call = watch(stub, me)
+    await until_synced(open_call)
+
+    await own_server.service.listener.stop()
+    assert await health_becomes(own_server.channel, NOT_SERVING, within=5) < 5
+    # Events may be missed while no one listens: the open stream ends, new ones are refused.
+    assert await ended_with(open_call) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
+    refused = watch(stub, me)
+    assert await ended_with(refused) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
+
+    await own_server.service.listener.start()
+    await health_becomes(own_server.channel, SERVING, within=10)
+    again = watch(stub, me)
+    try:
+        await until_synced(again)
+        request = await send(stub, sender, me)
+        assert (await next_event(again)).received.id == request.id
+    finally:
+        again.cancel()
+
+
+# --- the access log of a stream -------------------------------------------------------------
+
+
+def watch_lines(caplog: pytest.LogCaptureFixture, user: TestUser) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "umbra.access"
+        and getattr(record, "method", None) == WATCH_METHOD
+        and getattr(record, "caller", None) == str(user.id)
+    ]
+
+
+async def test_a_stream_gets_one_access_line_when_it_ends(
+    connections: Stub, new_user: NewUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="umbra.access")
+    me, first, second, third = (
+        await new_user(),
+        await new_user(),
+        await new_user(),
+        await new_user(),
+    )
+    await send(connections, first, me)
+    # A short token: the server ends the stream UNAUTHENTICATED when it expires.
+    short = bearer(mint_token(TEST_SECRET, subject=str(me.id), ttl_seconds=3))
+    opened = time.monotonic()
+    call = watch(connections, me, metadata=short)
+    received = 0
+    kinds = []
+    while True:
+        event = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        received += 1
+        kinds.append(event.WhichOneof("event"))
+        if kinds[-1] == "synced":
+            break
+    assert kinds == ["received", "synced"]
+    for sender in (second, third):
+        await send(connections, sender, me)
+        event = await next_event(call, heartbeats=True)
+        received += 1
+        kinds.append(event.WhichOneof("event"))
+    assert kinds[2:] == ["received", "received"]
+    last_event = time.monotonic()
+    # Nothing is written while the stream is open, whatever the handler has done so far.
+    assert watch_lines(caplog, me) == []
+
+    try:
+        while await asyncio.wait_for(call.read(), READ_TIMEOUT) is not grpc.aio.EOF:
+            received += 1  # heartbeats, if any, count too
+    except grpc.aio.AioRpcError as error:
+        assert (error.code(), error_reason(error)) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_EXPIRED",
+        )
+    else:
+        raise AssertionError("the stream ended OK")
+    async with asyncio.timeout(5):
+        while not watch_lines(caplog, me):
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # a second line, if one were coming
+
+    lines = watch_lines(caplog, me)
+    assert len(lines) == 1, [line.getMessage() for line in lines]
+    line = lines[0]
+    assert line.levelno == logging.INFO
+    assert line.code == "UNAUTHENTICATED"  # type: ignore[attr-defined]
+    assert line.events_sent == received == 4  # type: ignore[attr-defined]
+    assert "UNAUTHENTICATED" in line.getMessage()
+    # Its duration covers the whole stream, past the last event: written when it ended.
+    assert line.duration_ms / 1000 >= last_event - opened  # type: ignore[attr-defined]
