@@ -8,15 +8,15 @@ finds nothing, exactly as an id that does not exist.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Row, TextClause, text
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from umbra_grpc.domain.models import SHAREABLE_FIELDS
+from umbra_grpc.storage import keyset
 
 _VIEW = """
     SELECT c.id, c.connected_user_id, u.umbral_name, s.preferred_name, c.person_id,
@@ -27,30 +27,25 @@ _VIEW = """
 """
 
 
-def _page_query(*, after: bool) -> TextClause:
-    cursor = "AND (c.created_at, c.id) < (:after_time, :after_id)" if after else ""
-    return text(
+_PAGES = keyset.statements(
+    lambda cursor: (
         _VIEW
         + f"""
     WHERE c.user_id = :caller {cursor}
     ORDER BY c.created_at DESC, c.id DESC
     LIMIT :limit
     """
-    )
-
-
-_PAGES = {after: _page_query(after=after) for after in (True, False)}
+    ),
+    alias="c",
+)
 _ONE = text(_VIEW + " WHERE c.id = :connection_id AND c.user_id = :caller")
 
 
 async def page(
-    conn: AsyncConnection, *, caller: int, after: tuple[dt.datetime, int] | None, limit: int
+    conn: AsyncConnection, *, caller: int, after: keyset.Cursor | None, limit: int
 ) -> list[Row[Any]]:
     """The caller's connections, newest first, after a keyset cursor."""
-    params: dict[str, Any] = {"caller": caller, "limit": limit}
-    if after is not None:
-        params["after_time"], params["after_id"] = after
-    return list((await conn.execute(_PAGES[after is not None], params)).all())
+    return await keyset.page(conn, _PAGES, after=after, limit=limit, caller=caller)
 
 
 async def one(conn: AsyncConnection, *, caller: int, connection_id: int) -> Row[Any] | None:

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Row, TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from umbra_grpc.storage import keyset
 
-def _page_query(*, unread_only: bool, after: bool) -> TextClause:
+
+def _pages(*, unread_only: bool) -> dict[bool, TextClause]:
     unread = "AND NOT read" if unread_only else ""
-    cursor = "AND (created_at, id) < (:after_time, :after_id)" if after else ""
-    return text(
-        f"""
+    return keyset.statements(
+        lambda cursor: (
+            f"""
         SELECT id, type, title, message, data, source_type, source_id, read, created_at
         FROM notifications
         WHERE user_id = :caller {unread} {cursor}
         ORDER BY created_at DESC, id DESC
         LIMIT :limit
         """
+        )
     )
 
 
-_PAGES = {
-    (unread_only, after): _page_query(unread_only=unread_only, after=after)
-    for unread_only in (True, False)
-    for after in (True, False)
-}
+_PAGES = {unread_only: _pages(unread_only=unread_only) for unread_only in (True, False)}
 
 
 async def page(
@@ -36,15 +34,11 @@ async def page(
     *,
     caller: int,
     unread_only: bool,
-    after: tuple[dt.datetime, int] | None,
+    after: keyset.Cursor | None,
     limit: int,
 ) -> list[Row[Any]]:
     """The caller's notifications, newest first, after a keyset cursor."""
-    params: dict[str, Any] = {"caller": caller, "limit": limit}
-    if after is not None:
-        params["after_time"], params["after_id"] = after
-    result = await conn.execute(_PAGES[(unread_only, after is not None)], params)
-    return list(result.all())
+    return await keyset.page(conn, _PAGES[unread_only], after=after, limit=limit, caller=caller)
 
 
 _MARK_READ = text(

@@ -23,6 +23,7 @@ from sqlalchemy import Row, TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from umbra_grpc.domain.models import SHAREABLE_FIELDS
+from umbra_grpc.storage import keyset
 
 REQUESTS_CHANNEL = "umbra_requests"
 OUTBOX_CHANNEL = "umbra_outbox"
@@ -314,25 +315,22 @@ async def cancel(
     return result.first()
 
 
-def _page_query(side: str, *, after: bool) -> TextClause:
-    cursor = "AND (r.created_at, r.id) < (:after_time, :after_id)" if after else ""
-    return text(
-        _REQUEST_VIEW.format(source="connection_requests")
-        + f"""
+def _pages(side: str) -> dict[bool, TextClause]:
+    return keyset.statements(
+        lambda cursor: (
+            _REQUEST_VIEW.format(source="connection_requests")
+            + f"""
     WHERE r.{side} = :caller AND r.status = 'pending' {cursor}
     ORDER BY r.created_at DESC, r.id DESC
     LIMIT :limit
     """
+        ),
+        alias="r",
     )
 
 
-# Keyset pages: one statement for the first page, one after a cursor, so that both are
-# served by the (receiver|sender, created_at DESC, id DESC) partial indexes.
-_PAGES = {
-    (incoming, after): _page_query("receiver_id" if incoming else "sender_id", after=after)
-    for incoming in (True, False)
-    for after in (True, False)
-}
+# Served by the (receiver|sender, created_at DESC, id DESC) partial indexes on pending rows.
+_PAGES = {True: _pages("receiver_id"), False: _pages("sender_id")}
 
 
 async def pending_page(
@@ -340,15 +338,11 @@ async def pending_page(
     *,
     caller: int,
     incoming: bool,
-    after: tuple[dt.datetime, int] | None,
+    after: keyset.Cursor | None,
     limit: int,
 ) -> list[Row[Any]]:
     """Pending requests to (incoming) or from `caller`, newest first, after a keyset cursor."""
-    params: dict[str, Any] = {"caller": caller, "limit": limit}
-    if after is not None:
-        params["after_time"], params["after_id"] = after
-    result = await conn.execute(_PAGES[(incoming, after is not None)], params)
-    return list(result.all())
+    return await keyset.page(conn, _PAGES[incoming], after=after, limit=limit, caller=caller)
 
 
 SNAPSHOT_LIMIT = 1000
