@@ -156,15 +156,20 @@ class EmbeddedPostgres:
 
     def _run(self, program: str, *args: str) -> None:
         command = [str(self._bin / program), *args]
-        result = subprocess.run(  # noqa: S603 - binaries we located, no shell
-            command,
-            capture_output=True,
-            text=True,
-            check=False,
-            user=self._user.pw_uid if self._user else None,
-            group=self._user.pw_gid if self._user else None,
-            cwd=self.data_dir,
-        )
+        for _attempt in range(2):
+            result = subprocess.run(  # noqa: S603 - binaries we located, no shell
+                command,
+                capture_output=True,
+                text=True,
+                check=False,
+                user=self._user.pw_uid if self._user else None,
+                group=self._user.pw_gid if self._user else None,
+                cwd=self.data_dir,
+            )
+            # Killed by a signal before it ran (seen once: a crash in the forked child of a
+            # process full of gRPC threads): the command did nothing, so run it again.
+            if result.returncode >= 0:
+                break
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip()[-2000:]
             raise EmbeddedPostgresError(f"{program} failed ({result.returncode}): {tail}")

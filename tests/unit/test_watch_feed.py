@@ -405,6 +405,8 @@ async def test_an_expired_token_ends_the_stream() -> None:
         '{"kind": "received", "request_id": "one", "receiver_id": 7}',
         '{"kind": "received", "request_id": null, "receiver_id": 7}',
         '{"kind": "received", "request_id": 1, "receiver_id": [7]}',
+        '{"kind": "exploded", "request_id": 1, "receiver_id": 7}',
+        '{"kind": null, "request_id": 1, "receiver_id": 7}',
     ],
 )
 async def test_malformed_payloads_are_ignored(bad: str, caplog: pytest.LogCaptureFixture) -> None:

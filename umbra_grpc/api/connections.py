@@ -90,6 +90,10 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         """
         principal = caller.principal()
         async with self._watching.open(caller.user_id()) as stream:
+            # Headers on their own first: grpc.aio marks them sent only once a write completes,
+            # so an abort right after a first write was cut short would send them again and
+            # fail in core, leaving the call without a status until the grace period ends.
+            await context.send_initial_metadata(())
             async for item in stream.items(principal.expires_at):
                 await stream.send(context.write, convert.watch_item_to_pb(item))
 

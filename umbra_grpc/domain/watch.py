@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from umbra_grpc.domain.errors import (
     DomainError,
@@ -41,6 +41,7 @@ from umbra_grpc.storage.database import Database
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 EventKind = Literal["received", "cancelled", "resolved"]
+_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -175,6 +176,8 @@ class RequestFeed:
         try:
             data = json.loads(payload)
             notice = _Notice(data["kind"], int(data["request_id"]), int(data["receiver_id"]))
+            if notice.kind not in _KINDS:
+                raise ValueError(notice.kind)
         except (ValueError, KeyError, TypeError):
             _log.warning("ignored a malformed request notification")
             return

@@ -79,7 +79,11 @@ class Listener:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
         await self._close()
+        if self.connected:
+            # `_run` was cancelled inside `_watch` and never said so: tell the subscribers.
+            self._set_connected(False)
 
     async def _run(self) -> None:
         failures = 0
