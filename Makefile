@@ -8,12 +8,13 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 PG_URL_LOCAL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: help install run test pytest lint generate check-generated audit bench clean
+.PHONY: help install run test pytest lint generate check-generated audit bench bench-smoke clean
 
 help:
 	@echo "make run    serve on 127.0.0.1:50051 (embedded PostgreSQL unless UMBRA_DATABASE_URL is set)"
 	@echo "make test   lint, type-check, generated-code check, pip-audit and the whole test suite"
 	@echo "make generate   regenerate generated/ from protos/"
+	@echo "make bench  measure the service against an echo RPC (docs/PERFORMANCE.md)"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,8 +69,13 @@ pytest: $(BIN)/.installed
 
 test: lint check-generated audit pytest
 
+# Bounded (about 4 minutes here); writes bench/results/latest.json and docs/PERFORMANCE.md.
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run
+
+# Every bench section with tiny sizes, in seconds (tests/e2e/test_bench_smoke.py runs it too).
+bench-smoke: $(BIN)/.installed
+	$(BIN)/python -m bench.run --smoke --out bench/results/smoke.json
 
 clean:
 	rm -rf $(VENV) node_modules .generated-check .pytest_cache .mypy_cache .ruff_cache

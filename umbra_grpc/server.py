@@ -116,7 +116,9 @@ class Service:
                 timing_floor,
             ],
             options=server_options(config),
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            # An open watch stream is a call in progress too: without room for them, 1,000
+            # idle watchers would make every other call RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.watch_max_streams,
         )
         accounts = Accounts(db, on_user_changed=self.active_users.forget)
         pages = PageTokens(page_token_key(config))

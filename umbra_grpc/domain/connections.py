@@ -1,9 +1,9 @@
 """Connection rules: list, get, shared profile, sharing overrides, removal.
 
 Budgets (SPEC 8): ListConnections, GetConnection and GetSharedProfile are one autocommit
-read each; UpdateSharingOverrides and RemoveConnection are one statement between BEGIN and
-COMMIT. Anything that is not the caller's own connection is CONNECTION_NOT_FOUND, the same
-answer as an id that does not exist.
+read each; UpdateSharingOverrides and RemoveConnection one statement each, in autocommit.
+Anything that is not the caller's own connection is CONNECTION_NOT_FOUND, the same answer as
+an id that does not exist.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Connections:
         unknown = (set(change.set_values) | set(change.clear)) - set(SHAREABLE_FIELDS)
         if unknown:
             raise InvalidField(f"not a shareable field: {', '.join(sorted(unknown))}")
-        row = await self._db.transaction(
+        row = await self._db.statement(
             lambda conn: store.update_overrides(
                 conn,
                 caller=caller,
@@ -140,7 +140,7 @@ class Connections:
     async def remove(self, caller: int, connection_id: int, ip: str | None) -> None:
         """Removes both sides of the connection; both contact cards stay, detached."""
         check_id(connection_id, "connection_id")
-        removed = await self._db.transaction(
+        removed = await self._db.statement(
             lambda conn: store.remove(conn, caller=caller, connection_id=connection_id, ip=ip)
         )
         if removed == 0:

@@ -102,7 +102,7 @@ class Notifications:
         if not ids:
             return 0
         unique = sorted(set(ids))
-        return await self._db.transaction(
+        return await self._db.statement(
             lambda conn: store.mark_read(conn, caller=caller, ids=unique, ip=ip)
         )
 

@@ -2,7 +2,8 @@
 
 The rules are the router's (SPEC 3.1), with its races closed by the database (see
 `umbra_grpc.storage.requests`). Each method is one unit of work with a fixed statement budget:
-Search 1, SendRequest 4 (BEGIN, lock, write, COMMIT), Respond and CancelRequest 3, lists 1.
+Search 1, SendRequest 4 (BEGIN, lock, write, COMMIT), Respond and CancelRequest 1 (one
+statement in autocommit), lists 1.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class Requests:
     ) -> tuple[RequestView, ConnectionView | None]:
         """Accepts or rejects a pending request sent to the caller."""
         check_id(request_id, "request_id")
-        row = await self._db.transaction(
+        row = await self._db.statement(
             lambda conn: store.respond(
                 conn, caller=caller, request_id=request_id, accept=accept, ip=ip
             ),
@@ -182,7 +183,7 @@ class Requests:
     async def cancel(self, caller: int, request_id: int, ip: str | None) -> RequestView:
         """Withdraws a pending request the caller sent."""
         check_id(request_id, "request_id")
-        row = await self._db.transaction(
+        row = await self._db.statement(
             lambda conn: store.cancel(conn, caller=caller, request_id=request_id, ip=ip)
         )
         if row is None:

@@ -3,6 +3,8 @@
 Repositories take an `AsyncConnection`; the service layer opens the unit of work:
 - `Database.transaction(work)` runs `work` in BEGIN ... COMMIT, retrying a bounded number of
   times on serialization failures and deadlocks, rolling back on any error or cancellation;
+- `Database.statement(work)` runs a write that is one statement (data-modifying CTEs) in
+  autocommit: the statement is its own transaction, one round trip instead of three;
 - `Database.read(work)` runs single-statement reads in autocommit, so a read costs exactly one
   statement on the wire (no BEGIN/COMMIT around it).
 
@@ -161,13 +163,33 @@ class Database:
     async def transaction(
         self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
     ) -> T:
-        """Runs `work` in one transaction; retried on serialization failures and deadlocks.
+        """Runs `work` in one transaction (BEGIN ... COMMIT), for several statements.
 
-        A violation of a constraint named in `constraint_errors` raises that domain error.
+        Retried on serialization failures and deadlocks; a violation of a constraint named in
+        `constraint_errors` raises that domain error.
         """
+        return await self._attempts(self.engine.begin, work, constraint_errors)
+
+    async def statement(
+        self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
+    ) -> T:
+        """Runs a write that is ONE statement, in autocommit: one round trip, no BEGIN/COMMIT.
+
+        A single statement is its own transaction: all its data-modifying CTEs commit
+        together or not at all, deferred constraints are checked at its end, and its NOTIFYs
+        go out when it commits. Constraint errors and retries as in `transaction`.
+        """
+        return await self._attempts(self._autocommit.connect, work, constraint_errors)
+
+    async def _attempts(
+        self,
+        connect: Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]],
+        work: Work[T],
+        constraint_errors: Mapping[str, Callable[[], Exception]],
+    ) -> T:
         for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
             try:
-                async with self.engine.begin() as conn:
+                async with connect() as conn:
                     return await work(conn)
             except IntegrityError as error:
                 factory = constraint_errors.get(constraint_name(error) or "")
@@ -186,13 +208,7 @@ class Database:
 
     async def read(self, work: Work[T]) -> T:
         """Runs `work` in autocommit: for single-statement reads."""
-        try:
-            async with self._autocommit.connect() as conn:
-                return await work(conn)
-        except DBAPIError as error:
-            _reraise(error)
-        except (PoolTimeoutError, OSError) as error:
-            raise StorageUnavailable(type(error).__name__) from error
+        return await self._attempts(self._autocommit.connect, work, {})
 
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[AsyncConnection]:
