@@ -13,26 +13,23 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from tests.api.streams import ended_with, next_event, send, until_synced, watch
 from tests.conftest import (
     TEST_SECRET,
     NewUser,
     RunningServer,
     Sql,
-    TestUser,
     bearer,
     separate_channel,
     start_server,
     stop_server,
     test_config,
 )
-from tests.rich import error_reason
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 from umbra_grpc.tokens import mint_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
-Event = pb.WatchIncomingRequestsResponse
-READ_TIMEOUT = 10.0
 # Enough events (15,000, about 1.5 MB) to fill what gRPC buffers for a client that does not read.
 BURSTS, BURST = 300, 50
 
@@ -53,46 +50,6 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await stop_server(running)
-
-
-def watch(stub, user: TestUser, metadata=None):
-    # A deadline, so that no test can hang on a stream (grpc reads ignore cancellation).
-    return stub.WatchIncomingRequests(
-        pb.WatchIncomingRequestsRequest(), metadata=metadata or user.md, timeout=60
-    )
-
-
-async def next_event(call, *, heartbeats: bool = False) -> Event:
-    """The next event, skipping heartbeats unless asked for."""
-    while True:
-        event = await asyncio.wait_for(call.read(), READ_TIMEOUT)
-        assert event is not grpc.aio.EOF
-        if heartbeats or event.WhichOneof("event") != "heartbeat":
-            return event
-
-
-async def until_synced(call) -> list[Event]:
-    events = []
-    while (event := await next_event(call)).WhichOneof("event") != "synced":
-        events.append(event)
-    return events
-
-
-async def send(stub, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
-    reply = await stub.SendRequest(
-        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
-    )
-    return reply.request
-
-
-async def ended_with(call) -> tuple[grpc.StatusCode, str]:
-    """Reads until the stream ends; its code and ErrorInfo reason."""
-    try:
-        while await asyncio.wait_for(call.read(), READ_TIMEOUT) is not grpc.aio.EOF:
-            pass
-    except grpc.aio.AioRpcError as error:
-        return error.code(), error_reason(error)
-    raise AssertionError("the stream ended OK")
 
 
 async def test_snapshot_synced_then_live_events(connections, new_user: NewUser) -> None:

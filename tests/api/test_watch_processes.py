@@ -24,6 +24,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.api.streams import (
+    READ_TIMEOUT,
+    Event,
+    Stub,
+    ended_with,
+    next_event,
+    send,
+    until_synced,
+    watch,
+)
 from tests.conftest import (
     TEST_SECRET,
     NewUser,
@@ -35,71 +45,25 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import DETAILS_KEY, error_reason
+from tests.rich import error_reason
 from umbra_grpc.embedded import free_port
 from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY
-from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+from umbra_grpc.pb import connections_pb2
 from umbra_grpc.server import CONNECTION_SERVICE
 from umbra_grpc.tokens import mint_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
-Event = pb.WatchIncomingRequestsResponse
-Stub = connections_pb2_grpc.ConnectionServiceStub
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
 WATCH_METHOD = f"/{CONNECTION_SERVICE}/WatchIncomingRequests"
-READ_TIMEOUT = 10.0
+
 STARTUP_SECONDS = 60.0
 EXIT_SECONDS = 30.0
 GRACE_SECONDS = 5.0
 # Time a process needs after its grace period to close its pool and interpreter.
 EXIT_MARGIN_SECONDS = 1.5
-
-
-# --- stream helpers -------------------------------------------------------------------------
-
-
-def watch(stub: Stub, user: TestUser, metadata: tuple[tuple[str, str], ...] | None = None):
-    # A deadline, so that no test can hang on a stream (grpc reads ignore cancellation).
-    return stub.WatchIncomingRequests(
-        pb.WatchIncomingRequestsRequest(), metadata=metadata or user.md, timeout=60
-    )
-
-
-async def next_event(call, *, heartbeats: bool = False) -> Event:
-    """The next event, skipping heartbeats unless asked for."""
-    while True:
-        event = await asyncio.wait_for(call.read(), READ_TIMEOUT)
-        assert event is not grpc.aio.EOF
-        if heartbeats or event.WhichOneof("event") != "heartbeat":
-            return event
-
-
-async def until_synced(call) -> list[Event]:
-    events = []
-    while (event := await next_event(call)).WhichOneof("event") != "synced":
-        events.append(event)
-    return events
-
-
-async def ended_with(call) -> tuple[grpc.StatusCode, str | None]:
-    """Reads until the stream ends: its code and ErrorInfo reason (None without details)."""
-    try:
-        while await asyncio.wait_for(call.read(), READ_TIMEOUT) is not grpc.aio.EOF:
-            pass
-    except grpc.aio.AioRpcError as error:
-        has_details = any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ())
-        return error.code(), error_reason(error) if has_details else None
-    raise AssertionError("the stream ended OK")
-
-
-async def send(stub: Stub, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
-    reply = await stub.SendRequest(
-        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md, timeout=10
-    )
-    return reply.request
 
 
 async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) -> float:

@@ -1,0 +1,57 @@
+"""Helpers for tests of WatchIncomingRequests streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from tests.conftest import TestUser
+from tests.rich import DETAILS_KEY, error_reason
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+
+pb = connections_pb2
+Event = pb.WatchIncomingRequestsResponse
+Stub = connections_pb2_grpc.ConnectionServiceStub
+READ_TIMEOUT = 10.0
+
+
+def watch(stub: Stub, user: TestUser, metadata: tuple[tuple[str, str], ...] | None = None):
+    # A deadline, so that no test can hang on a stream (grpc reads ignore cancellation).
+    return stub.WatchIncomingRequests(
+        pb.WatchIncomingRequestsRequest(), metadata=metadata or user.md, timeout=60
+    )
+
+
+async def next_event(call, *, heartbeats: bool = False) -> Event:
+    """The next event, skipping heartbeats unless asked for."""
+    while True:
+        event = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        assert event is not grpc.aio.EOF
+        if heartbeats or event.WhichOneof("event") != "heartbeat":
+            return event
+
+
+async def until_synced(call) -> list[Event]:
+    events = []
+    while (event := await next_event(call)).WhichOneof("event") != "synced":
+        events.append(event)
+    return events
+
+
+async def ended_with(call) -> tuple[grpc.StatusCode, str | None]:
+    """Reads until the stream ends: its code and ErrorInfo reason (None without details)."""
+    try:
+        while await asyncio.wait_for(call.read(), READ_TIMEOUT) is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as error:
+        has_details = any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+        return error.code(), error_reason(error) if has_details else None
+    raise AssertionError("the stream ended OK")
+
+
+async def send(stub: Stub, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
+    reply = await stub.SendRequest(
+        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md, timeout=10
+    )
+    return reply.request
