@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser, separate_channel
@@ -15,7 +17,21 @@ from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 ACCEPT = pb.RespondRequest.ACTION_ACCEPT
+Racers = list[connections_pb2_grpc.ConnectionServiceStub]
 ROUNDS = 8
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def racers(
+    server: RunningServer,
+) -> AsyncIterator[Racers]:
+    """Two clients on connections of their own, so that their calls really meet."""
+    channels = [separate_channel(server.target) for _ in range(2)]
+    try:
+        yield [connections_pb2_grpc.ConnectionServiceStub(c) for c in channels]  # type: ignore[misc]
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 async def expect_error(call, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
@@ -230,42 +246,34 @@ async def test_override_paths_must_be_shareable_fields(
 
 
 async def test_concurrent_override_updates_of_different_fields_both_survive(
-    connections, new_user: NewUser, server: RunningServer
+    connections, new_user: NewUser, racers: Racers
 ) -> None:
-    channels = [separate_channel(server.target) for _ in range(2)]
-    stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
-    try:
-        for _ in range(ROUNDS):
-            a, b = await new_user(), await new_user()
-            a_side, _ = await connect(connections, a, b)
-            fields = ["email", "phone", "mobile", "address", "company", "job_title"]
-            await asyncio.gather(
-                *(
-                    stubs[n % 2].UpdateSharingOverrides(
-                        pb.UpdateSharingOverridesRequest(
-                            connection_id=a_side.id,
-                            overrides=pb.SharingOverrides(**{field: True}),
-                            update_mask=field_mask_pb2.FieldMask(paths=[field]),
-                        ),
-                        metadata=a.md,
-                    )
-                    for n, field in enumerate(fields)
+    for _ in range(ROUNDS):
+        a, b = await new_user(), await new_user()
+        a_side, _ = await connect(connections, a, b)
+        fields = ["email", "phone", "mobile", "address", "company", "job_title"]
+        await asyncio.gather(
+            *(
+                racers[n % 2].UpdateSharingOverrides(
+                    pb.UpdateSharingOverridesRequest(
+                        connection_id=a_side.id,
+                        overrides=pb.SharingOverrides(**{field: True}),
+                        update_mask=field_mask_pb2.FieldMask(paths=[field]),
+                    ),
+                    metadata=a.md,
                 )
+                for n, field in enumerate(fields)
             )
-            shown = await connections.UpdateSharingOverrides(
-                pb.UpdateSharingOverridesRequest(
-                    connection_id=a_side.id,
-                    overrides=pb.SharingOverrides(birthday=False),
-                    update_mask=field_mask_pb2.FieldMask(paths=["birthday"]),
-                ),
-                metadata=a.md,
-            )
-            assert shown.overrides == pb.SharingOverrides(
-                **dict.fromkeys(fields, True), birthday=False
-            )
-    finally:
-        for channel in channels:
-            await channel.close()
+        )
+        shown = await connections.UpdateSharingOverrides(
+            pb.UpdateSharingOverridesRequest(
+                connection_id=a_side.id,
+                overrides=pb.SharingOverrides(birthday=False),
+                update_mask=field_mask_pb2.FieldMask(paths=["birthday"]),
+            ),
+            metadata=a.md,
+        )
+        assert shown.overrides == pb.SharingOverrides(**dict.fromkeys(fields, True), birthday=False)
 
 
 async def test_remove_connection(connections, new_user: NewUser, sql: Sql) -> None:
@@ -318,47 +326,43 @@ async def test_remove_connection(connections, new_user: NewUser, sql: Sql) -> No
 
 
 async def test_both_sides_removing_at_once(
-    connections, new_user: NewUser, sql: Sql, server: RunningServer
+    connections,
+    new_user: NewUser,
+    sql: Sql,
+    racers: Racers,
 ) -> None:
-    channels = [separate_channel(server.target) for _ in range(2)]
-    stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
-    try:
-        for _ in range(ROUNDS):
-            a, b = await new_user(), await new_user()
-            a_side, b_side = await connect(connections, a, b)
-            results = await asyncio.gather(
-                outcome(
-                    stubs[0].RemoveConnection(
-                        pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
-                    )
-                ),
-                outcome(
-                    stubs[1].RemoveConnection(
-                        pb.RemoveConnectionRequest(connection_id=b_side.id), metadata=b.md
-                    )
-                ),
-            )
-            assert sorted(results) == ["CONNECTION_NOT_FOUND", "OK"]
-            assert (
-                await sql.value(
-                    "SELECT count(*) FROM user_connections "
-                    "WHERE $1 IN (user_id, connected_user_id)",
-                    a.id,
+    for _ in range(ROUNDS):
+        a, b = await new_user(), await new_user()
+        a_side, b_side = await connect(connections, a, b)
+        results = await asyncio.gather(
+            outcome(
+                racers[0].RemoveConnection(
+                    pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
                 )
-                == 0
-            )
-            assert (
-                await sql.value(
-                    "SELECT count(*) FROM audit_log WHERE action = 'connection.removed' "
-                    "AND actor_id IN ($1, $2)",
-                    a.id,
-                    b.id,
+            ),
+            outcome(
+                racers[1].RemoveConnection(
+                    pb.RemoveConnectionRequest(connection_id=b_side.id), metadata=b.md
                 )
-                == 1
+            ),
+        )
+        assert sorted(results) == ["CONNECTION_NOT_FOUND", "OK"]
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM user_connections WHERE $1 IN (user_id, connected_user_id)",
+                a.id,
             )
-    finally:
-        for channel in channels:
-            await channel.close()
+            == 0
+        )
+        assert (
+            await sql.value(
+                "SELECT count(*) FROM audit_log WHERE action = 'connection.removed' "
+                "AND actor_id IN ($1, $2)",
+                a.id,
+                b.id,
+            )
+            == 1
+        )
 
 
 async def assert_symmetric(sql: Sql) -> None:
@@ -389,70 +393,64 @@ async def assert_symmetric(sql: Sql) -> None:
 
 
 async def test_remove_racing_override_update(
-    connections, new_user: NewUser, sql: Sql, server: RunningServer
+    connections,
+    new_user: NewUser,
+    sql: Sql,
+    racers: Racers,
 ) -> None:
-    channels = [separate_channel(server.target) for _ in range(2)]
-    stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
-    try:
-        for _ in range(ROUNDS):
-            a, b = await new_user(), await new_user()
-            a_side, b_side = await connect(connections, a, b)
-            removed, updated = await asyncio.gather(
-                outcome(
-                    stubs[0].RemoveConnection(
-                        pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
-                    )
-                ),
-                outcome(
-                    stubs[1].UpdateSharingOverrides(
-                        pb.UpdateSharingOverridesRequest(
-                            connection_id=b_side.id,
-                            overrides=pb.SharingOverrides(email=True),
-                            update_mask=field_mask_pb2.FieldMask(paths=["email"]),
-                        ),
-                        metadata=b.md,
-                    )
-                ),
-            )
-            assert removed == "OK"
-            assert updated in ("OK", "CONNECTION_NOT_FOUND")
-            await assert_symmetric(sql)
-    finally:
-        for channel in channels:
-            await channel.close()
+    for _ in range(ROUNDS):
+        a, b = await new_user(), await new_user()
+        a_side, b_side = await connect(connections, a, b)
+        removed, updated = await asyncio.gather(
+            outcome(
+                racers[0].RemoveConnection(
+                    pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
+                )
+            ),
+            outcome(
+                racers[1].UpdateSharingOverrides(
+                    pb.UpdateSharingOverridesRequest(
+                        connection_id=b_side.id,
+                        overrides=pb.SharingOverrides(email=True),
+                        update_mask=field_mask_pb2.FieldMask(paths=["email"]),
+                    ),
+                    metadata=b.md,
+                )
+            ),
+        )
+        assert removed == "OK"
+        assert updated in ("OK", "CONNECTION_NOT_FOUND")
+        await assert_symmetric(sql)
 
 
 async def test_remove_racing_new_request(
-    connections, new_user: NewUser, sql: Sql, server: RunningServer
+    connections,
+    new_user: NewUser,
+    sql: Sql,
+    racers: Racers,
 ) -> None:
-    channels = [separate_channel(server.target) for _ in range(2)]
-    stubs = [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
-    try:
-        for _ in range(ROUNDS):
-            a, b = await new_user(), await new_user()
-            a_side, _ = await connect(connections, a, b)
-            removed, sent = await asyncio.gather(
-                outcome(
-                    stubs[0].RemoveConnection(
-                        pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
-                    )
-                ),
-                outcome(
-                    stubs[1].SendRequest(pb.SendRequestRequest(umbral_name=a.handle), metadata=b.md)
-                ),
-            )
-            assert removed == "OK"
-            assert sent in ("OK", "ALREADY_CONNECTED")
-            await assert_symmetric(sql)
-            pending = await sql.value(
-                "SELECT count(*) FROM connection_requests WHERE status = 'pending' "
-                "AND $1 IN (sender_id, receiver_id)",
-                a.id,
-            )
-            assert pending == (1 if sent == "OK" else 0)
-    finally:
-        for channel in channels:
-            await channel.close()
+    for _ in range(ROUNDS):
+        a, b = await new_user(), await new_user()
+        a_side, _ = await connect(connections, a, b)
+        removed, sent = await asyncio.gather(
+            outcome(
+                racers[0].RemoveConnection(
+                    pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
+                )
+            ),
+            outcome(
+                racers[1].SendRequest(pb.SendRequestRequest(umbral_name=a.handle), metadata=b.md)
+            ),
+        )
+        assert removed == "OK"
+        assert sent in ("OK", "ALREADY_CONNECTED")
+        await assert_symmetric(sql)
+        pending = await sql.value(
+            "SELECT count(*) FROM connection_requests WHERE status = 'pending' "
+            "AND $1 IN (sender_id, receiver_id)",
+            a.id,
+        )
+        assert pending == (1 if sent == "OK" else 0)
 
 
 async def test_object_level_authorization_matrix(connections, new_user: NewUser, sql: Sql) -> None:
