@@ -338,8 +338,9 @@ def statements(results: dict[str, Any]) -> list[str]:
         "## Statements per RPC",
         "",
         "Counted by `StatementCounter` on the server's engine events (BEGIN and COMMIT"
-        " included) and read through a bench-only RPC; one call at a time, with the caller's"
-        ' "is active" answer cached, as it is for a caller that calls more than once a second.',
+        " included) and read through a bench-only RPC; one call at a time, on a fresh server"
+        " of their own (UMBRA_USER_CACHE_SECONDS=3600, as in the tests) so that the caller's"
+        ' "is active" answer is cached, as it is for a caller that calls more than once a second.',
         "",
         *table(["RPC", "counted", "budget", "verdict", "statements"], rows),
         "Under load (all statements the process sent during the 64-in-flight window, divided"
