@@ -8,7 +8,7 @@ import random
 import pytest
 
 from umbra_grpc.outbox import ntfy
-from umbra_grpc.outbox.worker import backoff_ceiling, full_jitter, retry_delay, skip_reason
+from umbra_grpc.outbox.worker import backoff_ceiling, full_jitter, retry_delay
 from umbra_grpc.storage.outbox import ClaimedPush
 
 NOW = 1_750_000_000.0
@@ -112,31 +112,16 @@ def test_topic_url_keeps_the_topic_one_segment() -> None:
     assert ntfy.topic_url("https://ntfy.sh", "../a/b?c") == "https://ntfy.sh/..%2Fa%2Fb%3Fc"
 
 
-def push(**changes: object) -> ClaimedPush:
-    values: dict[str, object] = {
-        "id": 1,
-        "user_id": 2,
-        "kind": "request_received",
-        "display_name": "Ada",
-        "attempt": 1,
-        "ntfy_enabled": True,
-        "connections_enabled": True,
-        "server_url": "https://ntfy.example",
-        "topic": "t",
-        "auth_token": "tk_never_printed",
-    }
-    values.update(changes)
-    return ClaimedPush(**values)  # type: ignore[arg-type]
-
-
-def test_skip_reasons() -> None:
-    assert skip_reason(push()) is None
-    assert skip_reason(push(ntfy_enabled=False)) == "skipped: ntfy off"
-    assert skip_reason(push(connections_enabled=False)) == "skipped: connection pushes off"
-    assert skip_reason(push(topic=None)) == "skipped: no ntfy server or topic"
-    assert skip_reason(push(server_url=None)) == "skipped: no ntfy server or topic"
-
-
 def test_claimed_push_never_prints_its_token() -> None:
-    assert "tk_never_printed" not in repr(push())
-    assert "tk_never_printed" not in str(push())
+    push = ClaimedPush(
+        id=1,
+        user_id=2,
+        kind="request_received",
+        display_name="Ada",
+        attempt=1,
+        server_url="https://ntfy.example",
+        topic="t",
+        auth_token="tk_never_printed",
+    )
+    assert "tk_never_printed" not in repr(push)
+    assert "tk_never_printed" not in str(push)

@@ -1,4 +1,4 @@
-"""Bare workers (no gRPC server) on a fresh database: leases, fencing, stop, contention."""
+"""Bare workers (no gRPC server) on a fresh database: leases, fencing, skips, stop, contention."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from umbra_grpc.config import Config
 from umbra_grpc.embedded import free_port
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.storage import outbox
-from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.database import Database, StatementCounter
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 user_ids = itertools.count(1)
@@ -43,18 +43,27 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await database.dispose()
 
 
-async def add_user(sql: Sql, recorder: NtfyRecorder, *, enabled: bool = True) -> int:
-    """A user whose pushes go to topic `t<id>` on the recorder."""
+async def add_user(
+    sql: Sql, recorder: NtfyRecorder, *, settings: bool = True, **ntfy: object
+) -> int:
+    """A user whose pushes go to topic `t<id>` on the recorder; `ntfy` overrides columns."""
     user_id = next(user_ids)
     await sql.rows("INSERT INTO users (id, umbral_name) VALUES ($1, $2)", user_id, f"user{user_id}")
-    await sql.rows(
-        "INSERT INTO settings (user_id, ntfy_enabled, ntfy_server_url, ntfy_topic) "
-        "VALUES ($1, $2, $3, $4)",
-        user_id,
-        enabled,
-        recorder.url,
-        f"t{user_id}",
-    )
+    if settings:
+        columns = {
+            "ntfy_enabled": True,
+            "ntfy_connections_enabled": True,
+            "ntfy_server_url": recorder.url,
+            "ntfy_topic": f"t{user_id}",
+            **ntfy,
+        }
+        assert len(columns) == 4, ntfy  # overrides only, in the order below
+        await sql.rows(
+            "INSERT INTO settings (user_id, ntfy_enabled, ntfy_connections_enabled, "
+            "ntfy_server_url, ntfy_topic) VALUES ($1, $2, $3, $4, $5)",
+            user_id,
+            *columns.values(),
+        )
     return user_id
 
 
@@ -115,23 +124,20 @@ async def test_claims_skip_locked_rows_and_leases_fence_late_writers(
     worker = OutboxWorker(db, config(database_url))  # never started: backlog() only
     assert await worker.backlog() == 4
 
-    async with db.background() as first, db.background() as second:
-        mine = await outbox.claim(first, limit=2, lease=60.0)
+    # The worker claims in autocommit; open transactions hold the claims' locks here.
+    async with db.engine.begin() as first, db.engine.begin() as second:
+        mine = (await outbox.claim(first, limit=2, lease=60.0)).pushes
         # `first` has not committed: its rows are locked, so `second` gets the others.
-        theirs = await outbox.claim(second, limit=10, lease=60.0)
-        await first.commit()
-        await second.commit()
+        theirs = (await outbox.claim(second, limit=10, lease=60.0)).pushes
     assert sorted(p.id for p in mine + theirs) == ids
     assert {p.attempt for p in mine + theirs} == {1}
     async with db.background() as conn:
-        assert await outbox.claim(conn, limit=10, lease=60.0) == []  # all leased
-        await conn.commit()
+        assert (await outbox.claim(conn, limit=10, lease=60.0)).size == 0  # all leased
 
     # The lease of one row runs out and another worker claims it again.
     await sql.rows("UPDATE outbox SET next_attempt_at = now() WHERE id = $1", ids[0])
     async with db.background() as conn:
-        [again] = await outbox.claim(conn, limit=10, lease=60.0)
-        await conn.commit()
+        [again] = (await outbox.claim(conn, limit=10, lease=60.0)).pushes
     assert (again.id, again.attempt) == (ids[0], 2)
     async with db.background() as conn:
         stale = await outbox.complete(conn, push_id=ids[0], attempt=1, outcome="sent", note=None)
@@ -139,12 +145,91 @@ async def test_claims_skip_locked_rows_and_leases_fence_late_writers(
             conn, push_id=ids[0], attempt=1, delay=0.0, error="late"
         )
         current = await outbox.complete(conn, push_id=ids[0], attempt=2, outcome="sent", note=None)
-        await conn.commit()
     assert (stale, stale_retry, current) == (False, False, True)
     assert await worker.backlog() == 3
     await sql.rows(
         "UPDATE outbox SET status = 'failed', completed_at = now() WHERE status = 'pending'"
     )
+
+
+async def test_switched_off_rows_are_skipped_by_the_claim_without_sending(
+    database_url: str, db: Database, recorder: NtfyRecorder, sql: Sql
+) -> None:
+    reasons = {
+        await add_user(sql, recorder, ntfy_enabled=False): "skipped: ntfy off",
+        await add_user(
+            sql, recorder, ntfy_connections_enabled=False
+        ): "skipped: connection pushes off",
+        await add_user(sql, recorder, ntfy_topic=None): "skipped: no ntfy server or topic",
+        await add_user(sql, recorder, ntfy_topic=""): "skipped: no ntfy server or topic",
+        await add_user(sql, recorder, ntfy_server_url=None): "skipped: no ntfy server or topic",
+        await add_user(sql, recorder, settings=False): "skipped: ntfy off",
+    }
+    on = await add_user(sql, recorder)
+    for user in [*reasons, on]:
+        await add_pushes(sql, user)
+    requests_before = len(recorder.received)
+    worker = OutboxWorker(db, config(database_url))
+    await worker.start()
+    try:
+        worker.wake()
+        await recorder.wait_for(f"t{on}", 1)
+        await wait_settled(sql)
+    finally:
+        await worker.stop()
+    rows = await sql.rows("SELECT * FROM outbox WHERE user_id = ANY($1::bigint[])", [*reasons, on])
+    outcomes = {row["user_id"]: (row["status"], row["last_error"], row["attempts"]) for row in rows}
+    assert outcomes == {
+        **{user: ("skipped", reason, 1) for user, reason in reasons.items()},
+        on: ("sent", None, 1),
+    }
+    assert all(row["completed_at"] is not None for row in rows)
+    assert len(recorder.received) - requests_before == 1  # the one row to send, nothing else
+    assert len(recorder.for_topic(f"t{on}")) == 1
+    assert (worker.stats.sent, worker.stats.skipped, worker.stats.failed) == (1, len(reasons), 0)
+
+
+async def test_a_round_is_one_statement_per_sent_row_plus_two(
+    database_url: str, recorder: NtfyRecorder, sql: Sql
+) -> None:
+    """Claim (skips included), one outcome write per sent row, the idle query: no BEGIN/COMMIT."""
+    database = Database.connect(config(database_url))
+    counter = StatementCounter(background=True)
+    counter.attach(database.engine)
+
+    async def round_done(within: float = 5.0) -> list[str]:
+        """What the worker sent up to the idle query that ends its round."""
+        deadline = time.monotonic() + within
+        while not any("min(next_attempt_at)" in s for s in counter.statements):
+            assert time.monotonic() < deadline, counter.statements
+            await asyncio.sleep(0.01)
+        return [
+            "claim" if "SKIP LOCKED" in s else "idle" if "min(next_attempt_at)" in s else s
+            for s in counter.statements
+        ]
+
+    on, off = await add_user(sql, recorder), await add_user(sql, recorder, ntfy_enabled=False)
+    worker = OutboxWorker(database, config(database_url))
+    await worker.start()
+    try:
+        assert await round_done() == ["claim", "idle"]  # nothing due
+        counter.reset()
+        # One commit, so that one round takes every row whenever it starts.
+        await sql.rows(
+            "INSERT INTO outbox (user_id, kind, display_name) "
+            "SELECT unnest($1::bigint[]), 'request_received', 'x'",
+            [off, off, off, on, on],
+        )
+        worker.wake()
+        statements = await round_done()
+    finally:
+        await worker.stop()
+        await database.dispose()
+    assert statements[0] == "claim"
+    assert statements[-1] == "idle"
+    assert len(statements) == 4
+    assert all(s.lstrip().startswith("UPDATE outbox") for s in statements[1:-1])
+    assert (worker.stats.sent, worker.stats.skipped) == (2, 3)
 
 
 async def test_unknown_kind_is_dead_lettered_without_sending(

@@ -1,12 +1,14 @@
 """The outbox worker: delivers the pushes that RPCs wrote in their own transactions (SPEC 6).
 
 One worker runs in each server process; any number may share a database. A round:
-1. claim up to `outbox_batch_size` due rows and lease them (see `storage.outbox`), commit;
-2. outside any transaction, for each row (concurrently, at most one batch at a time): read
-   the user's ntfy settings as they are now (returned by the claim) and either skip the row
-   (master switch or connections toggle off, no server or topic: nothing is sent) or POST it;
-3. write the outcome: `sent`, `skipped`, `failed` (dead letter, kept with `last_error`), or
-   pending again with a later `next_attempt_at` for a retry.
+1. claim up to `outbox_batch_size` due rows in one statement (see `storage.outbox`), which
+   reads the users' ntfy settings as they are now: rows they say not to send (master switch
+   or connections toggle off, no server or topic) are completed there as `skipped`, nothing
+   sent; the others are leased, with where to send them;
+2. outside any transaction, POST each leased row (concurrently, at most one batch at a time);
+3. write its outcome, one statement each: `sent`, `failed` (dead letter, kept with
+   `last_error`), or pending again with a later `next_attempt_at` for a retry.
+Every statement of the worker runs in autocommit (`Database.background()`), one round trip.
 Rounds start at once when `wake()` is called (the LISTEN connection does, for every NOTIFY
 umbra_outbox, i.e. after every commit that wrote a row), when a retry falls due, and every
 `outbox_poll_seconds` as the fallback for missed notifications.
@@ -73,17 +75,6 @@ def retry_delay(
     return delay if retry_after is None else max(delay, retry_after)
 
 
-def skip_reason(push: outbox.ClaimedPush) -> str | None:
-    """Why this push must not be sent under the user's current settings, if it must not."""
-    if not push.ntfy_enabled:
-        return "skipped: ntfy off"
-    if not push.connections_enabled:
-        return "skipped: connection pushes off"
-    if not push.server_url or not push.topic:
-        return "skipped: no ntfy server or topic"
-    return None
-
-
 @dataclass
 class OutboxStats:
     """Rows this worker completed or rescheduled since it started, for the metrics endpoint."""
@@ -94,11 +85,9 @@ class OutboxStats:
     retried: int = 0
 
     def count(self, outcome: outbox.Outcome) -> None:
-        """One more row completed with `outcome`."""
+        """One more row completed with `outcome` (skips are counted as claimed)."""
         if outcome == "sent":
             self.sent += 1
-        elif outcome == "skipped":
-            self.skipped += 1
         else:
             self.failed += 1
 
@@ -164,9 +153,7 @@ class OutboxWorker:
     async def backlog(self) -> int:
         """Rows not yet delivered, skipped or failed (the metrics endpoint's gauge)."""
         async with self._db.background() as conn:
-            count = await outbox.backlog(conn)
-            await conn.rollback()
-        return count
+            return await outbox.backlog(conn)
 
     async def _run(self) -> None:
         failures = 0
@@ -195,19 +182,18 @@ class OutboxWorker:
     async def _round(self) -> int:
         """Claims one batch and delivers it; returns how many rows were claimed."""
         async with self._db.background() as conn:
-            pushes = await outbox.claim(conn, limit=self._batch, lease=self._lease)
-            await conn.commit()
-        if pushes:
+            claim = await outbox.claim(conn, limit=self._batch, lease=self._lease)
+        self.stats.skipped += claim.skipped
+        if claim.pushes:
             async with asyncio.TaskGroup() as group:
-                for push in pushes:
+                for push in claim.pushes:
                     group.create_task(self._deliver(push), name=f"outbox-push-{push.id}")
-        return len(pushes)
+        return claim.size
 
     async def _idle_seconds(self) -> float:
         """How long to wait for a wake-up: until the next row falls due, at most the poll."""
         async with self._db.background() as conn:
             due_in = await outbox.seconds_until_due(conn)
-            await conn.rollback()
         if due_in is None:
             return self._poll
         return min(self._poll, max(due_in, MIN_WAIT_SECONDS))
@@ -229,14 +215,7 @@ class OutboxWorker:
         if message is None:
             await self._complete(push, "failed", f"unknown kind {push.kind[:40]!r}")
             return
-        reason = skip_reason(push)
-        if reason is not None:
-            await self._complete(push, "skipped", reason)
-            return
-        # skip_reason() has ruled out a missing server or topic; start() made the client.
-        assert push.server_url is not None
-        assert push.topic is not None
-        assert self._client is not None
+        assert self._client is not None  # start() made it
         result = await ntfy.publish(
             self._client,
             server_url=push.server_url,
@@ -261,7 +240,6 @@ class OutboxWorker:
             recorded = await outbox.complete(
                 conn, push_id=push.id, attempt=push.attempt, outcome=outcome, note=note
             )
-            await conn.commit()
         if not recorded:
             _log.warning("outbox push %d: lease lost before its outcome was written", push.id)
             return
@@ -286,7 +264,6 @@ class OutboxWorker:
             recorded = await outbox.reschedule(
                 conn, push_id=push.id, attempt=push.attempt, delay=delay, error=result.error
             )
-            await conn.commit()
         if recorded:
             self.stats.retried += 1
             _log.info(

@@ -6,7 +6,10 @@ Repositories take an `AsyncConnection`; the service layer opens the unit of work
 - `Database.statement(work)` runs a write that is one statement (data-modifying CTEs) in
   autocommit: the statement is its own transaction, one round trip instead of three;
 - `Database.read(work)` runs single-statement reads in autocommit, so a read costs exactly one
-  statement on the wire (no BEGIN/COMMIT around it).
+  statement on the wire (no BEGIN/COMMIT around it);
+- `Database.background()` lends an autocommit connection to work that is not an RPC's (health
+  probes, the outbox worker, the request feed): each of their statements stands alone, so each
+  is one round trip, and the statement counter leaves them out.
 
 Driver errors that mean "the database is not there" become `StorageUnavailable`; the API edge
 maps it to UNAVAILABLE. Every connection carries statement, lock and idle-in-transaction
@@ -82,13 +85,14 @@ def constraint_name(error: BaseException) -> str | None:
 class StatementCounter:
     """Counts statements sent on the wire, BEGIN and COMMIT/ROLLBACK included.
 
-    Statements on connections marked background (health probes, workers) are not counted,
-    so a test can read how many statements one RPC sent.
+    Statements on connections marked background (health probes, workers) are not counted
+    unless `background` is set, so a test can read how many statements one RPC sent.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, background: bool = False) -> None:
         self.count = 0
         self.statements: list[str] = []
+        self._background = background
 
     def attach(self, engine: AsyncEngine) -> None:
         """Listens on the engine's events."""
@@ -103,7 +107,7 @@ class StatementCounter:
         self.statements.clear()
 
     def _record(self, conn: Connection, statement: str) -> None:
-        if conn.get_execution_options().get(BACKGROUND):
+        if conn.get_execution_options().get(BACKGROUND) and not self._background:
             return
         self.count += 1
         self.statements.append(statement)
@@ -129,7 +133,7 @@ class StatementCounter:
 
 
 class Database:
-    """The connection pool and the two kinds of unit of work."""
+    """The connection pool and the units of work."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -212,8 +216,11 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for work that is not an RPC's (probes, workers): never counted."""
-        async with self.engine.connect() as conn:
+        """An autocommit connection for work that is not an RPC's (probes, workers).
+
+        Every statement on it is its own transaction; the statement counter skips it.
+        """
+        async with self._autocommit.connect() as conn:
             yield await conn.execution_options(**{BACKGROUND: True})
 
     async def ping(self) -> bool:
@@ -221,7 +228,6 @@ class Database:
         try:
             async with self.background() as conn:
                 await conn.execute(text("SELECT 1"))
-                await conn.rollback()
         except (DBAPIError, PoolTimeoutError, OSError):
             return False
         return True

@@ -1,15 +1,18 @@
 """The outbox: the SQL of push delivery (SPEC 6).
 
 Rows are written by the requests repository in the RPC's own transaction; this module is the
-worker's side:
+worker's side, every function one statement (run in autocommit):
 - `claim` takes up to `limit` due rows (`status = 'pending' AND next_attempt_at <= now()`)
-  with `FOR UPDATE SKIP LOCKED`, and in the same statement leases them: `next_attempt_at`
-  moves `lease` seconds ahead and `attempts` goes up by one. Once committed, no other worker
-  sees the rows as due until the lease runs out, so a process that dies mid-send leaves its
-  rows to be claimed again later. Under READ COMMITTED a worker that waited for the lock
-  re-checks the WHERE clause against the leased row and skips it: two workers never hold
-  the same claim. The user's ntfy settings are read by the same statement, so they are the
-  ones in force when the push goes out (the token stays in memory, never in the outbox).
+  with `FOR UPDATE SKIP LOCKED` and, in the same statement, reads their users' ntfy settings
+  as they are now and counts the claim as an attempt (`attempts` + 1). A row its user's
+  settings say not to send (ntfy off, connection pushes off, no server or topic; no settings
+  row means ntfy off) is completed there and then as `skipped`, the reason in `last_error`.
+  Every other row is leased: `next_attempt_at` moves `lease` seconds ahead, so no other
+  worker sees it as due until the lease runs out, and a process that dies mid-send leaves
+  its rows to be claimed again later. Under READ COMMITTED a worker whose statement started
+  before a claim committed re-checks the WHERE clause against the claimed row and skips it:
+  two workers never hold the same claim. The settings are the ones in force when the push
+  goes out (the token stays in memory, never in the outbox).
 - `attempts` doubles as the fencing token of a claim: `complete` and `reschedule` only touch
   a row still pending with the attempt number they were given, so a worker whose lease ran
   out cannot overwrite the outcome of a newer claim.
@@ -23,22 +26,20 @@ from typing import Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-Outcome = Literal["sent", "skipped", "failed"]
+Outcome = Literal["sent", "failed"]
 
 
 @dataclass(frozen=True)
 class ClaimedPush:
-    """A leased outbox row with its user's current ntfy settings."""
+    """A leased outbox row to send, with where its user's current ntfy settings send it."""
 
     id: int
     user_id: int
     kind: str
     display_name: str
     attempt: int
-    ntfy_enabled: bool
-    connections_enabled: bool
-    server_url: str | None
-    topic: str | None
+    server_url: str
+    topic: str
     auth_token: str | None
 
     def __repr__(self) -> str:
@@ -46,53 +47,87 @@ class ClaimedPush:
         return f"ClaimedPush(id={self.id}, user_id={self.user_id}, kind={self.kind!r})"
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What one claim took: the rows leased to send, and how many it completed as skipped."""
+
+    pushes: list[ClaimedPush]
+    skipped: int
+
+    @property
+    def size(self) -> int:
+        """How many due rows the claim took, skipped ones included."""
+        return len(self.pushes) + self.skipped
+
+
+# Skips are decided by the claim itself, so a row not to send costs no statement of its own;
+# a missing settings row reads as ntfy off.
 _CLAIM = text(
     """
     WITH due AS (
-        SELECT id FROM outbox
+        SELECT id, user_id FROM outbox
         WHERE status = 'pending' AND next_attempt_at <= now()
         ORDER BY next_attempt_at, id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ),
+    decided AS (
+        SELECT due.id,
+               CASE
+                   WHEN NOT coalesce(s.ntfy_enabled, false) THEN 'skipped: ntfy off'
+                   WHEN NOT coalesce(s.ntfy_connections_enabled, false)
+                       THEN 'skipped: connection pushes off'
+                   WHEN nullif(s.ntfy_server_url, '') IS NULL OR nullif(s.ntfy_topic, '') IS NULL
+                       THEN 'skipped: no ntfy server or topic'
+               END AS skip_reason,
+               nullif(s.ntfy_server_url, '') AS server_url,
+               nullif(s.ntfy_topic, '') AS topic,
+               nullif(s.ntfy_auth_token, '') AS auth_token
+        FROM due LEFT JOIN settings s ON s.user_id = due.user_id
+    ),
     claimed AS (
         UPDATE outbox o
         SET attempts = o.attempts + 1,
-            next_attempt_at = now() + make_interval(secs => CAST(:lease AS double precision))
-        FROM due
-        WHERE o.id = due.id
-        RETURNING o.id, o.user_id, o.kind, o.display_name, o.attempts
+            status = CASE WHEN d.skip_reason IS NULL THEN 'pending' ELSE 'skipped' END,
+            completed_at = CASE WHEN d.skip_reason IS NULL THEN NULL ELSE now() END,
+            last_error = coalesce(d.skip_reason, o.last_error),
+            next_attempt_at = CASE
+                WHEN d.skip_reason IS NULL
+                    THEN now() + make_interval(secs => CAST(:lease AS double precision))
+                ELSE o.next_attempt_at
+            END
+        FROM decided d
+        WHERE o.id = d.id
+        RETURNING o.id, o.user_id, o.kind, o.display_name, o.attempts,
+                  d.skip_reason IS NOT NULL AS skipped, d.server_url, d.topic, d.auth_token
     )
-    SELECT c.id, c.user_id, c.kind, c.display_name, c.attempts,
-           coalesce(s.ntfy_enabled, false) AS ntfy_enabled,
-           coalesce(s.ntfy_connections_enabled, false) AS connections_enabled,
-           nullif(s.ntfy_server_url, '') AS server_url,
-           nullif(s.ntfy_topic, '') AS topic,
-           nullif(s.ntfy_auth_token, '') AS auth_token
-    FROM claimed c LEFT JOIN settings s ON s.user_id = c.user_id
-    ORDER BY c.id
+    SELECT * FROM claimed ORDER BY id
     """
 )
 
 
-async def claim(conn: AsyncConnection, *, limit: int, lease: float) -> list[ClaimedPush]:
-    """Leases up to `limit` due rows for `lease` seconds (commit to make the claim stick)."""
+async def claim(conn: AsyncConnection, *, limit: int, lease: float) -> Claim:
+    """Claims up to `limit` due rows: completes the ones to skip, leases the others."""
     result = await conn.execute(_CLAIM, {"limit": limit, "lease": lease})
-    return [
-        ClaimedPush(
-            id=row.id,
-            user_id=row.user_id,
-            kind=row.kind,
-            display_name=row.display_name,
-            attempt=row.attempts,
-            ntfy_enabled=row.ntfy_enabled,
-            connections_enabled=row.connections_enabled,
-            server_url=row.server_url,
-            topic=row.topic,
-            auth_token=row.auth_token,
+    pushes: list[ClaimedPush] = []
+    skipped = 0
+    for row in result:
+        if row.skipped:
+            skipped += 1
+            continue
+        pushes.append(
+            ClaimedPush(
+                id=row.id,
+                user_id=row.user_id,
+                kind=row.kind,
+                display_name=row.display_name,
+                attempt=row.attempts,
+                server_url=row.server_url,
+                topic=row.topic,
+                auth_token=row.auth_token,
+            )
         )
-        for row in result
-    ]
+    return Claim(pushes, skipped)
 
 
 _COMPLETE = text(
@@ -107,10 +142,10 @@ _COMPLETE = text(
 async def complete(
     conn: AsyncConnection, *, push_id: int, attempt: int, outcome: Outcome, note: str | None
 ) -> bool:
-    """Ends a claimed row as sent, skipped or failed; False when the claim was lost.
+    """Ends a claimed row as sent or failed; False when the claim was lost.
 
-    `note` (the error of a failure, the reason of a skip) replaces `last_error`; a row sent
-    after failed attempts keeps the last of those errors.
+    `note` (the error of a failure) replaces `last_error`; a row sent after failed attempts
+    keeps the last of those errors.
     """
     result = await conn.execute(
         _COMPLETE, {"id": push_id, "attempt": attempt, "status": outcome, "note": note}
