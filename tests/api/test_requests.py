@@ -575,7 +575,7 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
         await count(connections.Search(pb.SearchRequest(umbral_name=b.handle), metadata=a.md)) == 1
     )
     sent = connections.SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
-    assert await count(sent) == 4
+    assert await count(sent) == 1  # SPEC 8 allows 4: the bench keeps that ceiling
     assert (
         await count(
             connections.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=b.md)

@@ -51,7 +51,9 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> pb.SendRequestResponse:
         """Sends a connection request to the user with the given handle."""
         sent = await self._requests.send(caller.user_id(), request.umbral_name, self._ip(context))
-        return pb.SendRequestResponse(request=convert.request_to_pb(sent))
+        response = pb.SendRequestResponse()
+        convert.fill_request(response.request, sent)
+        return response
 
     @maps_errors
     async def ListIncomingRequests(
@@ -61,10 +63,10 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         page = await self._requests.pending(
             caller.user_id(), incoming=True, size=request.page_size, token=request.page_token
         )
-        return pb.ListIncomingRequestsResponse(
-            requests=[convert.request_to_pb(item) for item in page.requests],
-            next_page_token=page.next_page_token,
-        )
+        response = pb.ListIncomingRequestsResponse(next_page_token=page.next_page_token)
+        for item in page.requests:
+            convert.fill_request(response.requests.add(), item)
+        return response
 
     @maps_errors
     async def ListOutgoingRequests(
@@ -74,10 +76,10 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         page = await self._requests.pending(
             caller.user_id(), incoming=False, size=request.page_size, token=request.page_token
         )
-        return pb.ListOutgoingRequestsResponse(
-            requests=[convert.request_to_pb(item) for item in page.requests],
-            next_page_token=page.next_page_token,
-        )
+        response = pb.ListOutgoingRequestsResponse(next_page_token=page.next_page_token)
+        for item in page.requests:
+            convert.fill_request(response.requests.add(), item)
+        return response
 
     @maps_errors
     async def WatchIncomingRequests(  # type: ignore[override]
@@ -106,9 +108,10 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         resolved, connection = await self._requests.respond(
             caller.user_id(), request.request_id, accept=accept, ip=self._ip(context)
         )
-        response = pb.RespondResponse(request=convert.request_to_pb(resolved))
+        response = pb.RespondResponse()
+        convert.fill_request(response.request, resolved)
         if connection is not None:
-            response.connection.CopyFrom(convert.connection_to_pb(connection))
+            convert.fill_connection(response.connection, connection)
         return response
 
     @maps_errors
@@ -119,7 +122,9 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         cancelled = await self._requests.cancel(
             caller.user_id(), request.request_id, self._ip(context)
         )
-        return pb.CancelRequestResponse(request=convert.request_to_pb(cancelled))
+        response = pb.CancelRequestResponse()
+        convert.fill_request(response.request, cancelled)
+        return response
 
     @maps_errors
     async def ListConnections(
@@ -129,10 +134,10 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         page = await self._connections.page(
             caller.user_id(), size=request.page_size, token=request.page_token
         )
-        return pb.ListConnectionsResponse(
-            connections=[convert.connection_to_pb(item) for item in page.connections],
-            next_page_token=page.next_page_token,
-        )
+        response = pb.ListConnectionsResponse(next_page_token=page.next_page_token)
+        for item in page.connections:
+            convert.fill_connection(response.connections.add(), item)
+        return response
 
     @maps_errors
     async def GetConnection(
@@ -140,7 +145,9 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> pb.GetConnectionResponse:
         """One of the caller's connections."""
         connection = await self._connections.get(caller.user_id(), request.connection_id)
-        return pb.GetConnectionResponse(connection=convert.connection_to_pb(connection))
+        response = pb.GetConnectionResponse()
+        convert.fill_connection(response.connection, connection)
+        return response
 
     @maps_errors
     async def GetSharedProfile(
@@ -188,10 +195,10 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             size=request.page_size,
             token=request.page_token,
         )
-        return pb.ListNotificationsResponse(
-            notifications=[convert.notification_to_pb(item) for item in page.notifications],
-            next_page_token=page.next_page_token,
-        )
+        response = pb.ListNotificationsResponse(next_page_token=page.next_page_token)
+        for item in page.notifications:
+            convert.fill_notification(response.notifications.add(), item)
+        return response
 
     @maps_errors
     async def MarkNotificationsRead(

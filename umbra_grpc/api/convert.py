@@ -111,67 +111,78 @@ _REQUEST_STATUS = {
 }
 
 
-def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    """A protobuf Timestamp (UTC)."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def request_to_pb(request: RequestView) -> connections_pb2.ConnectionRequest:
+def set_time(stamp: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
+    """Writes a datetime into a Timestamp field (naive values are taken as UTC).
+
+    Plain arithmetic: `Timestamp.FromDatetime` costs 2.5x as much, and list pages write
+    one per row.
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    delta = value - _EPOCH
+    stamp.seconds = delta.days * 86_400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1_000
+
+
+# The fill_* functions write into a message the caller got from its response (a field, or
+# `repeated.add()`): building a message and then assigning it would copy it once more, and
+# lists of 50 rows spend most of their Python time here.
+
+
+def fill_request(message: connections_pb2.ConnectionRequest, request: RequestView) -> None:
     """A connection request; resolve_time stays unset while pending."""
-    message = connections_pb2.ConnectionRequest(
-        id=request.id,
-        sender_umbral_name=request.sender_name,
-        sender_preferred_name=request.sender_preferred or "",
-        receiver_umbral_name=request.receiver_name,
-        receiver_preferred_name=request.receiver_preferred or "",
-        status=_REQUEST_STATUS[request.status],
-        create_time=timestamp(request.create_time),
-    )
+    message.id = request.id
+    message.sender_umbral_name = request.sender_name
+    message.sender_preferred_name = request.sender_preferred or ""
+    message.receiver_umbral_name = request.receiver_name
+    message.receiver_preferred_name = request.receiver_preferred or ""
+    message.status = _REQUEST_STATUS[request.status]
+    set_time(message.create_time, request.create_time)
     if request.resolve_time is not None:
-        message.resolve_time.CopyFrom(timestamp(request.resolve_time))
-    return message
+        set_time(message.resolve_time, request.resolve_time)
 
 
-def connection_to_pb(connection: ConnectionView) -> connections_pb2.Connection:
+def fill_connection(message: connections_pb2.Connection, connection: ConnectionView) -> None:
     """One side of a connection."""
-    return connections_pb2.Connection(
-        id=connection.id,
-        connected_user_id=connection.connected_user_id,
-        connected_umbral_name=connection.connected_name,
-        connected_preferred_name=connection.connected_preferred or "",
-        person_id=connection.person_id,
-        create_time=timestamp(connection.create_time),
-    )
+    message.id = connection.id
+    message.connected_user_id = connection.connected_user_id
+    message.connected_umbral_name = connection.connected_name
+    message.connected_preferred_name = connection.connected_preferred or ""
+    message.person_id = connection.person_id
+    set_time(message.create_time, connection.create_time)
 
 
-def notification_to_pb(notification: NotificationView) -> connections_pb2.Notification:
+def fill_notification(
+    message: connections_pb2.Notification, notification: NotificationView
+) -> None:
     """An in-app notification."""
-    return connections_pb2.Notification(
-        id=notification.id,
-        type=notification.type,
-        title=notification.title,
-        message=notification.message,
-        data=notification.data,
-        source_type=notification.source_type or "",
-        source_id=notification.source_id or 0,
-        read=notification.read,
-        create_time=timestamp(notification.create_time),
-    )
+    message.id = notification.id
+    message.type = notification.type
+    message.title = notification.title
+    message.message = notification.message
+    message.data.update(notification.data)
+    message.source_type = notification.source_type or ""
+    message.source_id = notification.source_id or 0
+    message.read = notification.read
+    set_time(message.create_time, notification.create_time)
 
 
 def contact_to_pb(contact: ContactView) -> connections_pb2.Contact:
     """A contact card; fields not shared stay unset (not empty strings)."""
-    return connections_pb2.Contact(
+    message = connections_pb2.Contact(
         id=contact.id,
         linked_user_id=contact.linked_user_id or 0,
         is_umbral_contact=contact.is_umbral_contact,
         display_name=contact.display_name,
-        create_time=timestamp(contact.create_time),
-        update_time=timestamp(contact.update_time),
-        **contact.fields,
     )
+    for field, value in contact.fields.items():
+        setattr(message, field, value)
+    set_time(message.create_time, contact.create_time)
+    set_time(message.update_time, contact.update_time)
+    return message
 
 
 def shared_profile_to_pb(profile: SharedProfile) -> connections_pb2.SharedProfile:
@@ -210,14 +221,15 @@ def overrides_to_pb(overrides: dict[str, bool]) -> connections_pb2.SharingOverri
 
 def watch_item_to_pb(item: WatchItem) -> connections_pb2.WatchIncomingRequestsResponse:
     """One event of the watch stream."""
-    message = connections_pb2.WatchIncomingRequestsResponse
+    message = connections_pb2.WatchIncomingRequestsResponse()
     if isinstance(item, Synced):
-        return message(synced=message.Synced())
-    if isinstance(item, Heartbeat):
-        return message(heartbeat=message.Heartbeat())
-    request = request_to_pb(item.request)
-    if item.kind == "received":
-        return message(received=request)
-    if item.kind == "cancelled":
-        return message(cancelled=request)
-    return message(resolved=request)
+        message.synced.SetInParent()
+    elif isinstance(item, Heartbeat):
+        message.heartbeat.SetInParent()
+    elif item.kind == "received":
+        fill_request(message.received, item.request)
+    elif item.kind == "cancelled":
+        fill_request(message.cancelled, item.request)
+    else:
+        fill_request(message.resolved, item.request)
+    return message

@@ -1,9 +1,9 @@
 """Connection request rules: search, send, list, respond, cancel.
 
 The rules are the router's (SPEC 3.1), with its races closed by the database (see
-`umbra_grpc.storage.requests`). Each method is one unit of work with a fixed statement budget:
-Search 1, SendRequest 4 (BEGIN, lock, write, COMMIT), Respond and CancelRequest 1 (one
-statement in autocommit), lists 1.
+`umbra_grpc.storage.requests`). Each method is one statement in autocommit (SPEC 8 budgets):
+Search, SendRequest (one call of a database function that locks, checks and writes), Respond,
+CancelRequest and the lists.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import (
@@ -89,50 +88,40 @@ class Requests:
         """Sends a request; refusals in the router's order (SPEC 3.1)."""
         handle = normalize_handle(umbral_name)
 
-        async def work(conn: AsyncConnection) -> RequestView:
-            facts = await store.lock_target(conn, caller=caller, handle=handle)
-            if facts is None or facts.target_id is None or not facts.target_active:
-                raise UserNotFound
-            if facts.target_id == caller:
-                raise SelfRequest
-            if not facts.caller_accepts:
-                raise ConnectionsDisabled
-            if not facts.target_accepts:
-                raise UserNotFound
-            written = await store.insert_request(
-                conn,
-                sender=caller,
-                receiver=facts.target_id,
-                sender_name=facts.caller_name,
-                sender_display=facts.caller_preferred or facts.caller_name,
-                receiver_name=facts.target_name,
-                cap=self._cap,
-                window=self._window,
-                ip=ip,
-            )
-            if written.connected:
-                raise AlreadyConnected
-            if written.pending:
-                raise RequestPending
-            if written.id is None:
-                raise TooManyPending
-            return RequestView(
-                id=written.id,
-                status="pending",
-                sender_name=facts.caller_name,
-                sender_preferred=facts.caller_preferred,
-                receiver_name=facts.target_name,
-                receiver_preferred=facts.target_preferred,
-                create_time=written.created_at,
-                resolve_time=None,
-            )
-
-        return await self._db.transaction(
-            work,
+        # The database writes only when every check below would pass; it returns the facts
+        # so that the refusal is chosen here, in the router's order.
+        facts = await self._db.statement(
+            lambda conn: store.send(
+                conn, caller=caller, handle=handle, cap=self._cap, window=self._window, ip=ip
+            ),
             constraint_errors={
                 store.PENDING_PAIR_INDEX: RequestPending,
                 store.CONNECTION_PAIR: AlreadyConnected,
             },
+        )
+        if facts is None or facts.target_id is None or not facts.target_active:
+            raise UserNotFound
+        if facts.target_id == caller:
+            raise SelfRequest
+        if not facts.caller_accepts:
+            raise ConnectionsDisabled
+        if not facts.target_accepts:
+            raise UserNotFound
+        if facts.connected:
+            raise AlreadyConnected
+        if facts.pending:
+            raise RequestPending
+        if facts.request_id is None:
+            raise TooManyPending
+        return RequestView(
+            id=facts.request_id,
+            status="pending",
+            sender_name=facts.caller_name,
+            sender_preferred=facts.caller_preferred,
+            receiver_name=facts.target_name,
+            receiver_preferred=facts.target_preferred,
+            create_time=facts.request_created_at,
+            resolve_time=None,
         )
 
     async def pending(self, caller: int, *, incoming: bool, size: int, token: str) -> RequestPage:

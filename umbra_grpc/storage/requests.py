@@ -1,16 +1,17 @@
 """Connection requests: the SQL of Search, SendRequest, Respond, CancelRequest and the lists.
 
-Each write is one statement built from data-modifying CTEs, so an RPC costs a fixed, small
-number of round trips (SPEC 8) and either all of its rows are written or none:
-- `lock_target` (SendRequest, statement 1 of 2) resolves the handle and takes a
-  `FOR NO KEY UPDATE` lock on the receiver's row: senders racing one receiver queue here, so
-  the pending cap (I3) is counted by a statement that starts after the lock is held.
-- `insert_request` (statement 2) re-checks connected / pending / cap in a fresh snapshot and,
-  only when all clear, writes the request, the receiver's notification, the audit row, the
-  outbox row and the NOTIFY. The pending-pair unique index (I1) settles the one race the
-  lock does not cover (A->B and B->A at once).
-- `resolve` (Respond, CancelRequest) is one conditional UPDATE ... WHERE status = 'pending'
-  with everything that follows hanging off its RETURNING, so a request resolves at most once.
+Each write is one statement, so an RPC costs one round trip (SPEC 8) and either all of its
+rows are written or none:
+- `send` (SendRequest) calls `umbra_send_request` (a PL/pgSQL function, migration 0002),
+  whose statements each take their own snapshot. Its first takes a `FOR NO KEY UPDATE` lock
+  on the receiver's row, so senders racing one receiver queue there; its second re-checks
+  connected / pending / cap in a snapshot taken after the lock (I3) and, only when all clear,
+  writes the request, the receiver's notification, the audit row and the outbox row; then it
+  sends the NOTIFYs. The pending-pair unique index (I1) settles the one race the lock does
+  not cover (A->B and B->A at once).
+- `respond` and `cancel` are each one conditional UPDATE ... WHERE status = 'pending' with
+  everything that follows hanging off its RETURNING (data-modifying CTEs), so a request
+  resolves at most once.
 NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
 """
 
@@ -48,119 +49,32 @@ async def search(conn: AsyncConnection, *, caller: int, handle: str) -> bool:
     return bool((await conn.execute(_SEARCH, {"caller": caller, "handle": handle})).scalar())
 
 
-_LOCK_TARGET = text(
-    """
-    WITH target AS (
-        SELECT u.id, u.umbral_name, u.is_active, s.accept_connections, s.preferred_name
-        FROM users u JOIN settings s ON s.user_id = u.id
-        WHERE lower(u.umbral_name) = :handle
-        FOR NO KEY UPDATE OF u
-    )
-    SELECT c.umbral_name AS caller_name, cs.preferred_name AS caller_preferred,
-           cs.accept_connections AS caller_accepts,
-           t.id AS target_id, t.umbral_name AS target_name, t.preferred_name AS target_preferred,
-           t.is_active AS target_active, t.accept_connections AS target_accepts
-    FROM users c JOIN settings cs ON cs.user_id = c.id
-    LEFT JOIN target t ON true
-    WHERE c.id = :caller
-    """
+_SEND = text(
+    "SELECT * FROM umbra_send_request(CAST(:caller AS bigint), CAST(:handle AS text),"
+    " CAST(:cap AS integer), CAST(:window AS interval), CAST(:ip AS inet))"
 )
 
 
-async def lock_target(conn: AsyncConnection, *, caller: int, handle: str) -> Row[Any] | None:
-    """Caller and target facts, with the target's row locked until commit."""
-    return (await conn.execute(_LOCK_TARGET, {"caller": caller, "handle": handle})).first()
-
-
-_AUDIT_COLUMNS = "action, actor_id, target_id, detail, ip"
-
-_INSERT_REQUEST = text(
-    f"""
-    WITH flags AS (
-        SELECT
-            EXISTS (SELECT 1 FROM user_connections
-                    WHERE user_id = :sender AND connected_user_id = :receiver) AS connected,
-            EXISTS (SELECT 1 FROM connection_requests
-                    WHERE status = 'pending'
-                      AND least(sender_id, receiver_id) = least(:sender, :receiver)
-                      AND greatest(sender_id, receiver_id) = greatest(:sender, :receiver)
-                   ) AS pending,
-            (SELECT count(*) FROM connection_requests
-             WHERE receiver_id = :receiver AND status = 'pending'
-               AND created_at >= now() - CAST(:window AS interval)) AS recent
-    ),
-    req AS (
-        INSERT INTO connection_requests (sender_id, receiver_id)
-        SELECT CAST(:sender AS bigint), CAST(:receiver AS bigint) FROM flags
-        WHERE NOT connected AND NOT pending AND recent < :cap
-        RETURNING id, created_at
-    ),
-    note AS (
-        INSERT INTO notifications (user_id, type, title, message, data, source_type, source_id)
-        SELECT CAST(:receiver AS bigint), 'connection_request', 'New Connection Request',
-               CAST(:message AS text),
-               jsonb_build_object('sender_umbral_name', CAST(:sender_name AS text)),
-               'connection_request', req.id
-        FROM req RETURNING id
-    ),
-    audit AS (
-        INSERT INTO audit_log ({_AUDIT_COLUMNS})
-        SELECT 'connection.request_sent', CAST(:sender AS bigint), CAST(:receiver AS bigint),
-               jsonb_build_object('request_id', req.id,
-                                  'receiver_umbral_name', CAST(:receiver_name AS text)),
-               CAST(:ip AS inet)
-        FROM req RETURNING id
-    ),
-    push AS (
-        INSERT INTO outbox (user_id, kind, display_name)
-        SELECT CAST(:receiver AS bigint), 'request_received', CAST(:sender_display AS text)
-        FROM req RETURNING id
-    ),
-    wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', 'received', 'request_id', req.id, 'receiver_id', CAST(:receiver AS bigint),
-            'sender_id', CAST(:sender AS bigint))::text)
-        FROM req
-        UNION ALL
-        SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM push
-    )
-    SELECT flags.connected, flags.pending, flags.recent, req.id, req.created_at,
-           (SELECT count(*) FROM note) + (SELECT count(*) FROM audit)
-           + (SELECT count(*) FROM push) + (SELECT count(*) FROM wake) AS side_rows
-    FROM flags LEFT JOIN req ON true
-    """
-)
-
-
-async def insert_request(
+async def send(
     conn: AsyncConnection,
     *,
-    sender: int,
-    receiver: int,
-    sender_name: str,
-    sender_display: str,
-    receiver_name: str,
+    caller: int,
+    handle: str,
     cap: int,
     window: dt.timedelta,
     ip: str | None,
-) -> Row[Any]:
-    """Checks and, when clear, writes the request with its side rows; returns the flags."""
-    return (
-        await conn.execute(
-            _INSERT_REQUEST,
-            {
-                "sender": sender,
-                "receiver": receiver,
-                "sender_name": sender_name,
-                "sender_display": sender_display,
-                "receiver_name": receiver_name,
-                "message": f"{sender_display} wants to connect with you",
-                "cap": cap,
-                "window": window,
-                "ip": ip,
-            },
-        )
-    ).one()
+) -> Row[Any] | None:
+    """Caller and target facts, and the new request's id and created_at when it was written.
+
+    None when the caller has no row. Nothing is written unless the target exists, is active,
+    is not the caller, both sides accept connections, and the flags (connected, pending,
+    recent >= cap) all clear: then `request_id` is set.
+    """
+    params = {"caller": caller, "handle": handle, "cap": cap, "window": window, "ip": ip}
+    return (await conn.execute(_SEND, params)).first()
+
+
+_AUDIT_COLUMNS = "action, actor_id, target_id, detail, ip"
 
 
 def _card_column(field: str) -> str:
