@@ -25,7 +25,7 @@ async def serve(config: Config) -> None:
     """Runs the server until a stop signal."""
     db = Database.connect(config)
     counter = StatementCounter()
-    counter.attach(db.engine)
+    counter.attach(db)
     service = Service(
         config,
         db,

@@ -144,7 +144,7 @@ async def start_server(config: Config) -> RunningServer:
     """Starts a server and waits until health says SERVING."""
     db = Database.connect(config)
     statements = StatementCounter()
-    statements.attach(db.engine)
+    statements.attach(db)
     service = Service(config, db)
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")

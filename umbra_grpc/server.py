@@ -180,13 +180,15 @@ class Service:
     def _register_metrics(
         self, rate_limit: RateLimitInterceptor, timing_floor: TimingFloorInterceptor
     ) -> None:
-        metrics, pool, stats = self.metrics, self.db.engine.pool, self.outbox.stats
+        metrics, stats = self.metrics, self.outbox.stats
         metrics.gauge(
             "umbra_watch_streams",
             "Open WatchIncomingRequests streams.",
             lambda: self.feed.open_streams,
         )
-        metrics.gauge("umbra_db_pool_checked_out", "Pooled connections in use.", pool.checkedout)  # type: ignore[attr-defined]
+        metrics.gauge(
+            "umbra_db_pool_checked_out", "Pooled connections in use.", self.db.checked_out
+        )
         metrics.gauge(
             "umbra_db_pool_size", "Pooled connections allowed.", lambda: self.config.db_pool_size
         )
@@ -283,7 +285,7 @@ class Service:
     async def _is_migrated(self) -> bool:
         try:
             async with self.db.background() as conn:
-                return await conn.run_sync(migrate.is_at_head)
+                return await migrate.is_at_head(conn)
         except Exception:  # any failure means "not ready yet"
             _log.warning("migration state unreadable", exc_info=True)
             return False

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -17,7 +18,7 @@ from umbra_grpc.config import Config
 from umbra_grpc.embedded import free_port
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.storage import outbox
-from umbra_grpc.storage.database import Database, StatementCounter
+from umbra_grpc.storage.database import Conn, Database, Row, StatementCounter
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 user_ids = itertools.count(1)
@@ -125,10 +126,16 @@ async def test_claims_skip_locked_rows_and_leases_fence_late_writers(
     assert await worker.backlog() == 4
 
     # The worker claims in autocommit; open transactions hold the claims' locks here.
-    async with db.engine.begin() as first, db.engine.begin() as second:
-        mine = (await outbox.claim(first, limit=2, lease=60.0)).pushes
-        # `first` has not committed: its rows are locked, so `second` gets the others.
-        theirs = (await outbox.claim(second, limit=10, lease=60.0)).pushes
+    first = await asyncpg.connect(database_url, record_class=Row)
+    second = await asyncpg.connect(database_url, record_class=Row)
+    try:
+        async with first.transaction(), second.transaction():
+            mine = (await outbox.claim(Conn(first, None), limit=2, lease=60.0)).pushes
+            # `first` has not committed: its rows are locked, so `second` gets the others.
+            theirs = (await outbox.claim(Conn(second, None), limit=10, lease=60.0)).pushes
+    finally:
+        await first.close()
+        await second.close()
     assert sorted(p.id for p in mine + theirs) == ids
     assert {p.attempt for p in mine + theirs} == {1}
     async with db.background() as conn:
@@ -195,7 +202,7 @@ async def test_a_round_is_one_statement_per_sent_row_plus_two(
     """Claim (skips included), one outcome write per sent row, the idle query: no BEGIN/COMMIT."""
     database = Database.connect(config(database_url))
     counter = StatementCounter(background=True)
-    counter.attach(database.engine)
+    counter.attach(database)
 
     async def round_done(within: float = 5.0) -> list[str]:
         """What the worker sent up to the idle query that ends its round."""

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tests.conftest import test_config
+from tests.conftest import Sql, test_config
 from umbra_grpc.domain.errors import HandleTaken
-from umbra_grpc.storage.database import Database, StatementCounter, StorageUnavailable
+from umbra_grpc.storage.database import Conn, Database, Query, StatementCounter, StorageUnavailable
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-class _DriverError(Exception):
-    def __init__(self, sqlstate: str) -> None:
-        super().__init__(f"sqlstate {sqlstate}")
-        self.sqlstate = sqlstate
+RETRYABLE = {"40001": asyncpg.SerializationError, "40P01": asyncpg.DeadlockDetectedError}
+SELECT_1 = Query("SELECT 1")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -36,11 +30,11 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 async def test_serialization_failures_and_deadlocks_are_retried(db: Database, state: str) -> None:
     attempts = []
 
-    async def work(conn: AsyncConnection) -> int:
+    async def work(conn: Conn) -> int:
         attempts.append(1)
         if len(attempts) < 3:
-            raise DBAPIError("SELECT 1", {}, _DriverError(state))
-        return int((await conn.execute(text("SELECT 7"))).scalar_one())
+            raise RETRYABLE[state](f"sqlstate {state}")
+        return int(await conn.fetchval(Query("SELECT 7")))
 
     assert await db.transaction(work) == 7
     assert len(attempts) == 3
@@ -49,11 +43,11 @@ async def test_serialization_failures_and_deadlocks_are_retried(db: Database, st
 async def test_retries_are_bounded(db: Database) -> None:
     attempts = []
 
-    async def work(conn: AsyncConnection) -> None:
+    async def work(conn: Conn) -> None:
         attempts.append(1)
-        raise DBAPIError("SELECT 1", {}, _DriverError("40001"))
+        raise asyncpg.SerializationError("sqlstate 40001")
 
-    with pytest.raises(DBAPIError):
+    with pytest.raises(asyncpg.SerializationError):
         await db.transaction(work)
     assert len(attempts) == 3
 
@@ -61,25 +55,25 @@ async def test_retries_are_bounded(db: Database) -> None:
 async def test_other_errors_are_not_retried(db: Database) -> None:
     attempts = []
 
-    async def work(conn: AsyncConnection) -> None:
+    async def work(conn: Conn) -> None:
         attempts.append(1)
-        await conn.execute(text("SELECT 1/0"))
+        await conn.execute(Query("SELECT 1/0"))
 
-    with pytest.raises(DBAPIError):
+    with pytest.raises(asyncpg.DivisionByZeroError):
         await db.transaction(work)
     assert len(attempts) == 1
 
 
 async def test_unique_violations_map_by_constraint_name(db: Database) -> None:
-    async def work(conn: AsyncConnection) -> None:
+    async def work(conn: Conn) -> None:
         await conn.execute(
-            text("INSERT INTO users (id, umbral_name) VALUES (900001, 'dup'), (900002, 'dup')")
+            Query("INSERT INTO users (id, umbral_name) VALUES (900001, 'dup'), (900002, 'dup')")
         )
 
     with pytest.raises(HandleTaken):
         await db.transaction(work, constraint_errors={"uq_users_umbral_name_lower": HandleTaken})
     # Without a mapping the driver error goes up unchanged (the edge logs it as INTERNAL).
-    with pytest.raises(DBAPIError):
+    with pytest.raises(asyncpg.UniqueViolationError):
         await db.transaction(work)
 
 
@@ -89,9 +83,9 @@ async def test_an_unreachable_database_is_storage_unavailable() -> None:
     )
     try:
         with pytest.raises(StorageUnavailable):
-            await gone.read(lambda conn: conn.execute(text("SELECT 1")))
+            await gone.read(lambda conn: conn.execute(SELECT_1))
         with pytest.raises(StorageUnavailable):
-            await gone.transaction(lambda conn: conn.execute(text("SELECT 1")))
+            await gone.transaction(lambda conn: conn.execute(SELECT_1))
         assert not await gone.ping()
     finally:
         await gone.dispose()
@@ -101,14 +95,47 @@ async def test_statement_counter_counts_begin_and_commit_but_not_autocommit(
     db: Database,
 ) -> None:
     counter = StatementCounter()
-    counter.attach(db.engine)
-    await db.read(lambda conn: conn.execute(text("SELECT 1")))
+    counter.attach(db)
+    await db.read(lambda conn: conn.execute(SELECT_1))
     assert counter.count == 1
     counter.reset()
-    await db.transaction(lambda conn: conn.execute(text("SELECT 1")))
+    await db.transaction(lambda conn: conn.execute(SELECT_1))
     assert counter.statements == ["BEGIN", "SELECT 1", "COMMIT"]
+    counter.reset()
+
+    async def fails(conn: Conn) -> None:
+        await conn.execute(Query("SELECT 1/0"))
+
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await db.transaction(fails)
+    assert counter.statements == ["BEGIN", "SELECT 1/0", "ROLLBACK"]
     counter.reset()
     assert await db.ping()
     async with db.background() as conn:
-        await conn.execute(text("SELECT 1"))
+        await conn.execute(SELECT_1)
     assert counter.count == 0
+
+
+async def test_rows_read_as_attributes_and_json_as_objects(db: Database) -> None:
+    row = await db.read(
+        lambda conn: conn.fetchrow(
+            Query("SELECT 1 AS id, CAST(:doc AS jsonb) AS doc, '[1]'::json AS list"),
+            doc='{"a": "b"}',
+        )
+    )
+    assert row is not None
+    assert (row.id, row["id"], row.doc, row.list) == (1, 1, {"a": "b"}, [1])
+    with pytest.raises(AttributeError):
+        _ = row.missing
+
+
+async def test_a_connection_goes_back_to_the_pool_without_a_reset_round_trip(
+    db: Database, sql: Sql
+) -> None:
+    """asyncpg's default reset would send RESET ALL; UNLISTEN *; ... on every release."""
+    async with db.background() as conn:
+        pid = conn.raw.get_server_pid()
+        await conn.execute(Query("SELECT 1 AS last_statement"))
+    assert db.checked_out() == 0
+    [row] = await sql.rows("SELECT state, query FROM pg_stat_activity WHERE pid = $1", pid)
+    assert (row["state"], row["query"]) == ("idle", "SELECT 1 AS last_statement")

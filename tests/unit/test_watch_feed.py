@@ -57,31 +57,23 @@ def row(request_id: int, receiver: int = ME, status: str = "pending") -> SimpleN
     )
 
 
-class _Result:
-    def __init__(self, rows: list[SimpleNamespace]) -> None:
-        self._rows = rows
-
-    def all(self) -> list[SimpleNamespace]:
-        return list(self._rows)
-
-
 class _Connection:
     def __init__(self, db: FakeDatabase) -> None:
         self._db = db
 
-    async def execute(self, statement: Any, params: dict[str, Any]) -> _Result:
+    async def fetch(self, query: Any, **params: Any) -> list[SimpleNamespace]:
         if "ids" in params:  # storage.requests.by_ids: the feed's batch lookup
             ids = list(params["ids"])
             self._db.lookups.append(ids)
             await self._db.gate.wait()
-            return _Result([self._db.rows[i] for i in ids if i in self._db.rows])
+            return [self._db.rows[i] for i in ids if i in self._db.rows]
         # storage.requests.pending_for_receiver: a stream's snapshot
         self._db.snapshots += 1
         caller = params["caller"]
         pending = [
             r for r in self._db.rows.values() if r.receiver_id == caller and r.status == "pending"
         ]
-        return _Result(sorted(pending, key=lambda r: r.created_at))
+        return sorted(pending, key=lambda r: r.created_at)
 
 
 class FakeDatabase:

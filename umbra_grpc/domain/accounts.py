@@ -8,13 +8,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from umbra_grpc.domain.errors import HandleTaken, InvalidField, UserNotFound
 from umbra_grpc.domain.handles import normalize_handle
 from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
 from umbra_grpc.storage import audit, users
-from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.database import Conn, Database
 
 MAX_TEXT = 500
 MAX_PREFERRED_NAME = 100
@@ -57,7 +55,7 @@ class Accounts:
         handle = normalize_handle(umbral_name)
         columns = _profile_columns(profile)
 
-        async def work(conn: AsyncConnection) -> User:
+        async def work(conn: Conn) -> User:
             await users.upsert(
                 conn, user_id=user_id, umbral_name=handle, is_active=is_active, profile=columns
             )
@@ -88,7 +86,7 @@ class Accounts:
         check_id(user_id, "user_id")
         columns = _settings_columns(patch)
 
-        async def work(conn: AsyncConnection) -> UserSettings:
+        async def work(conn: Conn) -> UserSettings:
             if columns and not await users.update_settings(conn, user_id, columns):
                 raise UserNotFound
             await audit.record(
@@ -114,7 +112,7 @@ def check_id(value: int, field: str) -> None:
         raise InvalidField(f"{field} must be at least 1")
 
 
-async def _must_get(conn: AsyncConnection, user_id: int) -> User:
+async def _must_get(conn: Conn, user_id: int) -> User:
     user = await users.get(conn, user_id)
     if user is None:
         raise UserNotFound

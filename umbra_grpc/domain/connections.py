@@ -13,14 +13,12 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Row
-
 from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import ConnectionNotFound, InvalidField
 from umbra_grpc.domain.models import SHAREABLE_FIELDS, ConnectionView
 from umbra_grpc.domain.pages import PageTokens, page_size
 from umbra_grpc.storage import connections as store
-from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.database import Database, Row
 
 DEFAULT_PAGE_SIZE = 50
 _SCOPE = "connections"
@@ -147,7 +145,7 @@ class Connections:
             raise ConnectionNotFound
 
 
-def _view(row: Row[Any]) -> ConnectionView:
+def _view(row: Row) -> ConnectionView:
     return ConnectionView(
         id=row.id,
         connected_user_id=row.connected_user_id,

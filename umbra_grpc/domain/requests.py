@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any
-
-from sqlalchemy import Row
 
 from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import (
@@ -29,7 +26,7 @@ from umbra_grpc.domain.handles import normalize_handle
 from umbra_grpc.domain.models import ConnectionView
 from umbra_grpc.domain.pages import PageTokens, page_size
 from umbra_grpc.storage import requests as store
-from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.database import Database, Row
 
 DEFAULT_PAGE_SIZE = 20
 
@@ -48,7 +45,7 @@ class RequestView:
     resolve_time: dt.datetime | None
 
     @classmethod
-    def from_row(cls, row: Row[Any]) -> RequestView:
+    def from_row(cls, row: Row) -> RequestView:
         """From a row of the storage layer's request view."""
         return cls(
             id=row.id,

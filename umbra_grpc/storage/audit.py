@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from umbra_grpc.storage.database import Conn, Query
 
-from umbra_grpc.storage.tables import AuditLog, table
-
-_audit = table(AuditLog)
+_RECORD = Query(
+    """
+    INSERT INTO audit_log (action, actor_id, target_id, detail, ip)
+    VALUES (:action, :actor_id, :target_id, CAST(:detail AS jsonb), CAST(:ip AS inet))
+    """
+)
 
 
 async def record(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     action: str,
     actor_id: int | None,
@@ -23,7 +27,10 @@ async def record(
 ) -> None:
     """Writes one audit row in the caller's transaction."""
     await conn.execute(
-        _audit.insert().values(
-            action=action, actor_id=actor_id, target_id=target_id, detail=dict(detail), ip=ip
-        )
+        _RECORD,
+        action=action,
+        actor_id=actor_id,
+        target_id=target_id,
+        detail=json.dumps(dict(detail)),
+        ip=ip,
     )

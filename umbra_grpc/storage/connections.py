@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from sqlalchemy import Row, text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from umbra_grpc.domain.models import SHAREABLE_FIELDS
 from umbra_grpc.storage import keyset
+from umbra_grpc.storage.database import Conn, Query, Row
 
 _VIEW = """
     SELECT c.id, c.connected_user_id, u.umbral_name, s.preferred_name, c.person_id,
@@ -38,23 +35,20 @@ _PAGES = keyset.statements(
     ),
     alias="c",
 )
-_ONE = text(_VIEW + " WHERE c.id = :connection_id AND c.user_id = :caller")
+_ONE = Query(_VIEW + " WHERE c.id = :connection_id AND c.user_id = :caller")
 
 
-async def page(
-    conn: AsyncConnection, *, caller: int, after: keyset.Cursor | None, limit: int
-) -> list[Row[Any]]:
+async def page(conn: Conn, *, caller: int, after: keyset.Cursor | None, limit: int) -> list[Row]:
     """The caller's connections, newest first, after a keyset cursor."""
     return await keyset.page(conn, _PAGES, after=after, limit=limit, caller=caller)
 
 
-async def one(conn: AsyncConnection, *, caller: int, connection_id: int) -> Row[Any] | None:
+async def one(conn: Conn, *, caller: int, connection_id: int) -> Row | None:
     """One of the caller's connections, or None."""
-    result = await conn.execute(_ONE, {"caller": caller, "connection_id": connection_id})
-    return result.first()
+    return await conn.fetchrow(_ONE, caller=caller, connection_id=connection_id)
 
 
-_SHARED = text(
+_SHARED = Query(
     f"""
     SELECT u.umbral_name, s.preferred_name, c.sharing_overrides,
            {", ".join(f"u.{field}, s.share_{field}" for field in SHAREABLE_FIELDS)}
@@ -66,15 +60,12 @@ _SHARED = text(
 )
 
 
-async def shared_profile_source(
-    conn: AsyncConnection, *, caller: int, connection_id: int
-) -> Row[Any] | None:
+async def shared_profile_source(conn: Conn, *, caller: int, connection_id: int) -> Row | None:
     """The other side's profile, sharing defaults and overrides for the caller, or None."""
-    result = await conn.execute(_SHARED, {"caller": caller, "connection_id": connection_id})
-    return result.first()
+    return await conn.fetchrow(_SHARED, caller=caller, connection_id=connection_id)
 
 
-_UPDATE_OVERRIDES = text(
+_UPDATE_OVERRIDES = Query(
     """
     WITH mine AS (
         SELECT user_id, connected_user_id FROM user_connections
@@ -105,33 +96,30 @@ _UPDATE_OVERRIDES = text(
 
 
 async def update_overrides(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     caller: int,
     connection_id: int,
     set_values: Mapping[str, bool],
     clear: Sequence[str],
     ip: str | None,
-) -> Row[Any] | None:
+) -> Row | None:
     """Sets and clears the caller's overrides on the mirror row in one atomic UPDATE.
 
     Merging happens inside the UPDATE (jsonb `-` and `||` on the locked row), so two callers
     changing different fields at once both keep their change.
     """
-    result = await conn.execute(
+    return await conn.fetchrow(
         _UPDATE_OVERRIDES,
-        {
-            "caller": caller,
-            "connection_id": connection_id,
-            "set": json.dumps(dict(set_values)),
-            "clear": list(clear),
-            "ip": ip,
-        },
+        caller=caller,
+        connection_id=connection_id,
+        set=json.dumps(dict(set_values)),
+        clear=list(clear),
+        ip=ip,
     )
-    return result.first()
 
 
-_REMOVE = text(
+_REMOVE = Query(
     """
     WITH mine AS (
         SELECT user_id, connected_user_id FROM user_connections
@@ -163,9 +151,6 @@ _REMOVE = text(
 )
 
 
-async def remove(conn: AsyncConnection, *, caller: int, connection_id: int, ip: str | None) -> int:
+async def remove(conn: Conn, *, caller: int, connection_id: int, ip: str | None) -> int:
     """Deletes both rows of the caller's connection and detaches both cards; rows deleted."""
-    result = await conn.execute(
-        _REMOVE, {"caller": caller, "connection_id": connection_id, "ip": ip}
-    )
-    return int(result.one().removed)
+    return int(await conn.fetchval(_REMOVE, caller=caller, connection_id=connection_id, ip=ip))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from umbra_grpc.storage.database import Conn, Query, Row
 
-from sqlalchemy import Row, text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-_CONTACT = text(
+_CONTACT = Query(
     """
     SELECT id, linked_user_id, is_umbral_contact, display_name, email, phone, mobile, address,
            company, job_title, birthday, created_at, updated_at
@@ -16,6 +13,6 @@ _CONTACT = text(
 )
 
 
-async def contact(conn: AsyncConnection, *, caller: int, person_id: int) -> Row[Any] | None:
+async def contact(conn: Conn, *, caller: int, person_id: int) -> Row | None:
     """One of the caller's contact cards, or None."""
-    return (await conn.execute(_CONTACT, {"caller": caller, "person_id": person_id})).first()
+    return await conn.fetchrow(_CONTACT, caller=caller, person_id=person_id)

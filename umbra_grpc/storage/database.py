@@ -1,15 +1,20 @@
-"""The engine, units of work, and the statement counter.
+"""The connection pool, units of work, and the statement counter.
 
-Repositories take an `AsyncConnection`; the service layer opens the unit of work:
+The service talks to PostgreSQL through asyncpg directly: SQLAlchemy describes the schema
+(`tables`) and drives Alembic, but adds 150-250 µs of Python to every statement it runs
+(bench/: its execute path was the largest single cost of every RPC), so it is not on the
+request path.
+
+Repositories take a `Conn` and run `Query` objects (SQL with `:named` parameters, turned
+once into asyncpg's `$n` form); the service layer opens the unit of work:
 - `Database.transaction(work)` runs `work` in BEGIN ... COMMIT, retrying a bounded number of
   times on serialization failures and deadlocks, rolling back on any error or cancellation;
 - `Database.statement(work)` runs a write that is one statement (data-modifying CTEs) in
   autocommit: the statement is its own transaction, one round trip instead of three;
 - `Database.read(work)` runs single-statement reads in autocommit, so a read costs exactly one
   statement on the wire (no BEGIN/COMMIT around it);
-- `Database.background()` lends an autocommit connection to work that is not an RPC's (health
-  probes, the outbox worker, the request feed): each of their statements stands alone, so each
-  is one round trip, and the statement counter leaves them out.
+- `Database.background()` lends a connection to work that is not an RPC's (probes, the
+  outbox worker, the watch feed): autocommit, and never counted.
 
 Driver errors that mean "the database is not there" become `StorageUnavailable`; the API edge
 maps it to UNAVAILABLE. Every connection carries statement, lock and idle-in-transaction
@@ -20,20 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+import asyncpg
 
 from umbra_grpc.config import Config
 
 T = TypeVar("T")
-Work = Callable[[AsyncConnection], Awaitable[T]]
 
 _log = logging.getLogger(__name__)
 
@@ -42,11 +44,316 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 # connection failures, admin shutdown, cannot connect now, too many connections.
 UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 TRANSACTION_ATTEMPTS = 3
-BACKGROUND = "umbra_background"
+CLOSE_SECONDS = 5.0
+
+Observer = Callable[[str], None]
 
 
 class StorageUnavailable(Exception):
     """The database could not be reached or dropped the connection."""
+
+
+class Row(asyncpg.Record):  # type: ignore[misc]
+    """A result row: by position, by name (`row["id"]`) and as attributes (`row.id`)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+class Query:
+    """SQL with `:name` parameters, in the `$n` form asyncpg sends, built once per statement.
+
+    A name used twice is one parameter. `::type` casts are left alone.
+    """
+
+    __slots__ = ("names", "sql")
+
+    def __init__(self, sql: str) -> None:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in names:
+                names.append(name)
+            return f"${names.index(name) + 1}"
+
+        self.sql = _PARAMETER.sub(number, sql)
+        self.names = tuple(names)
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The values in `$n` order (a missing name is a KeyError: a bug, not bad input)."""
+        return [params[name] for name in self.names]
+
+
+class Conn:
+    """A pooled connection lent to one unit of work; every statement goes through it."""
+
+    __slots__ = ("_observe", "raw")
+
+    def __init__(self, raw: Any, observe: Observer | None) -> None:
+        self.raw = raw
+        self._observe = observe
+
+    def seen(self, sql: str) -> None:
+        """Tells the observer a statement is going out (the units of work call it for
+        BEGIN and COMMIT, which asyncpg sends itself)."""
+        if self._observe is not None:
+            self._observe(sql)
+
+    async def fetch(self, query: Query, **params: Any) -> list[Row]:
+        """Every row."""
+        self.seen(query.sql)
+        rows: list[Row] = await self.raw.fetch(query.sql, *query.args(params))
+        return rows
+
+    async def fetchrow(self, query: Query, **params: Any) -> Row | None:
+        """The first row, or None."""
+        self.seen(query.sql)
+        row: Row | None = await self.raw.fetchrow(query.sql, *query.args(params))
+        return row
+
+    async def fetchval(self, query: Query, **params: Any) -> Any:
+        """The first column of the first row, or None."""
+        self.seen(query.sql)
+        return await self.raw.fetchval(query.sql, *query.args(params))
+
+    async def execute(self, query: Query, **params: Any) -> int:
+        """Runs a statement; returns how many rows it changed (0 for other statements)."""
+        self.seen(query.sql)
+        status: str = await self.raw.execute(query.sql, *query.args(params))
+        count = status.rpartition(" ")[2]
+        return int(count) if count.isdigit() else 0
+
+
+Work = Callable[[Conn], Awaitable[T]]
+
+
+class StatementCounter:
+    """Counts statements sent on the wire, BEGIN and COMMIT/ROLLBACK included.
+
+    Statements on background connections (health probes, workers) are not counted unless
+    `background` is set, so a test can read how many statements one RPC sent.
+    """
+
+    def __init__(self, *, background: bool = False) -> None:
+        self.count = 0
+        self.statements: list[str] = []
+        self._background = background
+
+    def attach(self, db: Database) -> None:
+        """Counts what `db`'s units of work (and background work, if asked) send from now on."""
+        db.observe(self._record, background=self._background)
+
+    def reset(self) -> None:
+        """Starts counting from zero."""
+        self.count = 0
+        self.statements.clear()
+
+    def _record(self, statement: str) -> None:
+        self.count += 1
+        self.statements.append(statement)
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE behind a driver error, if any."""
+    code = getattr(error, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def constraint_name(error: BaseException) -> str | None:
+    """The constraint a unique/check/foreign-key violation names, if any."""
+    name = getattr(error, "constraint_name", None)
+    return name if isinstance(name, str) else None
+
+
+async def _json_codecs(connection: Any) -> None:
+    """json and jsonb come back as Python objects and go in as JSON text (`json.dumps`)."""
+    for name in ("json", "jsonb"):
+        await connection.set_type_codec(
+            name, schema="pg_catalog", encoder=_json_text, decoder=json.loads
+        )
+
+
+def _json_text(value: str) -> str:
+    if not isinstance(value, str):  # a dict here would be a bug: callers pass JSON text
+        raise TypeError("json parameters are passed as JSON text")
+    return value
+
+
+async def _keep_session(connection: Any) -> None:
+    """Nothing to reset when a connection goes back to the pool.
+
+    asyncpg's default reset sends `RESET ALL; UNLISTEN *; ...` on every release: a round
+    trip per unit of work for state this service never sets (the pool still rolls back a
+    transaction left open). LISTEN happens on the listener's own connection.
+    """
+
+
+class Database:
+    """The connection pool and the kinds of unit of work."""
+
+    def __init__(self, dsn: str, *, pool_size: int, acquire_timeout: float, **connect: Any):
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._acquire_timeout = acquire_timeout
+        self._connect = connect
+        self._pool: Any = None
+        self._opening = asyncio.Lock()
+        self._observers: list[Observer] = []
+        self._background_observers: list[Observer] = []
+
+    @classmethod
+    def connect(cls, config: Config) -> Database:
+        """Builds the pool from the configuration (connects lazily)."""
+        if config.database_url is None:
+            raise ValueError("no database URL configured")
+        return cls(
+            plain_url(config.database_url),
+            pool_size=config.db_pool_size,
+            acquire_timeout=config.db_pool_timeout_seconds,
+            timeout=config.db_pool_timeout_seconds,
+            server_settings={
+                "application_name": "umbra-grpc",
+                "statement_timeout": str(config.db_statement_timeout_ms),
+                "lock_timeout": str(config.db_lock_timeout_ms),
+                "idle_in_transaction_session_timeout": str(
+                    config.db_idle_in_transaction_timeout_ms
+                ),
+            },
+        )
+
+    def observe(self, observer: Observer, *, background: bool = False) -> None:
+        """Calls `observer(sql)` for every statement a unit of work sends (and background
+        work, when `background` is set)."""
+        self._observers.append(observer)
+        if background:
+            self._background_observers.append(observer)
+
+    def _observe(self, sql: str) -> None:
+        for observer in self._observers:
+            observer(sql)
+
+    def _observe_background(self, sql: str) -> None:
+        for observer in self._background_observers:
+            observer(sql)
+
+    def checked_out(self) -> int:
+        """Pooled connections in use right now."""
+        pool = self._pool
+        if pool is None:
+            return 0
+        return int(pool.get_size() - pool.get_idle_size())
+
+    async def _opened(self) -> Any:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=0,
+                        max_size=self._pool_size,
+                        record_class=Row,
+                        init=_json_codecs,
+                        reset=_keep_session,
+                        **self._connect,
+                    )
+        return self._pool
+
+    async def transaction(
+        self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
+    ) -> T:
+        """Runs `work` in one transaction (BEGIN ... COMMIT), for several statements.
+
+        Retried on serialization failures and deadlocks; a violation of a constraint named in
+        `constraint_errors` raises that domain error.
+        """
+
+        async def in_transaction(conn: Conn) -> T:
+            conn.seen("BEGIN")
+            async with conn.raw.transaction():
+                try:
+                    result = await work(conn)
+                except BaseException:
+                    conn.seen("ROLLBACK")
+                    raise
+                conn.seen("COMMIT")
+            return result
+
+        return await self._attempts(in_transaction, constraint_errors)
+
+    async def statement(
+        self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
+    ) -> T:
+        """Runs a write that is ONE statement, in autocommit: one round trip, no BEGIN/COMMIT.
+
+        A single statement is its own transaction: all its data-modifying CTEs commit
+        together or not at all, deferred constraints are checked at its end, and its NOTIFYs
+        go out when it commits. Constraint errors and retries as in `transaction`.
+        """
+        return await self._attempts(work, constraint_errors)
+
+    async def read(self, work: Work[T]) -> T:
+        """Runs `work` in autocommit: for single-statement reads."""
+        return await self._attempts(work, {})
+
+    async def _attempts(
+        self, work: Work[T], constraint_errors: Mapping[str, Callable[[], Exception]]
+    ) -> T:
+        observe = self._observe if self._observers else None
+        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+            try:
+                pool = await self._opened()
+                async with pool.acquire(timeout=self._acquire_timeout) as raw:
+                    return await work(Conn(raw, observe))
+            except asyncpg.IntegrityConstraintViolationError as error:
+                factory = constraint_errors.get(constraint_name(error) or "")
+                if factory is None:
+                    raise
+                raise factory() from error
+            except asyncpg.PostgresError as error:
+                if sqlstate(error) in RETRYABLE_SQLSTATES and attempt < TRANSACTION_ATTEMPTS:
+                    _log.info("transaction retried", extra={"sqlstate": sqlstate(error)})
+                    await asyncio.sleep(0.005 * attempt)
+                    continue
+                _reraise(error)
+            except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
+                raise StorageUnavailable(type(error).__name__) from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[Conn]:
+        """An autocommit connection for work that is not an RPC's: never counted."""
+        observe = self._observe_background if self._background_observers else None
+        pool = await self._opened()
+        async with pool.acquire(timeout=self._acquire_timeout) as raw:
+            yield Conn(raw, observe)
+
+    async def ping(self) -> bool:
+        """Whether the database answers."""
+        try:
+            async with self.background() as conn:
+                await conn.raw.execute("SELECT 1")
+        except (StorageUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            return False
+        return True
+
+    async def dispose(self) -> None:
+        """Closes every pooled connection (those still lent out are cut after a while)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+        except TimeoutError:
+            pool.terminate()
 
 
 def async_url(url: str) -> str:
@@ -62,185 +369,9 @@ def plain_url(url: str) -> str:
     return "postgresql://" + async_url(url).removeprefix("postgresql+asyncpg://")
 
 
-def sqlstate(error: BaseException) -> str | None:
-    """The PostgreSQL SQLSTATE behind a SQLAlchemy or asyncpg error, if any."""
-    orig = getattr(error, "orig", error)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None)
-        if isinstance(code, str):
-            return code
-    return None
-
-
-def constraint_name(error: BaseException) -> str | None:
-    """The constraint a unique/check/foreign-key violation names, if any."""
-    orig = getattr(error, "orig", error)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        name = getattr(candidate, "constraint_name", None)
-        if isinstance(name, str):
-            return name
-    return None
-
-
-class StatementCounter:
-    """Counts statements sent on the wire, BEGIN and COMMIT/ROLLBACK included.
-
-    Statements on connections marked background (health probes, workers) are not counted
-    unless `background` is set, so a test can read how many statements one RPC sent.
-    """
-
-    def __init__(self, *, background: bool = False) -> None:
-        self.count = 0
-        self.statements: list[str] = []
-        self._background = background
-
-    def attach(self, engine: AsyncEngine) -> None:
-        """Listens on the engine's events."""
-        sync_engine = engine.sync_engine
-        event.listen(sync_engine, "before_cursor_execute", self._on_execute)
-        for name in ("begin", "commit", "rollback"):
-            event.listen(sync_engine, name, self._transaction_event(name.upper()))
-
-    def reset(self) -> None:
-        """Starts counting from zero."""
-        self.count = 0
-        self.statements.clear()
-
-    def _record(self, conn: Connection, statement: str) -> None:
-        if conn.get_execution_options().get(BACKGROUND) and not self._background:
-            return
-        self.count += 1
-        self.statements.append(statement)
-
-    def _on_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        self._record(conn, statement)
-
-    def _transaction_event(self, name: str) -> Callable[[Connection], None]:
-        def on_event(conn: Connection) -> None:
-            # Read the option, never the server: asking would be a statement of its own.
-            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-                self._record(conn, name)
-
-        return on_event
-
-
-class Database:
-    """The connection pool and the units of work."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-
-    @classmethod
-    def connect(cls, config: Config) -> Database:
-        """Builds the pool from the configuration (connects lazily)."""
-        if config.database_url is None:
-            raise ValueError("no database URL configured")
-        engine = create_async_engine(
-            async_url(config.database_url),
-            pool_size=config.db_pool_size,
-            max_overflow=0,
-            pool_timeout=config.db_pool_timeout_seconds,
-            pool_pre_ping=False,
-            connect_args={
-                "timeout": config.db_pool_timeout_seconds,
-                "server_settings": {
-                    "application_name": "umbra-grpc",
-                    "statement_timeout": str(config.db_statement_timeout_ms),
-                    "lock_timeout": str(config.db_lock_timeout_ms),
-                    "idle_in_transaction_session_timeout": str(
-                        config.db_idle_in_transaction_timeout_ms
-                    ),
-                },
-            },
-        )
-        return cls(engine)
-
-    async def transaction(
-        self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
-    ) -> T:
-        """Runs `work` in one transaction (BEGIN ... COMMIT), for several statements.
-
-        Retried on serialization failures and deadlocks; a violation of a constraint named in
-        `constraint_errors` raises that domain error.
-        """
-        return await self._attempts(self.engine.begin, work, constraint_errors)
-
-    async def statement(
-        self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
-    ) -> T:
-        """Runs a write that is ONE statement, in autocommit: one round trip, no BEGIN/COMMIT.
-
-        A single statement is its own transaction: all its data-modifying CTEs commit
-        together or not at all, deferred constraints are checked at its end, and its NOTIFYs
-        go out when it commits. Constraint errors and retries as in `transaction`.
-        """
-        return await self._attempts(self._autocommit.connect, work, constraint_errors)
-
-    async def _attempts(
-        self,
-        connect: Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]],
-        work: Work[T],
-        constraint_errors: Mapping[str, Callable[[], Exception]],
-    ) -> T:
-        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
-            try:
-                async with connect() as conn:
-                    return await work(conn)
-            except IntegrityError as error:
-                factory = constraint_errors.get(constraint_name(error) or "")
-                if factory is None:
-                    raise
-                raise factory() from error
-            except DBAPIError as error:
-                if sqlstate(error) in RETRYABLE_SQLSTATES and attempt < TRANSACTION_ATTEMPTS:
-                    _log.info("transaction retried", extra={"sqlstate": sqlstate(error)})
-                    await asyncio.sleep(0.005 * attempt)
-                    continue
-                _reraise(error)
-            except (PoolTimeoutError, OSError) as error:
-                raise StorageUnavailable(type(error).__name__) from error
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def read(self, work: Work[T]) -> T:
-        """Runs `work` in autocommit: for single-statement reads."""
-        return await self._attempts(self._autocommit.connect, work, {})
-
-    @contextlib.asynccontextmanager
-    async def background(self) -> AsyncIterator[AsyncConnection]:
-        """An autocommit connection for work that is not an RPC's (probes, workers).
-
-        Every statement on it is its own transaction; the statement counter skips it.
-        """
-        async with self._autocommit.connect() as conn:
-            yield await conn.execution_options(**{BACKGROUND: True})
-
-    async def ping(self) -> bool:
-        """Whether the database answers."""
-        try:
-            async with self.background() as conn:
-                await conn.execute(text("SELECT 1"))
-        except (DBAPIError, PoolTimeoutError, OSError):
-            return False
-        return True
-
-    async def dispose(self) -> None:
-        """Closes every pooled connection."""
-        await self.engine.dispose()
-
-
-def _reraise(error: DBAPIError) -> NoReturn:
+def _reraise(error: asyncpg.PostgresError) -> NoReturn:
     """Raises `StorageUnavailable` for lost or refused connections, else the error itself."""
     state = sqlstate(error) or ""
-    lost = isinstance(error, InterfaceError | OperationalError) and not state
-    if lost or state.startswith(UNAVAILABLE_SQLSTATE_PREFIXES):
-        raise StorageUnavailable(state or type(error.orig).__name__) from error
+    if state.startswith(UNAVAILABLE_SQLSTATE_PREFIXES):
+        raise StorageUnavailable(state) from error
     raise error

@@ -11,29 +11,28 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Row, TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from umbra_grpc.storage.database import Conn, Query, Row
 
 Cursor = tuple[dt.datetime, int]
 
 
-def statements(build: Callable[[str], str], alias: str = "") -> dict[bool, TextClause]:
+def statements(build: Callable[[str], str], alias: str = "") -> dict[bool, Query]:
     """The two statements of a list: `build(condition)` with and without the cursor."""
     column = f"{alias}." if alias else ""
     after = f"AND ({column}created_at, {column}id) < (:after_time, :after_id)"
-    return {False: text(build("")), True: text(build(after))}
+    return {False: Query(build("")), True: Query(build(after))}
 
 
 async def page(
-    conn: AsyncConnection,
-    variants: Mapping[bool, TextClause],
+    conn: Conn,
+    variants: Mapping[bool, Query],
     *,
     after: Cursor | None,
     limit: int,
     **params: Any,
-) -> list[Row[Any]]:
+) -> list[Row]:
     """One page: at most `limit` rows after the cursor (the first page without one)."""
     values: dict[str, Any] = {**params, "limit": limit}
     if after is not None:
         values["after_time"], values["after_id"] = after
-    return list((await conn.execute(variants[after is not None], values)).all())
+    return await conn.fetch(variants[after is not None], **values)

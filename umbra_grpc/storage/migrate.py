@@ -5,13 +5,15 @@ Alembic's environment runs its own event loop, so async callers run these in a t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import asyncpg
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
+
+from umbra_grpc.storage.database import Conn, Query
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -39,12 +41,19 @@ def check(url: str) -> None:
     command.check(alembic_config(url))
 
 
+@functools.cache
 def head_revision() -> str | None:
-    """The newest revision in the migrations folder."""
+    """The newest revision in the migrations folder (read once: it ships with the code)."""
     return ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
 
 
-def is_at_head(connection: Connection) -> bool:
+_CURRENT = Query("SELECT version_num FROM alembic_version")
+
+
+async def is_at_head(conn: Conn) -> bool:
     """Whether the connected database is migrated to the newest revision."""
-    current = MigrationContext.configure(connection).get_current_revision()
+    try:
+        current = await conn.fetchval(_CURRENT)
+    except asyncpg.UndefinedTableError:  # never migrated
+        return False
     return current is not None and current == head_revision()

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-from sqlalchemy import Row, TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from umbra_grpc.storage import keyset
+from umbra_grpc.storage.database import Conn, Query, Row
 
 
-def _pages(*, unread_only: bool) -> dict[bool, TextClause]:
+def _pages(*, unread_only: bool) -> dict[bool, Query]:
     unread = "AND NOT read" if unread_only else ""
     return keyset.statements(
         lambda cursor: (
@@ -30,18 +27,18 @@ _PAGES = {unread_only: _pages(unread_only=unread_only) for unread_only in (True,
 
 
 async def page(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     caller: int,
     unread_only: bool,
     after: keyset.Cursor | None,
     limit: int,
-) -> list[Row[Any]]:
+) -> list[Row]:
     """The caller's notifications, newest first, after a keyset cursor."""
     return await keyset.page(conn, _PAGES[unread_only], after=after, limit=limit, caller=caller)
 
 
-_MARK_READ = text(
+_MARK_READ = Query(
     """
     WITH marked AS (
         UPDATE notifications SET read = true
@@ -61,9 +58,6 @@ _MARK_READ = text(
 )
 
 
-async def mark_read(
-    conn: AsyncConnection, *, caller: int, ids: Sequence[int], ip: str | None
-) -> int:
+async def mark_read(conn: Conn, *, caller: int, ids: Sequence[int], ip: str | None) -> int:
     """Marks the caller's unread notifications among `ids` read; returns how many changed."""
-    row = (await conn.execute(_MARK_READ, {"caller": caller, "ids": list(ids), "ip": ip})).one()
-    return int(row.updated)
+    return int(await conn.fetchval(_MARK_READ, caller=caller, ids=list(ids), ip=ip))

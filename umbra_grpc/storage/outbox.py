@@ -23,8 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from umbra_grpc.storage.database import Conn, Query
 
 Outcome = Literal["sent", "failed"]
 
@@ -62,7 +61,7 @@ class Claim:
 
 # Skips are decided by the claim itself, so a row not to send costs no statement of its own;
 # a missing settings row reads as ntfy off.
-_CLAIM = text(
+_CLAIM = Query(
     """
     WITH due AS (
         SELECT id, user_id FROM outbox
@@ -106,12 +105,11 @@ _CLAIM = text(
 )
 
 
-async def claim(conn: AsyncConnection, *, limit: int, lease: float) -> Claim:
+async def claim(conn: Conn, *, limit: int, lease: float) -> Claim:
     """Claims up to `limit` due rows: completes the ones to skip, leases the others."""
-    result = await conn.execute(_CLAIM, {"limit": limit, "lease": lease})
     pushes: list[ClaimedPush] = []
     skipped = 0
-    for row in result:
+    for row in await conn.fetch(_CLAIM, limit=limit, lease=lease):
         if row.skipped:
             skipped += 1
             continue
@@ -130,7 +128,7 @@ async def claim(conn: AsyncConnection, *, limit: int, lease: float) -> Claim:
     return Claim(pushes, skipped)
 
 
-_COMPLETE = text(
+_COMPLETE = Query(
     """
     UPDATE outbox
     SET status = :status, completed_at = now(), last_error = coalesce(:note, last_error)
@@ -140,20 +138,18 @@ _COMPLETE = text(
 
 
 async def complete(
-    conn: AsyncConnection, *, push_id: int, attempt: int, outcome: Outcome, note: str | None
+    conn: Conn, *, push_id: int, attempt: int, outcome: Outcome, note: str | None
 ) -> bool:
     """Ends a claimed row as sent or failed; False when the claim was lost.
 
     `note` (the error of a failure) replaces `last_error`; a row sent after failed attempts
     keeps the last of those errors.
     """
-    result = await conn.execute(
-        _COMPLETE, {"id": push_id, "attempt": attempt, "status": outcome, "note": note}
-    )
-    return result.rowcount == 1
+    changed = await conn.execute(_COMPLETE, id=push_id, attempt=attempt, status=outcome, note=note)
+    return changed == 1
 
 
-_RESCHEDULE = text(
+_RESCHEDULE = Query(
     """
     UPDATE outbox
     SET next_attempt_at = now() + make_interval(secs => CAST(:delay AS double precision)),
@@ -163,25 +159,21 @@ _RESCHEDULE = text(
 )
 
 
-async def reschedule(
-    conn: AsyncConnection, *, push_id: int, attempt: int, delay: float, error: str
-) -> bool:
+async def reschedule(conn: Conn, *, push_id: int, attempt: int, delay: float, error: str) -> bool:
     """Sets a claimed row due again `delay` seconds from now; False when the claim was lost."""
-    result = await conn.execute(
-        _RESCHEDULE, {"id": push_id, "attempt": attempt, "delay": delay, "error": error}
-    )
-    return result.rowcount == 1
+    changed = await conn.execute(_RESCHEDULE, id=push_id, attempt=attempt, delay=delay, error=error)
+    return changed == 1
 
 
-_BACKLOG = text("SELECT count(*) FROM outbox WHERE status = 'pending'")
+_BACKLOG = Query("SELECT count(*) FROM outbox WHERE status = 'pending'")
 
 
-async def backlog(conn: AsyncConnection) -> int:
+async def backlog(conn: Conn) -> int:
     """How many rows are still to be delivered (leased ones included)."""
-    return int((await conn.execute(_BACKLOG)).scalar_one())
+    return int(await conn.fetchval(_BACKLOG))
 
 
-_NEXT_DUE = text(
+_NEXT_DUE = Query(
     """
     SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
     FROM outbox WHERE status = 'pending'
@@ -189,7 +181,7 @@ _NEXT_DUE = text(
 )
 
 
-async def seconds_until_due(conn: AsyncConnection) -> float | None:
+async def seconds_until_due(conn: Conn) -> float | None:
     """Seconds until the earliest pending row is due (<= 0: due now); None when none wait."""
-    value = (await conn.execute(_NEXT_DUE)).scalar_one()
+    value = await conn.fetchval(_NEXT_DUE)
     return None if value is None else float(value)

@@ -18,20 +18,17 @@ NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
-
-from sqlalchemy import Row, TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from umbra_grpc.domain.models import SHAREABLE_FIELDS
 from umbra_grpc.storage import keyset
+from umbra_grpc.storage.database import Conn, Query, Row
 
 REQUESTS_CHANNEL = "umbra_requests"
 OUTBOX_CHANNEL = "umbra_outbox"
 PENDING_PAIR_INDEX = "uq_connection_requests_pending_pair"
 CONNECTION_PAIR = "uq_user_connections_pair"
 
-_SEARCH = text(
+_SEARCH = Query(
     """
     SELECT EXISTS (
         SELECT 1 FROM settings WHERE user_id = :caller AND accept_connections
@@ -44,34 +41,33 @@ _SEARCH = text(
 )
 
 
-async def search(conn: AsyncConnection, *, caller: int, handle: str) -> bool:
+async def search(conn: Conn, *, caller: int, handle: str) -> bool:
     """Whether `caller` (opted in) could send a request to the active, accepting `handle`."""
-    return bool((await conn.execute(_SEARCH, {"caller": caller, "handle": handle})).scalar())
+    return bool(await conn.fetchval(_SEARCH, caller=caller, handle=handle))
 
 
-_SEND = text(
+_SEND = Query(
     "SELECT * FROM umbra_send_request(CAST(:caller AS bigint), CAST(:handle AS text),"
     " CAST(:cap AS integer), CAST(:window AS interval), CAST(:ip AS inet))"
 )
 
 
 async def send(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     caller: int,
     handle: str,
     cap: int,
     window: dt.timedelta,
     ip: str | None,
-) -> Row[Any] | None:
+) -> Row | None:
     """Caller and target facts, and the new request's id and created_at when it was written.
 
     None when the caller has no row. Nothing is written unless the target exists, is active,
     is not the caller, both sides accept connections, and the flags (connected, pending,
     recent >= cap) all clear: then `request_id` is set.
     """
-    params = {"caller": caller, "handle": handle, "cap": cap, "window": window, "ip": ip}
-    return (await conn.execute(_SEND, params)).first()
+    return await conn.fetchrow(_SEND, caller=caller, handle=handle, cap=cap, window=window, ip=ip)
 
 
 _AUDIT_COLUMNS = "action, actor_id, target_id, detail, ip"
@@ -95,7 +91,7 @@ _REQUEST_VIEW = """
     JOIN users ru ON ru.id = r.receiver_id JOIN settings rs ON rs.user_id = r.receiver_id
 """
 
-_RESPOND = text(
+_RESPOND = Query(
     f"""
     WITH me AS (
         SELECT u.umbral_name, coalesce(s.preferred_name, u.umbral_name) AS display
@@ -175,27 +171,24 @@ _RESPOND = text(
 
 
 async def respond(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     caller: int,
     request_id: int,
     accept: bool,
     ip: str | None,
-) -> Row[Any] | None:
+) -> Row | None:
     """Resolves a pending request sent to `caller`; None when there is none to resolve."""
-    result = await conn.execute(
+    return await conn.fetchrow(
         _RESPOND,
-        {
-            "caller": caller,
-            "request_id": request_id,
-            "action": "accept" if accept else "reject",
-            "ip": ip,
-        },
+        caller=caller,
+        request_id=request_id,
+        action="accept" if accept else "reject",
+        ip=ip,
     )
-    return result.first()
 
 
-_CANCEL = text(
+_CANCEL = Query(
     f"""
     WITH req AS (
         UPDATE connection_requests r SET status = 'cancelled', resolved_at = now()
@@ -221,15 +214,12 @@ _CANCEL = text(
 )
 
 
-async def cancel(
-    conn: AsyncConnection, *, caller: int, request_id: int, ip: str | None
-) -> Row[Any] | None:
+async def cancel(conn: Conn, *, caller: int, request_id: int, ip: str | None) -> Row | None:
     """Cancels a pending request `caller` sent; None when there is none to cancel."""
-    result = await conn.execute(_CANCEL, {"caller": caller, "request_id": request_id, "ip": ip})
-    return result.first()
+    return await conn.fetchrow(_CANCEL, caller=caller, request_id=request_id, ip=ip)
 
 
-def _pages(side: str) -> dict[bool, TextClause]:
+def _pages(side: str) -> dict[bool, Query]:
     return keyset.statements(
         lambda cursor: (
             _REQUEST_VIEW.format(source="connection_requests")
@@ -248,20 +238,20 @@ _PAGES = {True: _pages("receiver_id"), False: _pages("sender_id")}
 
 
 async def pending_page(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     caller: int,
     incoming: bool,
     after: keyset.Cursor | None,
     limit: int,
-) -> list[Row[Any]]:
+) -> list[Row]:
     """Pending requests to (incoming) or from `caller`, newest first, after a keyset cursor."""
     return await keyset.page(conn, _PAGES[incoming], after=after, limit=limit, caller=caller)
 
 
 SNAPSHOT_LIMIT = 1000
 
-_SNAPSHOT = text(
+_SNAPSHOT = Query(
     _REQUEST_VIEW.format(source="connection_requests")
     + """
     WHERE r.receiver_id = :caller AND r.status = 'pending'
@@ -271,17 +261,16 @@ _SNAPSHOT = text(
 )
 
 
-async def pending_for_receiver(conn: AsyncConnection, *, caller: int) -> list[Row[Any]]:
+async def pending_for_receiver(conn: Conn, *, caller: int) -> list[Row]:
     """Every pending request to `caller`, oldest first (a watch stream's snapshot)."""
-    result = await conn.execute(_SNAPSHOT, {"caller": caller, "limit": SNAPSHOT_LIMIT})
-    return list(result.all())
+    return await conn.fetch(_SNAPSHOT, caller=caller, limit=SNAPSHOT_LIMIT)
 
 
-_BY_IDS = text(
+_BY_IDS = Query(
     _REQUEST_VIEW.format(source="connection_requests") + " WHERE r.id = ANY(CAST(:ids AS bigint[]))"
 )
 
 
-async def by_ids(conn: AsyncConnection, ids: list[int]) -> list[Row[Any]]:
+async def by_ids(conn: Conn, ids: list[int]) -> list[Row]:
     """Requests by id, in any order (one query for a whole batch of events)."""
-    return list((await conn.execute(_BY_IDS, {"ids": ids})).all())
+    return await conn.fetch(_BY_IDS, ids=ids)

@@ -1,7 +1,8 @@
 """The schema: SQLAlchemy 2 models of every table, and what the database itself enforces.
 
-These models describe the tables for Alembic (`alembic check` compares them with the database)
-and give typed column objects to the repositories, which use them through SQLAlchemy Core.
+These models describe the tables for Alembic (`alembic check` compares them with the database).
+The repositories do not go through SQLAlchemy: they send their SQL with asyncpg (see
+`storage.database`), so these models are the schema's one description, not a query layer.
 
 Invariants held by PostgreSQL, not by Python (SPEC 2):
 - I1: `uq_connection_requests_pending_pair`, a unique index on the *unordered* pair of a
@@ -18,7 +19,7 @@ Every timestamp is `timestamptz`, written by the database clock.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -32,7 +33,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    Table,
     Text,
     UniqueConstraint,
     func,
@@ -66,11 +66,6 @@ class Base(DeclarativeBase):
     """Declarative base with constraint names Alembic and the error mapping can rely on."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-def table(model: type[Base]) -> Table:
-    """The Core table of a model, for repositories that write SQLAlchemy Core."""
-    return cast(Table, model.__table__)
 
 
 class User(Base):

@@ -6,10 +6,6 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Row, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from umbra_grpc.domain.models import (
     SHAREABLE_FIELDS,
     NtfySettings,
@@ -17,25 +13,35 @@ from umbra_grpc.domain.models import (
     User,
     UserSettings,
 )
+from umbra_grpc.storage.database import Conn, Query, Row
 from umbra_grpc.storage.tables import Settings as SettingsTable
-from umbra_grpc.storage.tables import User as UserTable
-from umbra_grpc.storage.tables import table
 
 USERS_CHANNEL = "umbra_users"
 HANDLE_INDEX = "uq_users_umbral_name_lower"
 
-_users = table(UserTable)
-_settings = table(SettingsTable)
+_PROFILE = ", ".join(SHAREABLE_FIELDS)
+_SETTINGS_COLUMNS = frozenset(
+    column.name for column in SettingsTable.__table__.columns if column.name != "user_id"
+)
 
-_user_with_settings = select(
-    _users,
-    *(c for c in _settings.c if c.name not in ("user_id", "updated_at", "ntfy_auth_token")),
-    (_settings.c.ntfy_auth_token.is_not(None)).label("has_auth_token"),
-).select_from(_users.join(_settings, _settings.c.user_id == _users.c.id))
+_UPSERT = Query(
+    f"""
+    WITH saved AS (
+        INSERT INTO users (id, umbral_name, is_active, {_PROFILE})
+        VALUES (:id, :umbral_name, :is_active, {", ".join(f":{f}" for f in SHAREABLE_FIELDS)})
+        ON CONFLICT (id) DO UPDATE
+        SET umbral_name = excluded.umbral_name, is_active = excluded.is_active,
+            {", ".join(f"{f} = excluded.{f}" for f in SHAREABLE_FIELDS)},
+            updated_at = now()
+        RETURNING id
+    )
+    INSERT INTO settings (user_id) SELECT id FROM saved ON CONFLICT (user_id) DO NOTHING
+    """
+)
 
 
 async def upsert(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     user_id: int,
     umbral_name: str,
@@ -43,53 +49,63 @@ async def upsert(
     profile: Mapping[str, Any],
 ) -> None:
     """Creates the user (with default settings) or replaces handle, flag and profile."""
-    values = {"id": user_id, "umbral_name": umbral_name, "is_active": is_active, **profile}
-    statement = insert(_users).values(values)
-    statement = statement.on_conflict_do_update(
-        index_elements=[_users.c.id],
-        set_={
-            **{key: statement.excluded[key] for key in values if key != "id"},
-            "updated_at": func.now(),
-        },
-    )
-    await conn.execute(statement)
-    await conn.execute(
-        insert(_settings).values(user_id=user_id).on_conflict_do_nothing(index_elements=["user_id"])
-    )
+    values = {field: profile.get(field) for field in SHAREABLE_FIELDS}
+    await conn.execute(_UPSERT, id=user_id, umbral_name=umbral_name, is_active=is_active, **values)
 
 
-async def update_settings(conn: AsyncConnection, user_id: int, columns: Mapping[str, Any]) -> bool:
+def _update_settings(columns: frozenset[str]) -> Query:
+    # Column names come from SETTINGS_COLUMNS (domain.accounts), never from a request, and
+    # are checked against the table once more here.
+    unknown = columns - _SETTINGS_COLUMNS
+    if unknown:
+        raise ValueError(f"not settings columns: {sorted(unknown)}")
+    assignments = ", ".join(f"{column} = :{column}" for column in sorted(columns))
+    return Query(f"UPDATE settings SET {assignments}, updated_at = now() WHERE user_id = :user_id")
+
+
+async def update_settings(conn: Conn, user_id: int, columns: Mapping[str, Any]) -> bool:
     """Writes the given settings columns; False when the user does not exist."""
-    result = await conn.execute(
-        update(_settings)
-        .where(_settings.c.user_id == user_id)
-        .values(**columns, updated_at=func.now())
-        .returning(_settings.c.user_id)
-    )
-    return result.first() is not None
+    query = _update_settings(frozenset(columns))
+    return await conn.execute(query, user_id=user_id, **columns) == 1
 
 
-async def get(conn: AsyncConnection, user_id: int) -> User | None:
+_GET = Query(
+    f"""
+    SELECT u.id, u.umbral_name, u.is_active, {", ".join(f"u.{f}" for f in SHAREABLE_FIELDS)},
+           u.created_at, u.updated_at,
+           s.accept_connections, s.preferred_name,
+           {", ".join(f"s.share_{f}" for f in SHAREABLE_FIELDS)},
+           s.ntfy_enabled, s.ntfy_server_url, s.ntfy_topic, s.ntfy_connections_enabled,
+           s.ntfy_auth_token IS NOT NULL AS has_auth_token
+    FROM users u JOIN settings s ON s.user_id = u.id
+    WHERE u.id = :user_id
+    """
+)
+
+
+async def get(conn: Conn, user_id: int) -> User | None:
     """The user with their settings (the ntfy token left out), or None."""
-    row = (await conn.execute(_user_with_settings.where(_users.c.id == user_id))).first()
+    row = await conn.fetchrow(_GET, user_id=user_id)
     return _to_user(row) if row is not None else None
 
 
-async def is_active(conn: AsyncConnection, user_id: int) -> bool:
+_IS_ACTIVE = Query("SELECT is_active FROM users WHERE id = :user_id")
+
+
+async def is_active(conn: Conn, user_id: int) -> bool:
     """Whether the user exists and is active."""
-    result = await conn.execute(select(_users.c.is_active).where(_users.c.id == user_id))
-    return bool(result.scalar())
+    return bool(await conn.fetchval(_IS_ACTIVE, user_id=user_id))
 
 
-async def announce_change(conn: AsyncConnection, user_id: int) -> None:
+_ANNOUNCE = Query(f"SELECT pg_notify('{USERS_CHANNEL}', :payload)")
+
+
+async def announce_change(conn: Conn, user_id: int) -> None:
     """Tells every replica (LISTEN umbra_users) to forget what it cached about the user."""
-    await conn.execute(
-        text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": USERS_CHANNEL, "payload": str(user_id)},
-    )
+    await conn.execute(_ANNOUNCE, payload=str(user_id))
 
 
-def _to_user(row: Row[Any]) -> User:
+def _to_user(row: Row) -> User:
     birthday: dt.date | None = row.birthday
     return User(
         id=row.id,
