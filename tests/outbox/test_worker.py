@@ -18,7 +18,7 @@ from umbra_grpc.config import Config
 from umbra_grpc.embedded import free_port
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.storage import outbox
-from umbra_grpc.storage.database import Conn, Database, Row, StatementCounter
+from umbra_grpc.storage.database import Conn, Database, StatementCounter
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 user_ids = itertools.count(1)
@@ -126,8 +126,8 @@ async def test_claims_skip_locked_rows_and_leases_fence_late_writers(
     assert await worker.backlog() == 4
 
     # The worker claims in autocommit; open transactions hold the claims' locks here.
-    first = await asyncpg.connect(database_url, record_class=Row)
-    second = await asyncpg.connect(database_url, record_class=Row)
+    first = await asyncpg.connect(database_url)
+    second = await asyncpg.connect(database_url)
     try:
         async with first.transaction(), second.transaction():
             mine = (await outbox.claim(Conn(first, None), limit=2, lease=60.0)).pushes

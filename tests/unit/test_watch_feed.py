@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -42,26 +41,29 @@ ME, OTHER, NOBODY = 7, 8, 9
 WAIT = 2.0  # seconds; every wait below ends far sooner when the code is right
 
 
-def row(request_id: int, receiver: int = ME, status: str = "pending") -> SimpleNamespace:
+Row = dict[str, Any]
+
+
+def row(request_id: int, receiver: int = ME, status: str = "pending") -> Row:
     """A row with what RequestView.from_row reads (plus the receiver, for the fake)."""
-    return SimpleNamespace(
-        id=request_id,
-        receiver_id=receiver,
-        status=status,
-        sender_name=f"sender{request_id}",
-        sender_preferred=None,
-        receiver_name=f"user{receiver}",
-        receiver_preferred=None,
-        created_at=dt.datetime(2025, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=request_id),
-        resolved_at=None,
-    )
+    return {
+        "id": request_id,
+        "receiver_id": receiver,
+        "status": status,
+        "sender_name": f"sender{request_id}",
+        "sender_preferred": None,
+        "receiver_name": f"user{receiver}",
+        "receiver_preferred": None,
+        "created_at": dt.datetime(2025, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=request_id),
+        "resolved_at": None,
+    }
 
 
 class _Connection:
     def __init__(self, db: FakeDatabase) -> None:
         self._db = db
 
-    async def fetch(self, query: Any, **params: Any) -> list[SimpleNamespace]:
+    async def fetch(self, query: Any, **params: Any) -> list[Row]:
         if "ids" in params:  # storage.requests.by_ids: the feed's batch lookup
             ids = list(params["ids"])
             self._db.lookups.append(ids)
@@ -71,16 +73,18 @@ class _Connection:
         self._db.snapshots += 1
         caller = params["caller"]
         pending = [
-            r for r in self._db.rows.values() if r.receiver_id == caller and r.status == "pending"
+            r
+            for r in self._db.rows.values()
+            if r["receiver_id"] == caller and r["status"] == "pending"
         ]
-        return sorted(pending, key=lambda r: r.created_at)
+        return sorted(pending, key=lambda r: r["created_at"])
 
 
 class FakeDatabase:
     """What RequestFeed and Stream use of `Database`: `read` and `background`."""
 
-    def __init__(self, *rows: SimpleNamespace) -> None:
-        self.rows = {r.id: r for r in rows}
+    def __init__(self, *rows: Row) -> None:
+        self.rows = {r["id"]: r for r in rows}
         self.lookups: list[list[int]] = []
         self.snapshots = 0
         self.gate = asyncio.Event()  # lookups wait on it; open unless a test closes it

@@ -104,12 +104,12 @@ class Connections:
         if row is None:
             raise ConnectionNotFound
         return SharedProfile(
-            umbral_name=row.umbral_name,
-            preferred_name=row.preferred_name,
+            umbral_name=row["umbral_name"],
+            preferred_name=row["preferred_name"],
             fields=shared_fields(
-                {field: getattr(row, field) for field in SHAREABLE_FIELDS},
-                {field: getattr(row, f"share_{field}") for field in SHAREABLE_FIELDS},
-                row.sharing_overrides,
+                {field: row[field] for field in SHAREABLE_FIELDS},
+                {field: row[f"share_{field}"] for field in SHAREABLE_FIELDS},
+                row["sharing_overrides"],
             ),
         )
 
@@ -133,7 +133,7 @@ class Connections:
         )
         if row is None:
             raise ConnectionNotFound
-        return dict(row.sharing_overrides or {})
+        return dict(row["sharing_overrides"] or {})
 
     async def remove(self, caller: int, connection_id: int, ip: str | None) -> None:
         """Removes both sides of the connection; both contact cards stay, detached."""
@@ -147,10 +147,10 @@ class Connections:
 
 def _view(row: Row) -> ConnectionView:
     return ConnectionView(
-        id=row.id,
-        connected_user_id=row.connected_user_id,
-        connected_name=row.umbral_name,
-        connected_preferred=row.preferred_name,
-        person_id=row.person_id,
-        create_time=row.created_at,
+        id=row["id"],
+        connected_user_id=row["connected_user_id"],
+        connected_name=row["umbral_name"],
+        connected_preferred=row["preferred_name"],
+        person_id=row["person_id"],
+        create_time=row["created_at"],
     )

@@ -76,15 +76,15 @@ class Notifications:
         )
         views = [
             NotificationView(
-                id=row.id,
-                type=row.type,
-                title=row.title,
-                message=row.message,
-                data={key: str(value) for key, value in row.data.items()},
-                source_type=row.source_type,
-                source_id=row.source_id,
-                read=row.read,
-                create_time=row.created_at,
+                id=row["id"],
+                type=row["type"],
+                title=row["title"],
+                message=row["message"],
+                data={key: str(value) for key, value in row["data"].items()},
+                source_type=row["source_type"],
+                source_id=row["source_id"],
+                read=row["read"],
+                create_time=row["created_at"],
             )
             for row in rows[:limit]
         ]
@@ -115,20 +115,20 @@ class Notifications:
         if row is None:
             raise ContactNotFound
         return ContactView(
-            id=row.id,
-            linked_user_id=row.linked_user_id,
-            is_umbral_contact=row.is_umbral_contact,
-            display_name=row.display_name,
+            id=row["id"],
+            linked_user_id=row["linked_user_id"],
+            is_umbral_contact=row["is_umbral_contact"],
+            display_name=row["display_name"],
             fields=_present_fields(row),
-            create_time=row.created_at,
-            update_time=row.updated_at,
+            create_time=row["created_at"],
+            update_time=row["updated_at"],
         )
 
 
 def _present_fields(row: Any) -> dict[str, str]:
     fields: dict[str, str] = {}
     for field in SHAREABLE_FIELDS:
-        value = getattr(row, field)
+        value = row[field]
         if value is not None and value != "":
             fields[field] = value.isoformat() if isinstance(value, dt.date) else str(value)
     return fields

@@ -48,14 +48,14 @@ class RequestView:
     def from_row(cls, row: Row) -> RequestView:
         """From a row of the storage layer's request view."""
         return cls(
-            id=row.id,
-            status=row.status,
-            sender_name=row.sender_name,
-            sender_preferred=row.sender_preferred,
-            receiver_name=row.receiver_name,
-            receiver_preferred=row.receiver_preferred,
-            create_time=row.created_at,
-            resolve_time=row.resolved_at,
+            id=row["id"],
+            status=row["status"],
+            sender_name=row["sender_name"],
+            sender_preferred=row["sender_preferred"],
+            receiver_name=row["receiver_name"],
+            receiver_preferred=row["receiver_preferred"],
+            create_time=row["created_at"],
+            resolve_time=row["resolved_at"],
         )
 
 
@@ -96,28 +96,28 @@ class Requests:
                 store.CONNECTION_PAIR: AlreadyConnected,
             },
         )
-        if facts is None or facts.target_id is None or not facts.target_active:
+        if facts is None or facts["target_id"] is None or not facts["target_active"]:
             raise UserNotFound
-        if facts.target_id == caller:
+        if facts["target_id"] == caller:
             raise SelfRequest
-        if not facts.caller_accepts:
+        if not facts["caller_accepts"]:
             raise ConnectionsDisabled
-        if not facts.target_accepts:
+        if not facts["target_accepts"]:
             raise UserNotFound
-        if facts.connected:
+        if facts["connected"]:
             raise AlreadyConnected
-        if facts.pending:
+        if facts["pending"]:
             raise RequestPending
-        if facts.request_id is None:
+        if facts["request_id"] is None:
             raise TooManyPending
         return RequestView(
-            id=facts.request_id,
+            id=facts["request_id"],
             status="pending",
-            sender_name=facts.caller_name,
-            sender_preferred=facts.caller_preferred,
-            receiver_name=facts.target_name,
-            receiver_preferred=facts.target_preferred,
-            create_time=facts.request_created_at,
+            sender_name=facts["caller_name"],
+            sender_preferred=facts["caller_preferred"],
+            receiver_name=facts["target_name"],
+            receiver_preferred=facts["target_preferred"],
+            create_time=facts["request_created_at"],
             resolve_time=None,
         )
 
@@ -154,15 +154,15 @@ class Requests:
         request = RequestView.from_row(row)
         if accept and request.status != "accepted":
             raise SenderInactive
-        if row.connection_id is None:
+        if row["connection_id"] is None:
             return request, None
         connection = ConnectionView(
-            id=row.connection_id,
-            connected_user_id=row.connected_user_id,
+            id=row["connection_id"],
+            connected_user_id=row["connected_user_id"],
             connected_name=request.sender_name,
             connected_preferred=request.sender_preferred,
-            person_id=row.person_id,
-            create_time=row.connection_created_at,
+            person_id=row["person_id"],
+            create_time=row["connection_created_at"],
         )
         return request, connection
 

@@ -221,7 +221,7 @@ class RequestFeed:
                     for subscription in self._streams.get(notice.receiver_id, ()):
                         subscription.close(FeedUnavailable())
                 continue
-            views = {row.id: RequestView.from_row(row) for row in rows}
+            views = {row["id"]: RequestView.from_row(row) for row in rows}
             for notice in batch:
                 view = views.get(notice.request_id)
                 if view is None:

@@ -29,7 +29,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import asyncpg
 
@@ -53,16 +53,10 @@ class StorageUnavailable(Exception):
     """The database could not be reached or dropped the connection."""
 
 
-class Row(asyncpg.Record):  # type: ignore[misc]
-    """A result row: by position, by name (`row["id"]`) and as attributes (`row.id`)."""
-
-    __slots__ = ()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+# A result row, an `asyncpg.Record` (untyped: asyncpg ships no stubs): by position or by name,
+# `row["id"]`, a C lookup. An attribute-style wrapper cost 0.6 µs per field read, a quarter of
+# a 50-row list's Python time.
+Row: TypeAlias = Any
 
 
 _PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -260,7 +254,6 @@ class Database:
                         self._dsn,
                         min_size=0,
                         max_size=self._pool_size,
-                        record_class=Row,
                         init=_json_codecs,
                         reset=_keep_session,
                         **self._connect,

@@ -110,19 +110,19 @@ async def claim(conn: Conn, *, limit: int, lease: float) -> Claim:
     pushes: list[ClaimedPush] = []
     skipped = 0
     for row in await conn.fetch(_CLAIM, limit=limit, lease=lease):
-        if row.skipped:
+        if row["skipped"]:
             skipped += 1
             continue
         pushes.append(
             ClaimedPush(
-                id=row.id,
-                user_id=row.user_id,
-                kind=row.kind,
-                display_name=row.display_name,
-                attempt=row.attempts,
-                server_url=row.server_url,
-                topic=row.topic,
-                auth_token=row.auth_token,
+                id=row["id"],
+                user_id=row["user_id"],
+                kind=row["kind"],
+                display_name=row["display_name"],
+                attempt=row["attempts"],
+                server_url=row["server_url"],
+                topic=row["topic"],
+                auth_token=row["auth_token"],
             )
         )
     return Claim(pushes, skipped)

@@ -106,32 +106,32 @@ async def announce_change(conn: Conn, user_id: int) -> None:
 
 
 def _to_user(row: Row) -> User:
-    birthday: dt.date | None = row.birthday
+    birthday: dt.date | None = row["birthday"]
     return User(
-        id=row.id,
-        umbral_name=row.umbral_name,
-        is_active=row.is_active,
+        id=row["id"],
+        umbral_name=row["umbral_name"],
+        is_active=row["is_active"],
         profile=Profile(
-            email=row.email,
-            phone=row.phone,
-            mobile=row.mobile,
-            address=row.address,
-            company=row.company,
-            job_title=row.job_title,
+            email=row["email"],
+            phone=row["phone"],
+            mobile=row["mobile"],
+            address=row["address"],
+            company=row["company"],
+            job_title=row["job_title"],
             birthday=birthday.isoformat() if birthday else None,
         ),
         settings=UserSettings(
-            accept_connections=row.accept_connections,
-            preferred_name=row.preferred_name,
-            sharing_defaults={field: getattr(row, f"share_{field}") for field in SHAREABLE_FIELDS},
+            accept_connections=row["accept_connections"],
+            preferred_name=row["preferred_name"],
+            sharing_defaults={field: row[f"share_{field}"] for field in SHAREABLE_FIELDS},
             ntfy=NtfySettings(
-                enabled=row.ntfy_enabled,
-                server_url=row.ntfy_server_url,
-                topic=row.ntfy_topic,
-                connections_enabled=row.ntfy_connections_enabled,
-                has_auth_token=row.has_auth_token,
+                enabled=row["ntfy_enabled"],
+                server_url=row["ntfy_server_url"],
+                topic=row["ntfy_topic"],
+                connections_enabled=row["ntfy_connections_enabled"],
+                has_auth_token=row["has_auth_token"],
             ),
         ),
-        create_time=row.created_at,
-        update_time=row.updated_at,
+        create_time=row["created_at"],
+        update_time=row["updated_at"],
     )
