@@ -147,10 +147,10 @@ class Connections:
 
 def _view(row: Row) -> ConnectionView:
     return ConnectionView(
-        id=row["id"],
-        connected_user_id=row["connected_user_id"],
-        connected_name=row["umbral_name"],
-        connected_preferred=row["preferred_name"],
-        person_id=row["person_id"],
-        create_time=row["created_at"],
+        row["id"],
+        row["connected_user_id"],
+        row["umbral_name"],
+        row["preferred_name"],
+        row["person_id"],
+        row["created_at"],
     )

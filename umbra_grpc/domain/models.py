@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import NamedTuple
 
 SHAREABLE_FIELDS = ("email", "phone", "mobile", "address", "company", "job_title", "birthday")
 NTFY_FIELDS = ("enabled", "server_url", "topic", "auth_token", "connections_enabled")
@@ -58,9 +59,8 @@ class User:
     update_time: dt.datetime | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionView:
-    """One side of a connection as its owner sees it."""
+class ConnectionView(NamedTuple):
+    """One side of a connection as its owner sees it (a NamedTuple: see RequestView)."""
 
     id: int
     connected_user_id: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import ContactNotFound, InvalidField
@@ -19,9 +19,8 @@ DEFAULT_PAGE_SIZE = 20
 MAX_MARK_IDS = 1000
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NotificationView:
-    """One in-app notification."""
+class NotificationView(NamedTuple):
+    """One in-app notification (a NamedTuple: see RequestView)."""
 
     id: int
     type: str
@@ -76,15 +75,15 @@ class Notifications:
         )
         views = [
             NotificationView(
-                id=row["id"],
-                type=row["type"],
-                title=row["title"],
-                message=row["message"],
-                data={key: str(value) for key, value in row["data"].items()},
-                source_type=row["source_type"],
-                source_id=row["source_id"],
-                read=row["read"],
-                create_time=row["created_at"],
+                row["id"],
+                row["type"],
+                row["title"],
+                row["message"],
+                {key: str(value) for key, value in row["data"].items()},
+                row["source_type"],
+                row["source_id"],
+                row["read"],
+                row["created_at"],
             )
             for row in rows[:limit]
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import NamedTuple
 
 from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import (
@@ -31,9 +32,12 @@ from umbra_grpc.storage.database import Database, Row
 DEFAULT_PAGE_SIZE = 20
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestView:
-    """A request with both sides' handles and preferred names."""
+class RequestView(NamedTuple):
+    """A request with both sides' handles and preferred names.
+
+    Views of list rows are NamedTuples built positionally: immutable, and a third of a frozen
+    dataclass's construction cost, which a 50-row page pays 50 times.
+    """
 
     id: int
     status: str
@@ -48,14 +52,14 @@ class RequestView:
     def from_row(cls, row: Row) -> RequestView:
         """From a row of the storage layer's request view."""
         return cls(
-            id=row["id"],
-            status=row["status"],
-            sender_name=row["sender_name"],
-            sender_preferred=row["sender_preferred"],
-            receiver_name=row["receiver_name"],
-            receiver_preferred=row["receiver_preferred"],
-            create_time=row["created_at"],
-            resolve_time=row["resolved_at"],
+            row["id"],
+            row["status"],
+            row["sender_name"],
+            row["sender_preferred"],
+            row["receiver_name"],
+            row["receiver_preferred"],
+            row["created_at"],
+            row["resolved_at"],
         )
 
 
