@@ -4,8 +4,8 @@
   taken against. It has no proto: raw bytes in, raw bytes out, so it costs nothing beyond the
   server stack itself (HTTP/2, the four interceptors, the access-log line).
 - `/umbra.bench.v1.Bench/TakeStatements` returns (as JSON) the statements the process sent
-  since the last call, counted by `StatementCounter` on the engine's events, and starts
-  counting again.
+  since the last call, counted by `StatementCounter` (every statement a unit of work
+  sends), and starts counting again.
 
 Registered only by `bench.server`, through `Service(..., extra_servicers=...)`.
 """

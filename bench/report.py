@@ -35,22 +35,20 @@ EXPLAINED = {
         " write system call) and the metrics sink updates its counters."
     ),
     "db": (
-        "A round trip costs the server several hundred microseconds, about as much as a whole"
-        ' echo call and far more than SPEC 8\'s "a quarter of an echo": the statement goes'
-        " through SQLAlchemy's execution context, result machinery and a greenlet switch"
-        " into asyncpg, then a send and a receive system call on the loopback socket. py-spy"
-        " under SendRequest puts a quarter of the server's samples in SQLAlchemy and a tenth"
-        " in asyncpg's Python code, before the C parts (protocol, sockets)."
+        "A round trip costs the server about a quarter to a third of an echo call: the"
+        " statement goes straight to asyncpg (prepared once per connection, rows read by name),"
+        " then a send and a receive system call on the loopback socket and an event-loop wake-up."
+        " It used to cost a whole echo, when statements went through SQLAlchemy's execution"
+        " context, result machinery and a greenlet switch (a quarter of the server's samples)."
     ),
     "writes": (
-        "It also wakes the outbox worker in the same process: each round claims the new rows"
-        " (BEGIN, claim, COMMIT), writes each outcome (BEGIN, UPDATE, COMMIT: `skipped` for"
-        " users without ntfy) and asks when the next row is due; the outbox section shows its"
-        " share, mostly PostgreSQL CPU under load and a whole round per call one at a time."
+        "It also wakes the outbox worker in the same process: each round is one claim"
+        " statement (rows of users without ntfy completed as `skipped` inside it) and one"
+        " query for the next due row; the outbox section shows its share."
     ),
     "lists": (
-        "A page of 50 builds 50 row objects, 50 domain views and 50 protobuf messages with"
-        " their timestamps in Python; the SQL is an index range scan and costs PostgreSQL"
+        "A page of 50 reads 50 rows, builds 50 domain views (NamedTuples) and fills 50"
+        " protobuf messages in place; the SQL is an index range scan and costs PostgreSQL"
         " little."
     ),
 }
@@ -337,10 +335,11 @@ def statements(results: dict[str, Any]) -> list[str]:
     return [
         "## Statements per RPC",
         "",
-        "Counted by `StatementCounter` on the server's engine events (BEGIN and COMMIT"
-        " included) and read through a bench-only RPC; one call at a time, on a fresh server"
-        " of their own (UMBRA_USER_CACHE_SECONDS=3600, as in the tests) so that the caller's"
-        ' "is active" answer is cached, as it is for a caller that calls more than once a second.',
+        "Counted by `StatementCounter` (every statement the server's units of work send,"
+        " BEGIN and COMMIT included) and read through a bench-only RPC; one call at a time,"
+        " on a fresh server of their own (UMBRA_USER_CACHE_SECONDS=3600, as in the tests)"
+        ' so that the caller\'s "is active" answer is cached, as it is for a caller that calls'
+        " more than once a second.",
         "",
         *table(["RPC", "counted", "budget", "verdict", "statements"], rows),
         "Under load (all statements the process sent during the 64-in-flight window, divided"
@@ -535,7 +534,7 @@ def uvloop(results: dict[str, Any]) -> list[str]:
     ]
     word = "wins" if data["wins"] else "does not win"
     return [
-        "## uvloop (`python -m bench.server --uvloop`, same run, phases interleaved)",
+        "## uvloop (`UMBRA_EVENT_LOOP=uvloop`, same run, phases interleaved)",
         "",
         *table(
             ["RPC", "asyncio RPC/s", "uvloop RPC/s", "gain", "CPU µs", "uvloop CPU µs"],
@@ -544,9 +543,12 @@ def uvloop(results: dict[str, Any]) -> list[str]:
         f"Geometric mean gain {fmt(data['geometric_mean_gain'], 2)}: uvloop {word} in this"
         " run. The two loops take turns going first from one RPC to the next, against the"
         " drift of a shared machine; gains within about 10 % are inside this machine's"
-        " run-to-run noise. grpc.aio drives its"
-        " calls from its own completion-queue poller thread and Cython callbacks, so the"
-        " event loop is only part of each call's cost.",
+        " run-to-run noise, so the server CPU per call (less noisy) is the better guide."
+        " grpc.aio drives its calls from its own completion-queue poller thread and Cython"
+        " callbacks, so the event loop is only part of each call's cost. `umbra-grpc serve`"
+        " runs on uvloop by default (UMBRA_EVENT_LOOP): with statements going straight to"
+        " asyncpg it cut server CPU per call by 5-25 % here; every other table of this page"
+        " is measured on asyncio's own loop, the conservative figures.",
         "",
     ]
 
@@ -575,8 +577,9 @@ def outbox(results: dict[str, Any]) -> list[str]:
         "",
         f"{data['note']}. A third server process with the worker off, same RPCs at 64 in"
         " flight; at this rate the worker claims rows in batches of up to 20, so its share is"
-        " smaller than at one call in flight, where every call pays for a whole round (claim,"
-        " outcome, next-due query: about nine statements).",
+        " smaller than at one call in flight, where every call pays for a whole round (the"
+        " claim, which also completes rows not to send as skipped, and the next-due query:"
+        " two statements, plus one per push actually sent).",
         "",
         *table(
             [
@@ -612,8 +615,9 @@ def profile(results: dict[str, Any]) -> list[str]:
         '"asyncio event loop" is time in C called from a loop callback that py-spy cannot'
         " name without native frames: grpc's Cython server, asyncpg's protocol parser, the"
         " socket system calls. A native profile (`py-spy record --native`, which stops the"
-        " process while sampling) of Respond put send/sendmsg/write/recv system calls at"
-        " about a third of the samples, grpc's core at a sixth, SQLAlchemy at a sixth.",
+        " process while sampling) of Respond, taken when statements still went through"
+        " SQLAlchemy, put send/sendmsg/write/recv system calls at about a third of the"
+        " samples, grpc's core at a sixth, SQLAlchemy at a sixth.",
         "",
     ]
     return lines
@@ -699,12 +703,6 @@ def limits(results: dict[str, Any]) -> list[str]:
             why.append(
                 "Its one statement is wrapped in BEGIN and COMMIT: two of its three round"
                 " trips carry no work (a single statement is atomic on its own in autocommit)."
-            )
-        if method == "SendRequest":
-            why.append(
-                "Four round trips: BEGIN, lock the receiver, the write, COMMIT (the lock must"
-                " come before the write's snapshot for the pending cap, so the two statements"
-                " cannot simply merge)."
             )
         if method in ("SendRequest", "Respond"):
             why.append(EXPLAINED["writes"])

@@ -222,6 +222,9 @@ class Bench:
             "UMBRA_LOG_FORMAT": "json",
             "UMBRA_LOG_LEVEL": "INFO",
             "UMBRA_GRACE_SECONDS": "1",
+            # asyncio's own loop unless a server is started with uvloop=True: the headline
+            # figures are the conservative ones (`serve` itself defaults to uvloop).
+            "UMBRA_EVENT_LOOP": "asyncio",
         }
         for name in list(env):
             if (
@@ -239,6 +242,7 @@ class Bench:
                     "UMBRA_LOG_FORMAT",
                     "UMBRA_LOG_LEVEL",
                     "UMBRA_GRACE_SECONDS",
+                    "UMBRA_EVENT_LOOP",
                 )
             ):
                 del env[name]  # the caller's own UMBRA_* settings do not leak into the bench
@@ -258,7 +262,7 @@ class Bench:
         port = free_port()
         command = list(argv) if argv else [sys.executable, "-m", "bench.server"]
         if uvloop:
-            command.append("--uvloop")
+            env["UMBRA_EVENT_LOOP"] = "uvloop"
         db_name = "bench_" + name.replace("-", "_")
         url = await self.clone(db_name) if database else self.database_url(SEED_DATABASE)
         process = ServerProcess(

@@ -1,15 +1,15 @@
-"""`python -m bench.server [--uvloop]`: the product server plus the bench-only RPCs.
+"""`python -m bench.server`: the product server plus the bench-only RPCs.
 
 Configured like `umbra-grpc serve` from `UMBRA_*` variables (the bench sets
-UMBRA_DATABASE_URL to its private, already migrated PostgreSQL, and turns rate limits off,
-and timing floors off or on). Builds exactly what the CLI builds, `Service(config, db)`, with
-the echo and statement-count handlers added through `extra_servicers`, so they sit behind
-the same interceptor chain. Serves until SIGTERM or SIGINT.
+UMBRA_DATABASE_URL to its private, already migrated PostgreSQL, turns rate limits off and
+timing floors off or on, and picks the event loop with UMBRA_EVENT_LOOP). Builds exactly what
+the CLI builds, `Service(config, db)`, with the echo and statement-count handlers added
+through `extra_servicers`, so they sit behind the same interceptor chain, and runs it on the
+loop `run_loop` picks, as `serve` does. Serves until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
@@ -17,7 +17,7 @@ import sys
 from bench.echo import add_generic_handler, echo_handler, statements_handler
 from umbra_grpc.config import Config, ConfigError
 from umbra_grpc.logs import configure_logging
-from umbra_grpc.server import Service
+from umbra_grpc.server import Service, run_loop
 from umbra_grpc.storage.database import Database, StatementCounter
 
 
@@ -46,21 +46,12 @@ async def serve(config: Config) -> None:
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="python -m bench.server")
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
-    args = parser.parse_args()
     try:
         config = Config.from_env()
     except ConfigError as error:
         sys.exit(f"configuration error: {error}")
     configure_logging(config.log_format, config.log_level)
-    loop_factory = None
-    if args.uvloop:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(config))
+    run_loop(config, serve(config))
 
 
 if __name__ == "__main__":

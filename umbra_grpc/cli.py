@@ -25,7 +25,7 @@ from umbra_grpc.embedded import EmbeddedPostgres, dev_jwt_secret
 from umbra_grpc.logs import configure_logging
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
 from umbra_grpc.principal import ADMIN_SCOPE
-from umbra_grpc.server import Service
+from umbra_grpc.server import Service, run_loop
 from umbra_grpc.storage import migrate
 from umbra_grpc.storage.database import Database
 from umbra_grpc.tokens import mint_token
@@ -101,7 +101,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         assert ready.database_url is not None
         migrate.upgrade(ready.database_url)
         if args.workers == 1:
-            return asyncio.run(_run_server(ready))
+            return run_loop(ready, _run_server(ready))
         return _run_workers(ready.with_changes(reuse_port=True), args.workers)
 
 
@@ -149,7 +149,7 @@ def _worker_main(config: Config) -> None:
     """One of `serve --workers N`'s processes."""
     configure_logging(config.log_format, config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
-    sys.exit(asyncio.run(_run_server(config)))
+    sys.exit(run_loop(config, _run_server(config)))
 
 
 async def _run_server(config: Config) -> int:

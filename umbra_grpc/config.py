@@ -36,6 +36,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "json"
     log_level: str = "INFO"
+    event_loop: str = "uvloop"
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
@@ -92,6 +93,7 @@ class Config:
             log_level=env.choice(
                 "UMBRA_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), cls.log_level
             ),
+            event_loop=env.choice("UMBRA_EVENT_LOOP", ("uvloop", "asyncio"), cls.event_loop),
             tls_cert_file=env.path("UMBRA_TLS_CERT_FILE"),
             tls_key_file=env.path("UMBRA_TLS_KEY_FILE"),
             tls_client_ca_file=env.path("UMBRA_TLS_CLIENT_CA_FILE"),

@@ -12,9 +12,11 @@ import datetime as dt
 import hmac
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -48,6 +50,20 @@ CONNECTION_SERVICE = connections_pb2.DESCRIPTOR.services_by_name["ConnectionServ
 ACCOUNT_SERVICE = accounts_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
 SERVICE_NAMES = (CONNECTION_SERVICE, ACCOUNT_SERVICE)
 HEALTH_PROBE_SECONDS = 1.0
+
+
+T = TypeVar("T")
+
+
+def run_loop(config: Config, main: Coroutine[Any, Any, T]) -> T:
+    """Runs `main` on the event loop UMBRA_EVENT_LOOP names: uvloop (the default) or asyncio's.
+
+    bench/ measured uvloop at 0.8-0.9x asyncio's server CPU per call (docs/PERFORMANCE.md):
+    asyncpg's protocol and the loopback sockets run on its libuv loop.
+    """
+    factory = uvloop.new_event_loop if config.event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def server_options(config: Config) -> list[tuple[str, int]]:
