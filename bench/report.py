@@ -719,6 +719,15 @@ def limits(results: dict[str, Any]) -> list[str]:
             " trip to PostgreSQL and two process wake-ups, so the absolute 1 ms / 2 ms targets"
             " are out of reach on this machine for anything that touches the database."
         )
+        echo_one = rpcs.get("Echo (first)", {}).get("in_flight_1", {})
+        refreshes = echo_one.get("statements_per_rpc_under_load")
+        if refreshes:
+            lines.append(
+                f"  Echo sends {refreshes:.2f} statements per call at one in flight: its 256"
+                " callers come round more slowly than UMBRA_USER_CACHE_SECONDS (1 s), so about"
+                ' that share of calls refreshes the caller\'s "is active" answer with a round'
+                " trip of its own, as a caller calling less than once a second does."
+            )
     return [*lines, ""]
 
 
