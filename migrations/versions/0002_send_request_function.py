@@ -1,4 +1,4 @@
-"""SendRequest in one round trip: the umbra_send_request function
+"""SendRequest in one statement: the umbra_send_request function
 
 Revision ID: 0002
 Revises: 0001

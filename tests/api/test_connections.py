@@ -574,7 +574,7 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
                 metadata=a.md,
             )
         )
-        == 1
+        == 3  # BEGIN, the statement, COMMIT
     )
     assert (
         await count(
@@ -582,5 +582,5 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
                 pb.RemoveConnectionRequest(connection_id=a_side.id), metadata=a.md
             )
         )
-        == 1
+        == 3
     )

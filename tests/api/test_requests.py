@@ -575,7 +575,8 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
         await count(connections.Search(pb.SearchRequest(umbral_name=b.handle), metadata=a.md)) == 1
     )
     sent = connections.SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
-    assert await count(sent) == 1  # SPEC 8 allows 4: the bench keeps that ceiling
+    # BEGIN, the umbra_send_request call, COMMIT (SPEC 8 allows 4: the bench keeps that ceiling)
+    assert await count(sent) == 3
     assert (
         await count(
             connections.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=b.md)
@@ -594,7 +595,7 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
         .id
     )
     accept = pb.RespondRequest(request_id=request_id, action=pb.RespondRequest.ACTION_ACCEPT)
-    assert await count(connections.Respond(accept, metadata=b.md)) == 1
+    assert await count(connections.Respond(accept, metadata=b.md)) == 3  # BEGIN, it, COMMIT
     assert (
         await count(connections.ListNotifications(pb.ListNotificationsRequest(), metadata=a.md))
         == 1
@@ -608,5 +609,13 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
         await count(
             connections.CancelRequest(pb.CancelRequestRequest(request_id=pending.id), metadata=c.md)
         )
-        == 1
+        == 3
     )
+    notification_ids = [
+        n.id
+        for n in (
+            await connections.ListNotifications(pb.ListNotificationsRequest(), metadata=a.md)
+        ).notifications
+    ]
+    mark = pb.MarkNotificationsReadRequest(notification_ids=notification_ids)
+    assert await count(connections.MarkNotificationsRead(mark, metadata=a.md)) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -16,37 +17,51 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 
 
-async def test_a_cancelled_call_rolls_back_and_returns_its_connection(
-    connections, new_user: NewUser, server: RunningServer, sql: Sql, database_url: str
+async def _deadline_while_locked(
+    database_url: str,
+    sql: Sql,
+    lock_sql: str,
+    row_id: int,
+    call: Callable[[], Awaitable[object]],
 ) -> None:
-    sender, receiver = await new_user(), await new_user()
-    await connections.Search(pb.SearchRequest(umbral_name="warm-up"), metadata=sender.md)
-    db = server.service.db
-    # Hold the receiver's row: SendRequest's transaction waits on it, then the client gives up.
+    """Holds a row lock while `call` waits on it past its deadline, then lets the lock go.
+
+    The lock goes as soon as the server has stopped waiting on it (it noticed the deadline):
+    a write the server did not roll back would go through at that moment. (Released before
+    the server notices, the write may rightly commit: the client's deadline and the server's
+    cancellation are a few milliseconds apart, and no server can undo a commit.) `call`
+    starts the RPC (a grpc.aio call starts when it is made, not when it is awaited).
+    """
     blocker = await asyncpg.connect(database_url)
     try:
         transaction = blocker.transaction()
         await transaction.start()
-        await blocker.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", receiver.id)
+        await blocker.execute(lock_sql, row_id)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await connections.SendRequest(
-                pb.SendRequestRequest(umbral_name=receiver.handle),
-                metadata=sender.md,
-                timeout=0.3,
-            )
+            await call()
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            waiting = await sql.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
+                " AND wait_event_type = 'Lock'"
+            )
+            if waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 0, "the server kept waiting on the lock after the deadline"
         await transaction.rollback()
     finally:
         await blocker.close()
+
+
+async def _settled(server: RunningServer, sql: Sql) -> None:
+    """Every pooled connection is back, none of them left idle in a transaction."""
+    db = server.service.db
     for _ in range(50):
         if db.checked_out() == 0:
             break
         await asyncio.sleep(0.1)
     assert db.checked_out() == 0
-    assert (
-        await sql.value("SELECT count(*) FROM connection_requests WHERE sender_id = $1", sender.id)
-        == 0
-    )
     assert (
         await sql.value(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc' "
@@ -54,10 +69,73 @@ async def test_a_cancelled_call_rolls_back_and_returns_its_connection(
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_a_cancelled_send_rolls_back_and_returns_its_connection(
+    connections,
+    new_user: NewUser,
+    server: RunningServer,
+    sql: Sql,
+    database_url: str,
+    attempt: int,
+) -> None:
+    sender, receiver = await new_user(), await new_user()
+    await connections.Search(pb.SearchRequest(umbral_name="warm-up"), metadata=sender.md)
+    # SendRequest waits on the receiver's row (the I3 lock), then the client gives up.
+    send = pb.SendRequestRequest(umbral_name=receiver.handle)
+    await _deadline_while_locked(
+        database_url,
+        sql,
+        "SELECT 1 FROM users WHERE id = $1 FOR UPDATE",
+        receiver.id,
+        lambda: connections.SendRequest(send, metadata=sender.md, timeout=0.3),
+    )
+    await _settled(server, sql)
+    await asyncio.sleep(0.2)  # a write that escaped the rollback would have landed by now
+    assert (
+        await sql.value("SELECT count(*) FROM connection_requests WHERE sender_id = $1", sender.id)
+        == 0
+    )
     # The pool still works: the same call now goes through.
-    await connections.SendRequest(
+    await connections.SendRequest(send, metadata=sender.md)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_a_cancelled_single_statement_write_rolls_back(
+    connections,
+    new_user: NewUser,
+    server: RunningServer,
+    sql: Sql,
+    database_url: str,
+    attempt: int,
+) -> None:
+    """Respond is one statement: cancelled while it waits on the request's row, no write."""
+    sender, receiver = await new_user(), await new_user()
+    sent = await connections.SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
     )
+    accept = pb.RespondRequest(request_id=sent.request.id, action=pb.RespondRequest.ACTION_ACCEPT)
+    await _deadline_while_locked(
+        database_url,
+        sql,
+        "SELECT 1 FROM connection_requests WHERE id = $1 FOR UPDATE",
+        sent.request.id,
+        lambda: connections.Respond(accept, metadata=receiver.md, timeout=0.3),
+    )
+    await _settled(server, sql)
+    await asyncio.sleep(0.2)
+    assert (
+        await sql.value("SELECT status FROM connection_requests WHERE id = $1", sent.request.id)
+        == "pending"
+    )
+    assert (
+        await sql.value("SELECT count(*) FROM user_connections WHERE user_id = $1", receiver.id)
+        == 0
+    )
+    # Nothing stuck: the same answer goes through now.
+    answered = await connections.Respond(accept, metadata=receiver.md)
+    assert answered.request.status == pb.ConnectionRequest.STATUS_ACCEPTED
 
 
 async def test_dropped_database_connections_recover_by_themselves(

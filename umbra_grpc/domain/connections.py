@@ -1,7 +1,8 @@
 """Connection rules: list, get, shared profile, sharing overrides, removal.
 
 Budgets (SPEC 8): ListConnections, GetConnection and GetSharedProfile are one autocommit
-read each; UpdateSharingOverrides and RemoveConnection one statement each, in autocommit.
+read each; UpdateSharingOverrides and RemoveConnection one statement each, in BEGIN ... COMMIT
+(see `Database.transaction`).
 Anything that is not the caller's own connection is CONNECTION_NOT_FOUND, the same answer as
 an id that does not exist.
 """
@@ -121,7 +122,7 @@ class Connections:
         unknown = (set(change.set_values) | set(change.clear)) - set(SHAREABLE_FIELDS)
         if unknown:
             raise InvalidField(f"not a shareable field: {', '.join(sorted(unknown))}")
-        row = await self._db.statement(
+        row = await self._db.transaction(
             lambda conn: store.update_overrides(
                 conn,
                 caller=caller,
@@ -138,7 +139,7 @@ class Connections:
     async def remove(self, caller: int, connection_id: int, ip: str | None) -> None:
         """Removes both sides of the connection; both contact cards stay, detached."""
         check_id(connection_id, "connection_id")
-        removed = await self._db.statement(
+        removed = await self._db.transaction(
             lambda conn: store.remove(conn, caller=caller, connection_id=connection_id, ip=ip)
         )
         if removed == 0:

@@ -101,7 +101,7 @@ class Notifications:
         if not ids:
             return 0
         unique = sorted(set(ids))
-        return await self._db.statement(
+        return await self._db.transaction(
             lambda conn: store.mark_read(conn, caller=caller, ids=unique, ip=ip)
         )
 

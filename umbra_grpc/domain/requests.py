@@ -1,9 +1,10 @@
 """Connection request rules: search, send, list, respond, cancel.
 
 The rules are the router's (SPEC 3.1), with its races closed by the database (see
-`umbra_grpc.storage.requests`). Each method is one statement in autocommit (SPEC 8 budgets):
-Search, SendRequest (one call of a database function that locks, checks and writes), Respond,
-CancelRequest and the lists.
+`umbra_grpc.storage.requests`). Each method is one statement (SPEC 8 budgets): Search and the
+lists as autocommit reads; SendRequest (one call of a database function that locks, checks
+and writes), Respond and CancelRequest in BEGIN ... COMMIT, 3 on the wire, so that a call
+cancelled while its statement waits on a lock rolls back (see `Database.transaction`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Requests:
 
         # The database writes only when every check below would pass; it returns the facts
         # so that the refusal is chosen here, in the router's order.
-        facts = await self._db.statement(
+        facts = await self._db.transaction(
             lambda conn: store.send(
                 conn, caller=caller, handle=handle, cap=self._cap, window=self._window, ip=ip
             ),
@@ -147,7 +148,7 @@ class Requests:
     ) -> tuple[RequestView, ConnectionView | None]:
         """Accepts or rejects a pending request sent to the caller."""
         check_id(request_id, "request_id")
-        row = await self._db.statement(
+        row = await self._db.transaction(
             lambda conn: store.respond(
                 conn, caller=caller, request_id=request_id, accept=accept, ip=ip
             ),
@@ -173,7 +174,7 @@ class Requests:
     async def cancel(self, caller: int, request_id: int, ip: str | None) -> RequestView:
         """Withdraws a pending request the caller sent."""
         check_id(request_id, "request_id")
-        row = await self._db.statement(
+        row = await self._db.transaction(
             lambda conn: store.cancel(conn, caller=caller, request_id=request_id, ip=ip)
         )
         if row is None:

@@ -8,9 +8,11 @@ request path.
 Repositories take a `Conn` and run `Query` objects (SQL with `:named` parameters, turned
 once into asyncpg's `$n` form); the service layer opens the unit of work:
 - `Database.transaction(work)` runs `work` in BEGIN ... COMMIT, retrying a bounded number of
-  times on serialization failures and deadlocks, rolling back on any error or cancellation;
-- `Database.statement(work)` runs a write that is one statement (data-modifying CTEs) in
-  autocommit: the statement is its own transaction, one round trip instead of three;
+  times on serialization failures and deadlocks, rolling back on any error or cancellation.
+  Every RPC's write goes through it, single statements too: a statement may wait on a row
+  lock, and an RPC cancelled while it waits must roll back (SPEC 4.1). In autocommit it
+  would not: the driver cancels a running statement through a connection of its own, and
+  a lock released meanwhile lets the statement commit after the client gave up (seen in CI);
 - `Database.read(work)` runs single-statement reads in autocommit, so a read costs exactly one
   statement on the wire (no BEGIN/COMMIT around it);
 - `Database.background()` lends a connection to work that is not an RPC's (probes, the
@@ -44,6 +46,10 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 # connection failures, admin shutdown, cannot connect now, too many connections.
 UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 TRANSACTION_ATTEMPTS = 3
+# The connection is gone or never came: a socket error, a pool or connect timeout, a closed
+# connection, or (seen when a backend is terminated under a pooled connection) asyncpg's
+# protocol refusing to start a statement on a connection that is being torn down.
+LOST_CONNECTION = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 CLOSE_SECONDS = 5.0
 
 Observer = Callable[[str], None]
@@ -282,17 +288,6 @@ class Database:
 
         return await self._attempts(in_transaction, constraint_errors)
 
-    async def statement(
-        self, work: Work[T], *, constraint_errors: Mapping[str, Callable[[], Exception]] = {}
-    ) -> T:
-        """Runs a write that is ONE statement, in autocommit: one round trip, no BEGIN/COMMIT.
-
-        A single statement is its own transaction: all its data-modifying CTEs commit
-        together or not at all, deferred constraints are checked at its end, and its NOTIFYs
-        go out when it commits. Constraint errors and retries as in `transaction`.
-        """
-        return await self._attempts(work, constraint_errors)
-
     async def read(self, work: Work[T]) -> T:
         """Runs `work` in autocommit: for single-statement reads."""
         return await self._attempts(work, {})
@@ -317,7 +312,7 @@ class Database:
                     await asyncio.sleep(0.005 * attempt)
                     continue
                 _reraise(error)
-            except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
+            except LOST_CONNECTION as error:
                 raise StorageUnavailable(type(error).__name__) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -334,7 +329,7 @@ class Database:
         try:
             async with self.background() as conn:
                 await conn.raw.execute("SELECT 1")
-        except (StorageUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        except (StorageUnavailable, asyncpg.PostgresError, *LOST_CONNECTION):
             return False
         return True
 

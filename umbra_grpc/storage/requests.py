@@ -1,7 +1,7 @@
 """Connection requests: the SQL of Search, SendRequest, Respond, CancelRequest and the lists.
 
-Each write is one statement, so an RPC costs one round trip (SPEC 8) and either all of its
-rows are written or none:
+Each write is one statement, so an RPC costs a fixed, small number of round trips (SPEC 8)
+and either all of its rows are written or none:
 - `send` (SendRequest) calls `umbra_send_request` (a PL/pgSQL function, migration 0002),
   whose statements each take their own snapshot. Its first takes a `FOR NO KEY UPDATE` lock
   on the receiver's row, so senders racing one receiver queue there; its second re-checks
