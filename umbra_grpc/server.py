@@ -58,7 +58,7 @@ T = TypeVar("T")
 def run_loop(config: Config, main: Coroutine[Any, Any, T]) -> T:
     """Runs `main` on the event loop UMBRA_EVENT_LOOP names: uvloop (the default) or asyncio's.
 
-    bench/ measured uvloop at 0.8-0.9x asyncio's server CPU per call (docs/PERFORMANCE.md):
+    bench/ measured less server CPU per call on uvloop for most RPCs (docs/PERFORMANCE.md):
     asyncpg's protocol and the loopback sockets run on its libuv loop.
     """
     factory = uvloop.new_event_loop if config.event_loop == "uvloop" else None
