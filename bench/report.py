@@ -553,8 +553,8 @@ def uvloop(results: dict[str, Any]) -> list[str]:
         " grpc.aio drives its calls from its own completion-queue poller thread and Cython"
         " callbacks, so the event loop is only part of each call's cost. Median server CPU"
         f" per call on uvloop: {fmt(cpu_ratio, 2)}x asyncio's. `umbra-grpc serve` runs on"
-        " uvloop by default (UMBRA_EVENT_LOOP); every other table of this page is measured on"
-        " asyncio's own loop, the conservative figures.",
+        " asyncio's own loop unless UMBRA_EVENT_LOOP=uvloop (one CI run saw a uvloop server"
+        " not exit after SIGTERM with 100 open streams), as every other table of this page.",
         "",
     ]
 

@@ -222,8 +222,8 @@ class Bench:
             "UMBRA_LOG_FORMAT": "json",
             "UMBRA_LOG_LEVEL": "INFO",
             "UMBRA_GRACE_SECONDS": "1",
-            # asyncio's own loop unless a server is started with uvloop=True: the headline
-            # figures are the conservative ones (`serve` itself defaults to uvloop).
+            # asyncio's own loop (`serve`'s default) unless a server is started with
+            # uvloop=True, for the comparison.
             "UMBRA_EVENT_LOOP": "asyncio",
         }
         for name in list(env):

@@ -36,7 +36,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "json"
     log_level: str = "INFO"
-    event_loop: str = "uvloop"
+    event_loop: str = "asyncio"
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None

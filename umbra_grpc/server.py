@@ -56,10 +56,11 @@ T = TypeVar("T")
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, T]) -> T:
-    """Runs `main` on the event loop UMBRA_EVENT_LOOP names: uvloop (the default) or asyncio's.
+    """Runs `main` on the event loop UMBRA_EVENT_LOOP names: asyncio's (the default) or uvloop.
 
-    bench/ measured less server CPU per call on uvloop for most RPCs (docs/PERFORMANCE.md):
-    asyncpg's protocol and the loopback sockets run on its libuv loop.
+    bench/ measured less server CPU per call on uvloop for most RPCs (docs/PERFORMANCE.md),
+    but one CI run saw `serve` on uvloop fail to exit after SIGTERM with 100 open streams
+    (not reproduced since): it stays opt-in until that is understood.
     """
     factory = uvloop.new_event_loop if config.event_loop == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:

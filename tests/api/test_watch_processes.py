@@ -60,6 +60,7 @@ UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
 WATCH_METHOD = f"/{CONNECTION_SERVICE}/WatchIncomingRequests"
 
 STARTUP_SECONDS = 60.0
+PY_SPY = Path(sys.executable).parent / "py-spy"
 EXIT_SECONDS = 30.0
 GRACE_SECONDS = 5.0
 # Time a process needs after its grace period to close its pool and interpreter.
@@ -201,6 +202,26 @@ async def test_a_stream_on_one_process_gets_the_events_of_writes_made_through_an
 # --- shutdown with 100 open streams ---------------------------------------------------------
 
 
+async def exit_code(server: Serve) -> int:
+    """The server's exit code; a server that does not exit fails the test with its stacks."""
+    try:
+        return await asyncio.wait_for(server.process.wait(), EXIT_SECONDS)
+    except TimeoutError:
+        dump = await asyncio.create_subprocess_exec(
+            str(PY_SPY),
+            "dump",
+            "--pid",
+            str(server.process.pid),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        stacks, _ = await dump.communicate()
+        pytest.fail(
+            f"serve did not exit {EXIT_SECONDS}s after SIGTERM; where it is:\n"
+            f"{stacks.decode(errors='replace')[-6000:]}\nits log:\n{server.stderr[-3000:]}"
+        )
+
+
 async def test_sigterm_with_100_open_streams_ends_them_unavailable_and_exits_within_grace(
     new_user: NewUser, database_url: str, tmp_path: Path
 ) -> None:
@@ -224,7 +245,7 @@ async def test_sigterm_with_100_open_streams_ends_them_unavailable_and_exits_wit
             signalled = time.monotonic()
             other.process.send_signal(signal.SIGTERM)
             outcomes = await asyncio.gather(*(end_of(call) for call in calls))
-            returncode = await asyncio.wait_for(other.process.wait(), EXIT_SECONDS)
+            returncode = await exit_code(other)
             exited = time.monotonic() - signalled
         finally:
             for channel in channels:

@@ -1,4 +1,4 @@
-"""UMBRA_EVENT_LOOP: `serve` runs on uvloop unless told to use asyncio's own loop."""
+"""UMBRA_EVENT_LOOP: `serve` runs on asyncio's own loop unless told to use uvloop."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ async def _loop_type() -> type[asyncio.AbstractEventLoop]:
     return type(asyncio.get_running_loop())
 
 
-def test_uvloop_is_the_default() -> None:
+def test_asyncio_is_the_default() -> None:
     config = Config.from_env({})
-    assert config.event_loop == "uvloop"
-    assert issubclass(run_loop(config, _loop_type()), uvloop.Loop)
-
-
-def test_asyncio_loop_on_request() -> None:
-    config = Config.from_env({"UMBRA_EVENT_LOOP": "AsyncIO"})
     assert config.event_loop == "asyncio"
     assert not issubclass(run_loop(config, _loop_type()), uvloop.Loop)
+
+
+def test_uvloop_on_request() -> None:
+    config = Config.from_env({"UMBRA_EVENT_LOOP": "UVLoop"})
+    assert config.event_loop == "uvloop"
+    assert issubclass(run_loop(config, _loop_type()), uvloop.Loop)
 
 
 def test_an_unknown_loop_is_a_configuration_error() -> None:
