@@ -97,10 +97,15 @@ class Serving:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
-    def wait_serving(self) -> None:
-        """Polls grpc health until SERVING; fails early when the process dies."""
+    def wait_serving(self, *, new_connection: bool = False) -> None:
+        """Polls grpc health until SERVING; fails early when the process dies.
+
+        `new_connection`: on a TCP connection of its own (grpc otherwise shares one among
+        channels to a target), so that with `--workers` it may reach another worker.
+        """
         deadline = time.monotonic() + STARTUP_SECONDS
-        with grpc.insecure_channel(self.target) as channel:
+        options = [("grpc.use_local_subchannel_pool", 1)] if new_connection else []
+        with grpc.insecure_channel(self.target, options=options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
@@ -329,11 +334,10 @@ def test_serve_workers_share_one_port_and_stop_together(
         # Both hold a listening socket on the one port (SO_REUSEPORT among themselves only).
         port = int(server.target.rsplit(":", 1)[1])
         assert listening_sockets(port) == 2
-        with grpc.insecure_channel(server.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(20):
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # New connections land on one worker or the other; each worker becomes SERVING once
+        # it has started (the first answer above may have come from the faster one).
+        for _ in range(20):
+            server.wait_serving(new_connection=True)
         assert server.stop(signal.SIGTERM) == 0, server.stderr[-3000:]
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
     assert "Traceback" not in server.stderr
