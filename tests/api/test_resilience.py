@@ -55,7 +55,8 @@ async def _deadline_while_locked(
 
 
 async def _settled(server: RunningServer, sql: Sql) -> None:
-    """Every pooled connection is back, none of them left idle in a transaction."""
+    """Every pooled connection is back, none of them left idle in a transaction, and a write
+    that escaped the rollback has had time to land."""
     db = server.service.db
     for _ in range(50):
         if db.checked_out() == 0:
@@ -69,6 +70,7 @@ async def _settled(server: RunningServer, sql: Sql) -> None:
         )
         == 0
     )
+    await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -92,7 +94,6 @@ async def test_a_cancelled_send_rolls_back_and_returns_its_connection(
         lambda: connections.SendRequest(send, metadata=sender.md, timeout=0.3),
     )
     await _settled(server, sql)
-    await asyncio.sleep(0.2)  # a write that escaped the rollback would have landed by now
     assert (
         await sql.value("SELECT count(*) FROM connection_requests WHERE sender_id = $1", sender.id)
         == 0
@@ -124,7 +125,6 @@ async def test_a_cancelled_single_statement_write_rolls_back(
         lambda: connections.Respond(accept, metadata=receiver.md, timeout=0.3),
     )
     await _settled(server, sql)
-    await asyncio.sleep(0.2)
     assert (
         await sql.value("SELECT status FROM connection_requests WHERE id = $1", sent.request.id)
         == "pending"

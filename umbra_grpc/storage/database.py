@@ -237,13 +237,17 @@ class Database:
         if background:
             self._background_observers.append(observer)
 
-    def _observe(self, sql: str) -> None:
-        for observer in self._observers:
-            observer(sql)
+    @staticmethod
+    def _fan_out(observers: list[Observer]) -> Observer | None:
+        """One observer calling all of `observers` (None when there are none: no cost)."""
+        if not observers:
+            return None
 
-    def _observe_background(self, sql: str) -> None:
-        for observer in self._background_observers:
-            observer(sql)
+        def observe(sql: str) -> None:
+            for observer in observers:
+                observer(sql)
+
+        return observe
 
     def checked_out(self) -> int:
         """Pooled connections in use right now."""
@@ -295,7 +299,7 @@ class Database:
     async def _attempts(
         self, work: Work[T], constraint_errors: Mapping[str, Callable[[], Exception]]
     ) -> T:
-        observe = self._observe if self._observers else None
+        observe = self._fan_out(self._observers)
         for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
             try:
                 pool = await self._opened()
@@ -319,7 +323,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[Conn]:
         """An autocommit connection for work that is not an RPC's: never counted."""
-        observe = self._observe_background if self._background_observers else None
+        observe = self._fan_out(self._background_observers)
         pool = await self._opened()
         async with pool.acquire(timeout=self._acquire_timeout) as raw:
             yield Conn(raw, observe)
