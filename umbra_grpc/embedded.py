@@ -6,6 +6,13 @@ owned by and run as an unprivileged system user (`postgres` when it exists, else
 as `umbra-pg`). The server listens on 127.0.0.1 only, on a free port, with trust auth: it is
 for one developer's machine or one test run, never for production.
 
+Root's checkouts often sit in folders that user cannot pass (`/root/src`, `mktemp -d`: 0700).
+Nothing is loosened there; instead, under root:
+- binaries the user cannot reach (pgserver's, inside the checkout's `.venv`) are run from a
+  root-owned copy under `/var/cache/umbra-grpc` (made once per installation, 34 MB);
+- a data directory the user cannot reach is kept under `/var/lib/umbra-grpc`, and the
+  requested path becomes a symlink to it, so later runs find the same cluster.
+
 `python -m umbra_grpc.embedded probe URL` exits 0 when a PostgreSQL answers at URL (the
 Makefile uses it to decide whether to run the suite a second time on the machine's server).
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -23,10 +31,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import TracebackType
 
 _FALLBACK_USER = "umbra-pg"
+# Root-owned homes for what the unprivileged user must reach (see the module docstring).
+SHARED_BINARIES = Path("/var/cache/umbra-grpc")
+SHARED_DATA = Path("/var/lib/umbra-grpc")
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -74,6 +86,9 @@ class EmbeddedPostgres:
     """One private cluster: `start()` returns its URL, `stop()` shuts it down."""
 
     def __init__(self, data_dir: Path, *, durable: bool = True, max_connections: int = 300):
+        self._user = _run_as_user()
+        if self._user is not None and not _reachable(data_dir.resolve(), self._user):
+            data_dir = _relocated(data_dir)
         self.data_dir = data_dir.resolve()
         self.pgdata = self.data_dir / "pgdata"
         self.socket_dir = self.data_dir / "run"
@@ -82,7 +97,8 @@ class EmbeddedPostgres:
         self.max_connections = max_connections
         self.port: int | None = None
         self._bin = find_binaries()
-        self._user = _run_as_user()
+        if self._user is not None and not _reachable(self._bin / "pg_ctl", self._user):
+            self._bin = _shared_copy(self._bin.parent) / "bin"
 
     @property
     def url(self) -> str:
@@ -190,15 +206,93 @@ def _run_as_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam(_FALLBACK_USER)
 
 
+def _reachable(path: Path, user: pwd.struct_passwd) -> bool:
+    """Whether `user` may pass through every folder above `path`."""
+    for folder in path.parents:
+        if not folder.exists():
+            continue
+        info = folder.stat()
+        if info.st_uid != user.pw_uid and not info.st_mode & 0o001:
+            return False
+    return True
+
+
 def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
     """PostgreSQL runs as `user`: every folder above the data directory must let it pass."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001 and parent.stat().st_uid != user.pw_uid:
-            raise EmbeddedPostgresError(
-                f"{parent} is closed to the '{user.pw_name}' user PostgreSQL runs as; "
-                "choose another UMBRA_DATA_DIR (e.g. under /tmp or /var/lib)"
-            )
+    if not _reachable(path, user):
+        raise EmbeddedPostgresError(
+            f"a folder above {path} is closed to the '{user.pw_name}' user PostgreSQL runs as; "
+            "choose another UMBRA_DATA_DIR (e.g. under /tmp or /var/lib)"
+        )
+
+
+def _root_owned_folder(path: Path) -> Path:
+    """`path` as a folder owned by root that only root may write (created when missing).
+
+    Refuses a folder someone else could have prepared: its binaries would run as PostgreSQL.
+    """
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not path.is_dir() or path.is_symlink() or info.st_uid != 0 or info.st_mode & 0o022:
+        raise EmbeddedPostgresError(f"{path} must be a folder owned and writable by root only")
+    return path
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\0".join(str(part) for part in parts).encode()).hexdigest()[:16]
+
+
+def _shared_copy(install: Path) -> Path:
+    """A root-owned copy of a PostgreSQL installation (bin, lib, share) others may run.
+
+    pgserver's binaries find their libraries through `RPATH $ORIGIN/../../../pgserver.libs`
+    (auditwheel), so the copy keeps that layout: `<package>/<install>` beside
+    `<package>.libs`. Keyed by the source's path and its `postgres` binary's size and mtime,
+    so a new version gets a new copy. Made in a scratch folder and renamed into place, so a
+    half-made copy is never used and two processes racing both end with a whole one.
+    """
+    package = install.parent
+    libs = package.with_name(package.name + ".libs")
+    postgres = (install / "bin" / "postgres").stat()
+    base = _root_owned_folder(SHARED_BINARIES)
+    target = base / f"pg-{_digest(install, postgres.st_size, postgres.st_mtime_ns)}"
+    copied = target / package.name / install.name
+    if (copied / "bin" / "pg_ctl").exists():
+        return copied
+    scratch = Path(tempfile.mkdtemp(prefix=".copy-", dir=base))
+    try:
+        shutil.copytree(install, scratch / package.name / install.name, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, scratch / libs.name, symlinks=True)
+        for folder in (scratch, scratch / package.name):
+            folder.chmod(0o755)
+        with contextlib.suppress(OSError):  # another process won the race: use its copy
+            scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return copied
+
+
+def _relocated(data_dir: Path) -> Path:
+    """Where a data directory the PostgreSQL user cannot reach is kept instead.
+
+    `data_dir` becomes a symlink to a root-owned folder under SHARED_DATA named after it, so
+    the next run with the same UMBRA_DATA_DIR finds the same cluster.
+    """
+    if data_dir.is_symlink():
+        return data_dir.resolve()
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise EmbeddedPostgresError(
+            f"{data_dir} is closed to the user PostgreSQL runs as and is not empty; "
+            "choose another UMBRA_DATA_DIR (e.g. under /tmp or /var/lib)"
+        )
+    target = _root_owned_folder(SHARED_DATA) / f"pg-{_digest(data_dir.resolve())}"
+    target.mkdir(mode=0o700, exist_ok=True)
+    if data_dir.exists():
+        data_dir.rmdir()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    data_dir.symlink_to(target, target_is_directory=True)
+    return target
 
 
 def dev_jwt_secret(data_dir: Path) -> str:

@@ -80,13 +80,20 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 class Serving:
     """A `umbra-grpc serve` subprocess whose output goes to files (no pipe can fill up)."""
 
-    def __init__(self, env: dict[str, str], logs: Path, *serve_args: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        logs: Path,
+        *serve_args: str,
+        command: tuple[str, ...] = (str(UMBRA_GRPC),),
+        cwd: Path | None = None,
+    ) -> None:
         self.target = env["UMBRA_LISTEN"]
         self.stdout_path = logs / "serve.stdout"
         self.stderr_path = logs / "serve.stderr"
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.process = subprocess.Popen(
-                [str(UMBRA_GRPC), "serve", *serve_args], env=env, stdout=out, stderr=err
+                [*command, "serve", *serve_args], env=env, stdout=out, stderr=err, cwd=cwd
             )
 
     @property

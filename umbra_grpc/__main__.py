@@ -1,0 +1,5 @@
+"""`python -m umbra_grpc`: the `umbra-grpc` command."""
+
+from umbra_grpc.cli import main
+
+main()
