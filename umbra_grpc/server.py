@@ -174,9 +174,11 @@ class Service:
         self.port = self._bind()
         self._monitor: asyncio.Task[None] | None = None
 
-        assert config.database_url is not None
+        assert config.listener_url is not None
         self.listener = Listener(
-            plain_url(config.database_url), probe_interval=config.listener_probe_seconds
+            plain_url(config.listener_url),
+            notify=db.notify,
+            probe_interval=config.listener_probe_seconds,
         )
         # Other replicas changed a user: drop what this one cached. After an outage events
         # may have been missed, so everything cached is dropped.
