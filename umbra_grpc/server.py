@@ -194,6 +194,7 @@ class Service:
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
         self._outbox_backlog = 0
+        self.serving = False
         self._register_metrics(rate_limit, timing_floor)
 
     def _register_metrics(
@@ -210,6 +211,13 @@ class Service:
         )
         metrics.gauge(
             "umbra_db_pool_size", "Pooled connections allowed.", lambda: self.config.db_pool_size
+        )
+        # A readiness check for load balancers that cannot send a gRPC health request
+        # (HAProxy's http-check cannot send its binary body): deploy/haproxy.cfg reads this.
+        metrics.gauge(
+            "umbra_serving",
+            "1 while grpc.health.v1 says SERVING.",
+            lambda: int(self.serving),
         )
         metrics.gauge(
             "umbra_listener_up",
@@ -272,6 +280,7 @@ class Service:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         self.feed.shut_down()
         if self._monitor is not None:
@@ -296,7 +305,7 @@ class Service:
                 with contextlib.suppress(Exception):
                     self._outbox_backlog = await self.outbox.backlog()
             if now_serving != serving:
-                serving = now_serving
+                serving = self.serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")
                 await self._set_health(serving=serving)
             await asyncio.sleep(HEALTH_PROBE_SECONDS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -16,9 +17,11 @@ import pytest
 import pytest_asyncio
 
 from tests.api.streams import Stub, ended_with, next_event, send, until_synced, watch
+from tests.api.test_metrics import value
 from tests.api.test_watch_processes import NOT_SERVING, SERVING, health_becomes
 from tests.conftest import NewUser, start_server, stop_server, test_config
 from tests.pg_proxy import NotificationDroppingProxy
+from umbra_grpc.embedded import free_port
 from umbra_grpc.server import Service
 from umbra_grpc.storage.database import Database
 
@@ -43,12 +46,22 @@ async def until(condition: Callable[[], bool], within: float) -> None:
         await asyncio.sleep(0.05)
 
 
+def serving_gauge(service: Service) -> float:
+    """What the metrics endpoint says load balancers should do (deploy/haproxy.cfg reads it)."""
+    url = f"http://{service.config.metrics_listen}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return value(reply.read().decode(), "umbra_serving")
+
+
 async def test_a_listener_that_hears_nothing_is_never_up(
     database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
 ) -> None:
     proxy.deaf = True
     config = test_config(
-        database_url, listen_database_url=proxy.url, listener_probe_seconds=PROBE_SECONDS
+        database_url,
+        listen_database_url=proxy.url,
+        listener_probe_seconds=PROBE_SECONDS,
+        metrics_listen=f"127.0.0.1:{free_port()}",
     )
     service = Service(config, Database.connect(config))
     went_up: list[float] = []
@@ -61,10 +74,12 @@ async def test_a_listener_that_hears_nothing_is_never_up(
         assert went_up == []
         assert not service.listener.connected
         await health_becomes(channel, NOT_SERVING, within=5)
+        assert serving_gauge(service) == 0
 
         # The same route letting notifications through: up, serving, and events arrive on it.
         proxy.deaf = False
         await health_becomes(channel, SERVING, within=20)
+        assert serving_gauge(service) == 1
         me, sender = await new_user(), await new_user()
         call = watch(Stub(channel), me)
         try:
