@@ -59,8 +59,9 @@ async def run(topology: Topology) -> dict[str, Any]:
     await asyncio.sleep(STEADY_SECONDS)  # load shaping: a steady stretch before the faults
     faults: list[tuple[str, float]] = []
 
+    at = time.monotonic()  # the REST call returns once the switchover is done
     old, new = await asyncio.to_thread(topology.switchover)
-    faults.append((f"switchover {old} -> {new}", time.monotonic()))
+    faults.append((f"switchover {old} -> {new}", at))
     log(f"switchover {old} -> {new}")
     await asyncio.to_thread(wait_for, "new leader", lambda: topology.role_of("leader") == new, 60)
     await scenario.settled(faults[-1][1])
@@ -78,6 +79,7 @@ async def run(topology: Topology) -> dict[str, Any]:
     figures["killed_node_back_as_sync_standby_s"] = round(time.monotonic() - rejoin_started, 1)
     await asyncio.sleep(STEADY_SECONDS)
 
+    scenario.replica_kills.append(time.monotonic())
     await asyncio.to_thread(topology.kill_replica, 2)
     faults.append(("SIGKILL service replica 2", time.monotonic()))
     log("SIGKILL to service replica 2")
