@@ -79,9 +79,9 @@ async def run(topology: Topology) -> dict[str, Any]:
     figures["killed_node_back_as_sync_standby_s"] = round(time.monotonic() - rejoin_started, 1)
     await asyncio.sleep(STEADY_SECONDS)
 
-    scenario.replica_kills.append(time.monotonic())
+    scenario.replica_kills.append(at := time.monotonic())
     await asyncio.to_thread(topology.kill_replica, 2)
-    faults.append(("SIGKILL service replica 2", time.monotonic()))
+    faults.append(("SIGKILL service replica 2", at))
     log("SIGKILL to service replica 2")
     await asyncio.sleep(REPLICA_DOWN_SECONDS)  # the replica stays down this long, on purpose
     topology.start_replica(2)

@@ -455,7 +455,8 @@ class Scenario:
         failures = [t for t, ok in phase if not ok]
         if not failures:
             return {"failed_writes": 0, "recovered_after_s": 0.0}
-        after = [t for t, ok in phase if ok and t > failures[-1]]
+        # The first success may land after `until` (a call failing just before the next fault).
+        after = [t for t, ok in self.writes if ok and t > failures[-1]]
         return {
             "failed_writes": len(failures),
             "first_failure_after_s": round(failures[0] - fault_at, 2),
