@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
 
 class ConfigError(ValueError):
     """An `UMBRA_*` variable holds a value the service cannot use."""
@@ -21,6 +23,7 @@ class Config:
     """Everything the server needs, with the defaults of the README table."""
 
     database_url: str | None = None
+    listen_database_url: str | None = None
     listen: str = "127.0.0.1:50051"
     metrics_listen: str | None = None
     data_dir: Path = Path(".umbra")
@@ -41,6 +44,7 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     db_pool_size: int = 10
+    db_statement_cache_size: int = 100
     db_pool_timeout_seconds: float = 5.0
     db_statement_timeout_ms: int = 5000
     db_lock_timeout_ms: int = 2000
@@ -76,6 +80,7 @@ class Config:
         env = _Env(os.environ if environ is None else environ)
         config = cls(
             database_url=env.text("UMBRA_DATABASE_URL"),
+            listen_database_url=env.text("UMBRA_LISTEN_DATABASE_URL"),
             listen=env.text("UMBRA_LISTEN") or cls.listen,
             metrics_listen=env.text("UMBRA_METRICS_LISTEN"),
             data_dir=Path(env.text("UMBRA_DATA_DIR") or cls.data_dir),
@@ -98,6 +103,9 @@ class Config:
             tls_key_file=env.path("UMBRA_TLS_KEY_FILE"),
             tls_client_ca_file=env.path("UMBRA_TLS_CLIENT_CA_FILE"),
             db_pool_size=env.integer("UMBRA_DB_POOL_SIZE", cls.db_pool_size),
+            db_statement_cache_size=env.integer(
+                "UMBRA_DB_STATEMENT_CACHE_SIZE", cls.db_statement_cache_size
+            ),
             db_pool_timeout_seconds=env.number(
                 "UMBRA_DB_POOL_TIMEOUT_SECONDS", cls.db_pool_timeout_seconds
             ),
@@ -156,10 +164,13 @@ class Config:
 
     def validate(self) -> None:
         """Checks the values that depend on each other."""
-        if self.database_url is not None and not self.database_url.startswith(
-            ("postgresql://", "postgres://", "postgresql+asyncpg://")
-        ):
+        if self.database_url is not None and not self.database_url.startswith(_URL_PREFIXES):
             raise ConfigError("UMBRA_DATABASE_URL must be a postgresql:// URL")
+        if self.listen_database_url is not None:
+            if self.database_url is None:
+                raise ConfigError("UMBRA_LISTEN_DATABASE_URL needs UMBRA_DATABASE_URL")
+            if not self.listen_database_url.startswith(_URL_PREFIXES):
+                raise ConfigError("UMBRA_LISTEN_DATABASE_URL must be a postgresql:// URL")
         if self.metrics_listen is not None and not self.metrics_listen.rpartition(":")[2].isdigit():
             raise ConfigError("UMBRA_METRICS_LISTEN must be host:port (empty disables it)")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -168,8 +179,16 @@ class Config:
             raise ConfigError("UMBRA_TLS_CLIENT_CA_FILE needs UMBRA_TLS_CERT_FILE")
         if self.watch_queue_size < 1 or self.outbox_max_attempts < 1:
             raise ConfigError("UMBRA_WATCH_QUEUE_SIZE and UMBRA_OUTBOX_MAX_ATTEMPTS must be >= 1")
+        if self.db_statement_cache_size > 10_000:
+            raise ConfigError("UMBRA_DB_STATEMENT_CACHE_SIZE must be at most 10000")
         if self.db_pool_timeout_seconds <= 0 or self.db_pool_size < 1:
             raise ConfigError("UMBRA_DB_POOL_SIZE and UMBRA_DB_POOL_TIMEOUT_SECONDS must be > 0")
+
+    @property
+    def listener_url(self) -> str | None:
+        """Where the one LISTEN connection goes: its own URL (past a transaction pooler, which
+        would take LISTEN and never deliver), else the pool's."""
+        return self.listen_database_url or self.database_url
 
     def with_changes(self, **changes: object) -> Config:
         """A copy with some fields replaced (tests and the CLI use it)."""

@@ -174,9 +174,11 @@ class Service:
         self.port = self._bind()
         self._monitor: asyncio.Task[None] | None = None
 
-        assert config.database_url is not None
+        assert config.listener_url is not None
         self.listener = Listener(
-            plain_url(config.database_url), probe_interval=config.listener_probe_seconds
+            plain_url(config.listener_url),
+            notify=db.notify,
+            probe_interval=config.listener_probe_seconds,
         )
         # Other replicas changed a user: drop what this one cached. After an outage events
         # may have been missed, so everything cached is dropped.
@@ -192,6 +194,7 @@ class Service:
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
         self._outbox_backlog = 0
+        self.serving = False
         self._register_metrics(rate_limit, timing_floor)
 
     def _register_metrics(
@@ -208,6 +211,13 @@ class Service:
         )
         metrics.gauge(
             "umbra_db_pool_size", "Pooled connections allowed.", lambda: self.config.db_pool_size
+        )
+        # A readiness check for load balancers that cannot send a gRPC health request
+        # (HAProxy's http-check cannot send its binary body): deploy/haproxy.cfg reads this.
+        metrics.gauge(
+            "umbra_serving",
+            "1 while grpc.health.v1 says SERVING.",
+            lambda: int(self.serving),
         )
         metrics.gauge(
             "umbra_listener_up",
@@ -270,6 +280,7 @@ class Service:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         self.feed.shut_down()
         if self._monitor is not None:
@@ -294,7 +305,7 @@ class Service:
                 with contextlib.suppress(Exception):
                     self._outbox_backlog = await self.outbox.backlog()
             if now_serving != serving:
-                serving = now_serving
+                serving = self.serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")
                 await self._set_health(serving=serving)
             await asyncio.sleep(HEALTH_PROBE_SECONDS)
