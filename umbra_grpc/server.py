@@ -1,7 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
-Outermost first: access log (and error hygiene) -> auth -> rate limit -> timing floor ->
-servicer. Health and reflection are registered beside the two services and need no token.
+Outermost first: access log (and error hygiene) -> anonymous stream cap -> auth -> rate
+limit -> timing floor -> servicer. Health and reflection are registered beside the two
+services and need no token.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
-from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
+from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
 from umbra_grpc.metrics import Metrics
@@ -121,9 +123,13 @@ class Service:
         trusted = parse_networks(config.trusted_proxies)
         rate_limit = RateLimitInterceptor(parse_rate_limits(config.rate_limits))
         timing_floor = TimingFloorInterceptor(parse_timing_floors(config.timing_floors))
+        self.anonymous_streams = AnonymousStreamLimit(
+            config.max_anonymous_streams, PUBLIC_METHOD_PREFIXES
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
+                self.anonymous_streams,
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
                     self.active_users.is_active,
@@ -134,8 +140,11 @@ class Service:
             ],
             options=server_options(config),
             # An open watch stream is a call in progress too: without room for them, 1,000
-            # idle watchers would make every other call RESOURCE_EXHAUSTED.
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.watch_max_streams,
+            # idle watchers would make every other call RESOURCE_EXHAUSTED. The same holds
+            # for the (capped) anonymous health and reflection streams.
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs
+            + config.watch_max_streams
+            + config.max_anonymous_streams,
         )
         accounts = Accounts(db, on_user_changed=self.active_users.forget)
         pages = PageTokens(page_token_key(config))
@@ -202,6 +211,11 @@ class Service:
             "umbra_watch_streams",
             "Open WatchIncomingRequests streams.",
             lambda: self.feed.open_streams,
+        )
+        metrics.gauge(
+            "umbra_anonymous_streams",
+            "Open health Watch and reflection streams (no token).",
+            lambda: self.anonymous_streams.open_streams,
         )
         metrics.gauge(
             "umbra_db_pool_checked_out", "Pooled connections in use.", self.db.checked_out

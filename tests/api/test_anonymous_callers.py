@@ -1,0 +1,144 @@
+"""SPEC 10.1: nothing a caller without a token does grows the process or starves the others."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.api.streams import until_synced, watch
+from tests.conftest import (
+    NewUser,
+    RunningServer,
+    separate_channel,
+    start_server,
+    stop_server,
+    test_config,
+)
+from tests.rich import error_reason
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+pb = connections_pb2
+ANONYMOUS_CAP = 10
+ATTEMPTS = 2_000
+# Streams per client connection stay below UMBRA_MAX_CONCURRENT_STREAMS (100), so the
+# attempts reach the server at once instead of queueing in the client.
+PER_CHANNEL = 80
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    """Small call limits, so that a few dozen held calls would fill the server."""
+    config = test_config(
+        database_url,
+        max_concurrent_rpcs=20,
+        watch_max_streams=10,
+        max_anonymous_streams=ANONYMOUS_CAP,
+    )
+    running = await start_server(config)
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+def rpc_method_labels(server: RunningServer) -> set[str]:
+    """The `method` label values of the per-call metrics (counter and histogram)."""
+    labels = set()
+    for family in server.service.metrics.registry.collect():
+        if family.name in ("umbra_rpcs", "umbra_rpc_duration_seconds"):
+            labels.update(sample.labels["method"] for sample in family.samples)
+    return labels
+
+
+async def test_random_paths_are_one_metrics_label(server: RunningServer) -> None:
+    before = rpc_method_labels(server)
+
+    async def probe() -> None:
+        path = f"/{secrets.token_hex(6)}.Svc/{secrets.token_hex(6)}"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await server.channel.unary_unary(path)(b"", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    for _ in range(10):
+        await asyncio.gather(*(probe() for _ in range(100)))
+    added = rpc_method_labels(server) - before
+    assert added <= {"unknown"}, f"{len(added)} new method labels"
+    assert "unknown" in rpc_method_labels(server)
+
+
+async def ending(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> grpc.StatusCode:
+    """Reads a stream until its first message or its end: OK for a message, else the code."""
+    try:
+        first = await asyncio.wait_for(call.read(), 30)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert error_reason(error) == "TOO_MANY_ANONYMOUS_STREAMS"
+        return error.code()
+    assert first is not grpc.aio.EOF
+    return grpc.StatusCode.OK
+
+
+async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
+    server: RunningServer, connections, new_user: NewUser
+) -> None:
+    channels = [separate_channel(server.target) for _ in range(ATTEMPTS // PER_CHANNEL + 1)]
+    held: list[grpc.aio.UnaryStreamCall] = []
+    attempts: list[grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall] = []
+    try:
+        health = health_pb2_grpc.HealthStub(channels[0])
+        held = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(ANONYMOUS_CAP)]
+        assert await asyncio.gather(*(ending(call) for call in held)) == [grpc.StatusCode.OK] * (
+            ANONYMOUS_CAP
+        )
+        assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP
+
+        # Thousands more, health Watch and reflection alike, all at once and never cancelled
+        # by the client: each must end at once rather than hold a call slot.
+        for index in range(ATTEMPTS):
+            channel = channels[1 + index // PER_CHANNEL]
+            if index % 2:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                attempts.append(stub.ServerReflectionInfo(iter([request])))
+            else:
+                stub = health_pb2_grpc.HealthStub(channel)
+                attempts.append(stub.Watch(health_pb2.HealthCheckRequest()))
+        me, sender = await new_user(), await new_user()
+        # Token holders are served while the attempts are being refused...
+        during = await asyncio.gather(
+            *(ending(call) for call in attempts),
+            connections.Search(pb.SearchRequest(umbral_name=sender.handle), metadata=me.md),
+        )
+        codes, search = during[:-1], during[-1]
+        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert search.found
+        # ... and after them, with the cap's worth of anonymous streams still open.
+        assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP
+        stream = watch(connections_pb2_grpc.ConnectionServiceStub(server.channel), me)
+        try:
+            await until_synced(stream)
+            sent = await connections.SendRequest(
+                pb.SendRequestRequest(umbral_name=me.handle), metadata=sender.md
+            )
+            event = await asyncio.wait_for(stream.read(), 10)
+            assert event.received.id == sent.request.id
+        finally:
+            stream.cancel()
+    finally:
+        for call in [*held, *attempts]:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+    for _ in range(200):
+        if server.service.anonymous_streams.open_streams == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.service.anonymous_streams.open_streams == 0
