@@ -74,16 +74,18 @@ async def test_random_paths_are_one_metrics_label(server: RunningServer) -> None
     assert "unknown" in rpc_method_labels(server)
 
 
-async def ending(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> grpc.StatusCode:
-    """Reads a stream until its first message or its end: OK for a message, else the code."""
+Outcome = tuple[grpc.StatusCode, str | None]
+REFUSED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ANONYMOUS_STREAMS")
+
+
+async def ending(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> Outcome:
+    """Reads a stream until its first message (OK) or its end (the code and reason)."""
     try:
         first = await asyncio.wait_for(call.read(), 30)
     except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            assert error_reason(error) == "TOO_MANY_ANONYMOUS_STREAMS"
-        return error.code()
+        return error.code(), error_reason(error)
     assert first is not grpc.aio.EOF
-    return grpc.StatusCode.OK
+    return grpc.StatusCode.OK, None
 
 
 async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
@@ -95,9 +97,8 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
     try:
         health = health_pb2_grpc.HealthStub(channels[0])
         held = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(ANONYMOUS_CAP)]
-        assert await asyncio.gather(*(ending(call) for call in held)) == [grpc.StatusCode.OK] * (
-            ANONYMOUS_CAP
-        )
+        opened = await asyncio.gather(*(ending(call) for call in held))
+        assert opened == [(grpc.StatusCode.OK, None)] * ANONYMOUS_CAP
         assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP
 
         # Thousands more, health Watch and reflection alike, all at once and never cancelled
@@ -117,8 +118,8 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
             *(ending(call) for call in attempts),
             connections.Search(pb.SearchRequest(umbral_name=sender.handle), metadata=me.md),
         )
-        codes, search = during[:-1], during[-1]
-        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        outcomes, search = during[:-1], during[-1]
+        assert set(outcomes) == {REFUSED}
         assert search.found
         # ... and after them, with the cap's worth of anonymous streams still open.
         assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP

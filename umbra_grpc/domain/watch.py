@@ -6,6 +6,12 @@ of events in ONE query (`requests.by_ids`), and only for receivers that have a s
 here, then hands the same view to every stream of that receiver. So the cost is one query
 per batch of NOTIFYs that matter to this process, not one per event per stream.
 
+The feed trusts no payload (SPEC 10.10): any role connected to the database may NOTIFY any
+channel. The payload's `receiver_id` only lets a process skip events for receivers with no
+stream here; the event goes to the receiver named by the row it reads, and its kind must
+agree with the row's status (`cancelled` with a cancelled request, `resolved` with an
+answered one), so a forged notice can at most repeat a true event to its true receiver.
+
 A stream subscribes *before* it reads its snapshot, so nothing committed in between is lost;
 a `received` event for a request already in the snapshot is dropped (de-duplication by id).
 Each stream has a bounded queue: when it is full the stream ends RESOURCE_EXHAUSTED
@@ -71,7 +77,17 @@ HEARTBEAT = Heartbeat()
 class _Notice:
     kind: EventKind
     request_id: int
-    receiver_id: int
+    # From the payload: a hint for skipping, never who is told.
+    receiver_hint: int
+
+
+def _row_bears_out(kind: EventKind, status: str) -> bool:
+    """Whether a request in `status` can be the subject of a `kind` event."""
+    if kind == "cancelled":
+        return status == "cancelled"
+    if kind == "resolved":
+        return status not in ("pending", "cancelled")
+    return True  # received: the request was sent, whatever became of it since
 
 
 class Subscription:
@@ -181,7 +197,7 @@ class RequestFeed:
         except (ValueError, KeyError, TypeError):
             _log.warning("ignored a malformed request notification")
             return
-        if notice.receiver_id not in self._streams:
+        if notice.receiver_hint not in self._streams:
             return
         self._notices.append(notice)
         if self._flusher is None or self._flusher.done():
@@ -218,16 +234,19 @@ class RequestFeed:
             except Exception:
                 _log.exception("request feed lookup failed; streams of this batch end")
                 for notice in batch:
-                    for subscription in self._streams.get(notice.receiver_id, ()):
+                    for subscription in self._streams.get(notice.receiver_hint, ()):
                         subscription.close(FeedUnavailable())
                 continue
-            views = {row["id"]: RequestView.from_row(row) for row in rows}
+            found: dict[int, tuple[int, RequestView]] = {
+                row["id"]: (row["receiver_id"], RequestView.from_row(row)) for row in rows
+            }
             for notice in batch:
-                view = views.get(notice.request_id)
-                if view is None:
+                if notice.request_id not in found:
                     continue
-                for subscription in list(self._streams.get(notice.receiver_id, ())):
-                    subscription.push(RequestEvent(notice.kind, view))
+                receiver_id, view = found[notice.request_id]
+                if _row_bears_out(notice.kind, view.status):
+                    for subscription in list(self._streams.get(receiver_id, ())):
+                        subscription.push(RequestEvent(notice.kind, view))
 
 
 class Watching:
