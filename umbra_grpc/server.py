@@ -187,11 +187,10 @@ class Service:
         self.listener = Listener(
             plain_url(config.database_url), probe_interval=config.listener_probe_seconds
         )
-        # Other replicas changed a user: drop what this one cached. After an outage events
-        # may have been missed, so everything cached is dropped.
-        self.listener.subscribe(
-            USERS_CHANNEL, lambda payload: self.active_users.forget(int(payload))
-        )
+        # Other replicas changed a user: drop what this one cached, and end the user's
+        # streams if they were deactivated. After an outage events may have been missed,
+        # so everything cached is dropped (and the streams end with the listener).
+        self.listener.subscribe(USERS_CHANNEL, self._user_changed)
         self.listener.on_down(self.active_users.forget_all)
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
@@ -202,6 +201,11 @@ class Service:
         self.listener.on_up(self.outbox.wake)
         self._outbox_backlog = 0
         self._register_metrics(rate_limit, timing_floor)
+
+    def _user_changed(self, payload: str) -> None:
+        user_id = int(payload)
+        self.active_users.forget(user_id)
+        self.feed.on_user_changed(user_id)
 
     def _register_metrics(
         self, rate_limit: RateLimitInterceptor, timing_floor: TimingFloorInterceptor

@@ -21,6 +21,8 @@
     │   ├── TooManyPending           TOO_MANY_PENDING
     │   ├── TooManyStreams           TOO_MANY_STREAMS
     │   └── StreamTooSlow            STREAM_TOO_SLOW
+    ├── PermissionDenied
+    │   └── CallerInactive           PERMISSION_DENIED (the auth interceptor's answer too)
     ├── Unavailable                  retry later, perhaps on another replica
     │   ├── FeedUnavailable          FEED_UNAVAILABLE
     │   └── ShuttingDown             SHUTTING_DOWN
@@ -183,6 +185,19 @@ class StreamTooSlow(ResourceExhausted):
 
     reason = "STREAM_TOO_SLOW"
     default_message = "the stream was read too slowly; reconnect to get a fresh snapshot"
+
+
+class PermissionDenied(DomainError):
+    """The caller may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class CallerInactive(PermissionDenied):
+    """The caller's user is unknown or deactivated (one answer for both)."""
+
+    reason = "PERMISSION_DENIED"
+    default_message = "the caller is not an active user"
 
 
 class Unavailable(DomainError):

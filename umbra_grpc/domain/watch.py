@@ -19,6 +19,11 @@ Each stream has a bounded queue: when it is full the stream ends RESOURCE_EXHAUS
 client does not take within `write_timeout` ends the stream the same way. When the listener
 connection is lost every stream ends UNAVAILABLE (FEED_UNAVAILABLE): clients reconnect and
 get a fresh snapshot. Shutdown ends them UNAVAILABLE (SHUTTING_DOWN).
+
+A user deactivated through AccountService loses their streams on every replica (SPEC 10.6):
+the `umbra_users` NOTIFY that drops the caller cache also makes the feed read the user's row
+again, and if it is no longer active the user's streams end PERMISSION_DENIED, the answer
+their unary calls get from the auth interceptor.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar, get_args
 
 from umbra_grpc.domain.errors import (
+    CallerInactive,
     DomainError,
     FeedUnavailable,
     ShuttingDown,
@@ -42,6 +48,7 @@ from umbra_grpc.domain.errors import (
 )
 from umbra_grpc.domain.requests import RequestView
 from umbra_grpc.storage import requests as store
+from umbra_grpc.storage import users
 from umbra_grpc.storage.database import Database
 
 _log = logging.getLogger(__name__)
@@ -153,6 +160,7 @@ class RequestFeed:
         self._count = 0
         self._notices: list[_Notice] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         self.available = False
         self._closing = False
 
@@ -202,6 +210,29 @@ class RequestFeed:
         self._notices.append(notice)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="request-feed-flush")
+
+    def on_user_changed(self, user_id: int) -> None:
+        """A user changed (NOTIFY umbra_users): their streams end if they are not active now."""
+        if user_id not in self._streams:
+            return
+        check = asyncio.create_task(self._check_active(user_id), name="request-feed-user-check")
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _check_active(self, user_id: int) -> None:
+        # The row decides, not the payload that named the user.
+        try:
+            async with self._db.background() as conn:
+                active = await users.is_active(conn, user_id)
+        except Exception:
+            _log.warning("user check failed; the user's streams end", exc_info=True)
+            error: Callable[[], DomainError] = FeedUnavailable
+        else:
+            if active:
+                return
+            error = CallerInactive
+        for subscription in list(self._streams.get(user_id, ())):
+            subscription.close(error())
 
     def on_up(self) -> None:
         """The listener is connected: streams may open."""
