@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from umbra_grpc.api.accounts import AccountServicer
 from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
+from umbra_grpc.destinations import Destinations, Resolver, system_resolver
 from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.domain.connections import Connections
@@ -114,9 +115,12 @@ class Service:
         db: Database,
         *,
         extra_servicers: Iterable[tuple[object, object]] = (),
+        resolver: Resolver = system_resolver,
     ) -> None:
         self.config = config
         self.db = db
+        # Where pushes may go (SPEC 10.4): judged when a URL is saved and when it is used.
+        destinations = Destinations(parse_networks(config.ntfy_allowed_networks), resolver)
         self.active_users = ActiveUsers(db, config.user_cache_seconds)
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
@@ -146,7 +150,7 @@ class Service:
             + config.watch_max_streams
             + config.max_anonymous_streams,
         )
-        accounts = Accounts(db, on_user_changed=self.active_users.forget)
+        accounts = Accounts(db, self.active_users.forget, destinations)
         pages = PageTokens(page_token_key(config))
         requests = Requests(
             db,
@@ -195,7 +199,7 @@ class Service:
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
-        self.outbox = OutboxWorker(db, config)
+        self.outbox = OutboxWorker(db, config, destinations=destinations)
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)

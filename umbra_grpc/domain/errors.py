@@ -4,6 +4,7 @@
     ├── InvalidArgument              the request itself is malformed
     │   ├── InvalidHandle            HANDLE_INVALID
     │   ├── InvalidField             FIELD_INVALID (which field says the message)
+    │   ├── NtfyUrlForbidden         NTFY_URL_FORBIDDEN (SSRF rule, SPEC 10.4)
     │   └── SelfRequest              SELF_REQUEST
     ├── NotFound                     the thing does not exist *for this caller*
     │   ├── UserNotFound             USER_NOT_FOUND
@@ -70,6 +71,12 @@ class InvalidField(InvalidArgument):
     """One field of the request has a value the service cannot accept."""
 
     reason = "FIELD_INVALID"
+
+
+class NtfyUrlForbidden(InvalidArgument):
+    """An ntfy server URL of a form, or pointing at addresses, pushes may not go to."""
+
+    reason = "NTFY_URL_FORBIDDEN"
 
 
 class SelfRequest(InvalidArgument):
