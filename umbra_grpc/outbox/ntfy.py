@@ -23,6 +23,11 @@ takes no network backend of its own (encode/httpx discussion 3180), so `VettedTr
 httpx's transport with its connection pool rebuilt over that backend; TLS still verifies
 the certificate for the URL's name (httpcore hands it to the handshake as server_hostname),
 and the Host header is the URL's. The client ignores the environment (no proxy, no netrc).
+
+Logs (SPEC 10.5): the topic is a password on ntfy, and httpx logs every request's full URL
+at INFO; `new_client` cuts that URL to its origin (scheme, host, port) before any handler
+sees the record, and keeps httpcore's DEBUG trace off (it quotes response headers verbatim,
+and a `Location` can hold the topic).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import logging
 import math
 import ssl
 import time
@@ -173,11 +179,35 @@ class VettedTransport(httpx.AsyncHTTPTransport):
         )
 
 
+class _OriginOnly(logging.Filter):
+    """Cuts every URL in a record's arguments to its origin: the path holds the topic."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                f"{arg.scheme}://{arg.netloc.decode('ascii')}/..."
+                if isinstance(arg, httpx.URL)
+                else arg
+                for arg in record.args
+            )
+        return True
+
+
+def keep_secrets_out_of_http_logs() -> None:
+    """httpx's request lines show origins only; httpcore's trace stays off (idempotent)."""
+    httpx_logger = logging.getLogger("httpx")
+    if not any(isinstance(known, _OriginOnly) for known in httpx_logger.filters):
+        httpx_logger.addFilter(_OriginOnly())
+    logging.getLogger("httpcore").setLevel(logging.INFO)
+
+
 def new_client(
     config: Config, destinations: Destinations, *, verify: ssl.SSLContext | bool = True
 ) -> httpx.AsyncClient:
     """The process's HTTP client: vetted destinations, bounded time per phase, bounded
-    connections, no redirects. `verify` is what TLS trusts (the system's CAs by default)."""
+    connections, no redirects, no secrets in its logs. `verify` is what TLS trusts (the
+    system's CAs by default)."""
+    keep_secrets_out_of_http_logs()
     connections = max(1, config.outbox_batch_size)
     limits = httpx.Limits(
         max_connections=connections,
