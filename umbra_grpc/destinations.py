@@ -149,7 +149,10 @@ class Destinations:
         name = host.rstrip(".").lower()
         if name == "localhost" or name.endswith(".localhost"):
             raise ForbiddenDestination("names a localhost address")
-        found = await self._resolver(name, port)
+        try:  # an address written canonically needs no lookup
+            found = [str(ipaddress.ip_address(name))]
+        except ValueError:
+            found = await self._resolver(name, port)
         if not found:
             raise OSError(f"{name} resolves to no address")
         for address in found:
