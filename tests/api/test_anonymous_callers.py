@@ -27,18 +27,21 @@ from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 ANONYMOUS_CAP = 10
-ATTEMPTS = 2_000
-# Streams per client connection stay below UMBRA_MAX_CONCURRENT_STREAMS (100), so the
-# attempts reach the server at once instead of queueing in the client.
-PER_CHANNEL = 80
+WAVES, WAVE = 10, 200  # 2,000 attempts, 200 at once
+# Room for one wave in flight (refusals take a moment too), and far less than the attempts:
+# if they held their slots, token holders would be refused.
+MAX_CONCURRENT_RPCS = WAVE
+# Streams per client connection stay below UMBRA_MAX_CONCURRENT_STREAMS (100), so a wave
+# reaches the server at once instead of queueing in the client.
+PER_CHANNEL = 50
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def server(database_url: str) -> AsyncIterator[RunningServer]:
-    """Small call limits, so that a few dozen held calls would fill the server."""
+    """Small call limits, so that a few hundred held calls would fill the server."""
     config = test_config(
         database_url,
-        max_concurrent_rpcs=20,
+        max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         watch_max_streams=10,
         max_anonymous_streams=ANONYMOUS_CAP,
     )
@@ -91,9 +94,10 @@ async def ending(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> 
 async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
     server: RunningServer, connections, new_user: NewUser
 ) -> None:
-    channels = [separate_channel(server.target) for _ in range(ATTEMPTS // PER_CHANNEL + 1)]
+    channels = [separate_channel(server.target) for _ in range(WAVE // PER_CHANNEL + 1)]
     held: list[grpc.aio.UnaryStreamCall] = []
     attempts: list[grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall] = []
+    me, sender = await new_user(), await new_user()
     try:
         health = health_pb2_grpc.HealthStub(channels[0])
         held = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(ANONYMOUS_CAP)]
@@ -101,27 +105,28 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
         assert opened == [(grpc.StatusCode.OK, None)] * ANONYMOUS_CAP
         assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP
 
-        # Thousands more, health Watch and reflection alike, all at once and never cancelled
-        # by the client: each must end at once rather than hold a call slot.
-        for index in range(ATTEMPTS):
-            channel = channels[1 + index // PER_CHANNEL]
-            if index % 2:
-                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-                request = reflection_pb2.ServerReflectionRequest(list_services="")
-                attempts.append(stub.ServerReflectionInfo(iter([request])))
-            else:
-                stub = health_pb2_grpc.HealthStub(channel)
-                attempts.append(stub.Watch(health_pb2.HealthCheckRequest()))
-        me, sender = await new_user(), await new_user()
-        # Token holders are served while the attempts are being refused...
-        during = await asyncio.gather(
-            *(ending(call) for call in attempts),
-            connections.Search(pb.SearchRequest(umbral_name=sender.handle), metadata=me.md),
-        )
-        outcomes, search = during[:-1], during[-1]
-        assert set(outcomes) == {REFUSED}
-        assert search.found
-        # ... and after them, with the cap's worth of anonymous streams still open.
+        # Thousands more, health Watch and reflection alike, never cancelled by the client:
+        # each must end at once rather than hold a call slot, while token holders are served.
+        for _ in range(WAVES):
+            wave: list[grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall] = []
+            for index in range(WAVE):
+                channel = channels[1 + index // PER_CHANNEL]
+                if index % 2:
+                    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                    request = reflection_pb2.ServerReflectionRequest(list_services="")
+                    wave.append(stub.ServerReflectionInfo(iter([request])))
+                else:
+                    stub = health_pb2_grpc.HealthStub(channel)
+                    wave.append(stub.Watch(health_pb2.HealthCheckRequest()))
+            attempts.extend(wave)
+            during = await asyncio.gather(
+                *(ending(call) for call in wave),
+                connections.Search(pb.SearchRequest(umbral_name=sender.handle), metadata=me.md),
+            )
+            outcomes, search = during[:-1], during[-1]
+            assert set(outcomes) == {REFUSED}
+            assert search.found
+        # Afterwards too, with the cap's worth of anonymous streams still open.
         assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP
         stream = watch(connections_pb2_grpc.ConnectionServiceStub(server.channel), me)
         try:
