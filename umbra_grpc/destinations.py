@@ -139,7 +139,8 @@ class Destinations:
         for reached in _reached(address):
             category = forbidden_category(reached)
             if category is not None and not any(reached in net for net in self._allowed):
-                raise ForbiddenDestination(f"reaches a {category} address ({reached})")
+                article = "an" if category[0] in "aeiou" else "a"
+                raise ForbiddenDestination(f"reaches {article} {category} address ({reached})")
 
     async def addresses(self, host: str, port: int) -> list[str]:
         """Resolves `host` once and judges every address; the addresses to connect to.

@@ -169,9 +169,10 @@ class VettedTransport(httpx.AsyncHTTPTransport):
         limits: httpx.Limits,
         verify: ssl.SSLContext | bool = True,
     ) -> None:
-        super().__init__(verify=verify, limits=limits, trust_env=False)
+        tls = httpx.create_ssl_context(verify=verify, trust_env=False)
+        super().__init__(verify=tls, limits=limits, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+            ssl_context=tls,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
