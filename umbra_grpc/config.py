@@ -7,6 +7,7 @@ value stops the process at start-up with a message naming the variable, never la
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ class Config:
     user_cache_seconds: float = 1.0
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 1000
+    max_anonymous_streams: int = 100
     max_concurrent_streams: int = 100
     max_receive_message_bytes: int = 64 * 1024
     max_connection_age_seconds: float = 1800.0
@@ -71,6 +73,7 @@ class Config:
     outbox_retry_cap_seconds: float = 30.0
     outbox_max_attempts: int = 5
     ntfy_timeout_seconds: float = 5.0
+    ntfy_allowed_networks: tuple[str, ...] = ()
     # Set by `serve --workers N` for its own processes only (never from the environment).
     reuse_port: bool = False
 
@@ -119,6 +122,9 @@ class Config:
             user_cache_seconds=env.number("UMBRA_USER_CACHE_SECONDS", cls.user_cache_seconds),
             grace_seconds=env.number("UMBRA_GRACE_SECONDS", cls.grace_seconds),
             max_concurrent_rpcs=env.integer("UMBRA_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
+            max_anonymous_streams=env.integer(
+                "UMBRA_MAX_ANONYMOUS_STREAMS", cls.max_anonymous_streams
+            ),
             max_concurrent_streams=env.integer(
                 "UMBRA_MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams
             ),
@@ -158,6 +164,7 @@ class Config:
             ),
             outbox_max_attempts=env.integer("UMBRA_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             ntfy_timeout_seconds=env.number("UMBRA_NTFY_TIMEOUT_SECONDS", cls.ntfy_timeout_seconds),
+            ntfy_allowed_networks=env.items("UMBRA_NTFY_ALLOWED_NETWORKS"),
         )
         config.validate()
         return config
@@ -183,6 +190,13 @@ class Config:
             raise ConfigError("UMBRA_DB_STATEMENT_CACHE_SIZE must be at most 10000")
         if self.db_pool_timeout_seconds <= 0 or self.db_pool_size < 1:
             raise ConfigError("UMBRA_DB_POOL_SIZE and UMBRA_DB_POOL_TIMEOUT_SECONDS must be > 0")
+        for network in self.ntfy_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"UMBRA_NTFY_ALLOWED_NETWORKS: {network!r} is not a CIDR or an address"
+                ) from None
 
     @property
     def listener_url(self) -> str | None:
