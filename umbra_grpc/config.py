@@ -54,6 +54,7 @@ class Config:
     max_connection_age_grace_seconds: float = 30.0
     pending_cap: int = 5
     pending_window_seconds: float = 600.0
+    resend_cooldown_seconds: float = 3600.0
     listener_probe_seconds: float = 2.0
     watch_heartbeat_seconds: float = 15.0
     watch_queue_size: int = 64
@@ -67,6 +68,11 @@ class Config:
     outbox_retry_cap_seconds: float = 30.0
     outbox_max_attempts: int = 5
     ntfy_timeout_seconds: float = 5.0
+    retention_interval_seconds: float = 3600.0
+    retention_outbox_days: int = 7
+    retention_notifications_days: int = 90
+    retention_requests_days: int = 365
+    retention_audit_days: int = 365
     # Set by `serve --workers N` for its own processes only (never from the environment).
     reuse_port: bool = False
 
@@ -127,6 +133,9 @@ class Config:
             pending_window_seconds=env.number(
                 "UMBRA_PENDING_WINDOW_SECONDS", cls.pending_window_seconds
             ),
+            resend_cooldown_seconds=env.number(
+                "UMBRA_RESEND_COOLDOWN_SECONDS", cls.resend_cooldown_seconds
+            ),
             listener_probe_seconds=env.number(
                 "UMBRA_LISTENER_PROBE_SECONDS", cls.listener_probe_seconds
             ),
@@ -150,6 +159,21 @@ class Config:
             ),
             outbox_max_attempts=env.integer("UMBRA_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             ntfy_timeout_seconds=env.number("UMBRA_NTFY_TIMEOUT_SECONDS", cls.ntfy_timeout_seconds),
+            retention_interval_seconds=env.number(
+                "UMBRA_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+            ),
+            retention_outbox_days=env.integer(
+                "UMBRA_RETENTION_OUTBOX_DAYS", cls.retention_outbox_days
+            ),
+            retention_notifications_days=env.integer(
+                "UMBRA_RETENTION_NOTIFICATIONS_DAYS", cls.retention_notifications_days
+            ),
+            retention_requests_days=env.integer(
+                "UMBRA_RETENTION_REQUESTS_DAYS", cls.retention_requests_days
+            ),
+            retention_audit_days=env.integer(
+                "UMBRA_RETENTION_AUDIT_DAYS", cls.retention_audit_days
+            ),
         )
         config.validate()
         return config
@@ -170,6 +194,16 @@ class Config:
             raise ConfigError("UMBRA_WATCH_QUEUE_SIZE and UMBRA_OUTBOX_MAX_ATTEMPTS must be >= 1")
         if self.db_pool_timeout_seconds <= 0 or self.db_pool_size < 1:
             raise ConfigError("UMBRA_DB_POOL_SIZE and UMBRA_DB_POOL_TIMEOUT_SECONDS must be > 0")
+        for name, value, lowest, highest in (
+            ("UMBRA_RESEND_COOLDOWN_SECONDS", self.resend_cooldown_seconds, 0, 31_536_000),
+            ("UMBRA_RETENTION_INTERVAL_SECONDS", self.retention_interval_seconds, 0, 604_800),
+            ("UMBRA_RETENTION_OUTBOX_DAYS", self.retention_outbox_days, 1, 36_500),
+            ("UMBRA_RETENTION_NOTIFICATIONS_DAYS", self.retention_notifications_days, 1, 36_500),
+            ("UMBRA_RETENTION_REQUESTS_DAYS", self.retention_requests_days, 1, 36_500),
+            ("UMBRA_RETENTION_AUDIT_DAYS", self.retention_audit_days, 1, 36_500),
+        ):
+            if not lowest <= value <= highest:  # NaN fails every comparison
+                raise ConfigError(f"{name} must be between {lowest} and {highest}")
 
     def with_changes(self, **changes: object) -> Config:
         """A copy with some fields replaced (tests and the CLI use it)."""

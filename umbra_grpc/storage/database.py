@@ -20,7 +20,10 @@ once into asyncpg's `$n` form); the service layer opens the unit of work:
 
 Driver errors that mean "the database is not there" become `StorageUnavailable`; the API edge
 maps it to UNAVAILABLE. Every connection carries statement, lock and idle-in-transaction
-timeouts, so no RPC can hold a lock or a connection forever.
+timeouts, so no RPC can hold a lock or a connection forever. Running into one of them, or
+into a deadlock or serialization failure that outlasts the retries, is contention, not a bug:
+it becomes `StorageBusy` (UNAVAILABLE `STORAGE_BUSY` at the edge, SPEC 10.8), logged here at
+WARNING with its SQLSTATE and no traceback.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ _log = logging.getLogger(__name__)
 
 # serialization_failure, deadlock_detected: safe to run the whole transaction again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# What each busy SQLSTATE means, for the log: query_canceled is how statement_timeout ends a
+# statement (and an administrator's pg_cancel_backend, which is just as retryable).
+BUSY_SQLSTATES = {
+    "57014": "statement timeout",
+    "55P03": "lock timeout",
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+}
 # connection failures, admin shutdown, cannot connect now, too many connections.
 UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 TRANSACTION_ATTEMPTS = 3
@@ -57,6 +68,11 @@ Observer = Callable[[str], None]
 
 class StorageUnavailable(Exception):
     """The database could not be reached or dropped the connection."""
+
+
+class StorageBusy(StorageUnavailable):
+    """The database did not finish in time: a lock or statement timeout, or a deadlock or
+    serialization failure still there after the retries. Retrying later may work."""
 
 
 # A result row, an `asyncpg.Record` (untyped: asyncpg ships no stubs): by position or by name,
@@ -362,8 +378,12 @@ def plain_url(url: str) -> str:
 
 
 def _reraise(error: asyncpg.PostgresError) -> NoReturn:
-    """Raises `StorageUnavailable` for lost or refused connections, else the error itself."""
+    """Raises `StorageUnavailable` for lost or refused connections, `StorageBusy` for
+    contention, else the error itself."""
     state = sqlstate(error) or ""
     if state.startswith(UNAVAILABLE_SQLSTATE_PREFIXES):
         raise StorageUnavailable(state) from error
+    if state in BUSY_SQLSTATES:
+        _log.warning("database busy: %s", BUSY_SQLSTATES[state], extra={"sqlstate": state})
+        raise StorageBusy(state) from error
     raise error
