@@ -216,6 +216,8 @@ def upgrade() -> None:
             columns,
             unique=False,
             postgresql_where=sa.text(where) if where else None,
+            # An operator may have built it CONCURRENTLY beforehand (see the README).
+            if_not_exists=True,
         )
     op.execute(f"DROP FUNCTION {_revision_0002().SIGNATURE}")
     op.execute(CREATE.replace("{search_path}", search_path))
