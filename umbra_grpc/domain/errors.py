@@ -34,11 +34,12 @@
 name another user's data or echo a secret.
 
 Reasons raised outside this tree, at the service edge: RATE_LIMITED (RESOURCE_EXHAUSTED, with
-RetryInfo), MALFORMED_REQUEST (INVALID_ARGUMENT), UNAUTHENTICATED, PERMISSION_DENIED and
-ADMIN_SCOPE_REQUIRED from the interceptors; STORAGE_UNAVAILABLE (the database cannot be
-reached) and STORAGE_BUSY (a lock or statement timeout, or a deadlock or serialization
-failure that outlasted the retries), both UNAVAILABLE and retryable, from
-`umbra_grpc.storage.database`; INTERNAL (with a correlation id) for anything unexpected.
+RetryInfo), MALFORMED_REQUEST (INVALID_ARGUMENT) and UNAUTHENTICATED; PERMISSION_DENIED,
+ADMIN_SCOPE_REQUIRED and USER_TOKEN_REQUIRED (all PERMISSION_DENIED) from the interceptors;
+STORAGE_UNAVAILABLE (the database cannot be reached) and STORAGE_BUSY (a lock or statement
+timeout, or a deadlock or serialization failure that outlasted the retries), both
+UNAVAILABLE and retryable, from `umbra_grpc.storage.database`; INTERNAL (with a correlation
+id) for anything unexpected.
 """
 
 from __future__ import annotations

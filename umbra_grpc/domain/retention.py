@@ -16,7 +16,7 @@ import logging
 
 from umbra_grpc.config import Config
 from umbra_grpc.storage import retention as store
-from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.database import DATABASE_ERRORS, Database
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +101,12 @@ class Retention:
             try:
                 report = await self.prune()
             except Exception as error:  # the database is away, or a bug: try again later
-                _log.warning("retention run failed (%s)", type(error).__name__, exc_info=True)
+                _log.warning(
+                    "retention run failed (%s); next in %.0fs",
+                    type(error).__name__,
+                    self._interval,
+                    exc_info=not isinstance(error, DATABASE_ERRORS),
+                )
             else:
                 if report is None:
                     _log.info("retention run skipped: another process holds the lock")

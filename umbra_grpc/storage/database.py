@@ -75,6 +75,10 @@ class StorageBusy(StorageUnavailable):
     serialization failure still there after the retries. Retrying later may work."""
 
 
+# What work on the database may meet from the database itself, rather than from a bug.
+DATABASE_ERRORS = (asyncpg.PostgresError, StorageUnavailable, *LOST_CONNECTION)
+
+
 # A result row, an `asyncpg.Record` (untyped: asyncpg ships no stubs): by position or by name,
 # `row["id"]`, a C lookup. An attribute-style wrapper cost 0.6 µs per field read, a quarter of
 # a 50-row list's Python time.
