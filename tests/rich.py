@@ -47,3 +47,12 @@ async def expect_error(
     assert caught.value.code() == code, (caught.value.code(), caught.value.details())
     assert error_reason(caught.value) == reason, caught.value.details()
     return caught.value
+
+
+async def outcome(call: Awaitable[object]) -> str:
+    """ "OK", or the ErrorInfo reason the call failed with."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error_reason(error)
+    return "OK"

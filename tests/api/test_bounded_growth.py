@@ -19,7 +19,7 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import error_reason, expect_error, retry_delay
+from tests.rich import expect_error, outcome, retry_delay
 from umbra_grpc.interceptors.rate_limit import (
     DEFAULT_RATE_LIMITS,
     RateLimitInterceptor,
@@ -90,15 +90,6 @@ USER_CALLS = {
     "RemoveConnection": pb.RemoveConnectionRequest(connection_id=987_654_321),
     "MarkNotificationsRead": pb.MarkNotificationsReadRequest(notification_ids=[987_654_321]),
 }
-
-
-async def outcome(call) -> str:
-    """ "OK" or the reason the call failed with."""
-    try:
-        await call
-    except grpc.aio.AioRpcError as error:
-        return error_reason(error)
-    return "OK"
 
 
 async def exhaust(call, burst: int) -> grpc.aio.AioRpcError:

@@ -14,8 +14,10 @@ cancelled") in the cancel's transaction; the worker claims rows with FOR UPDATE 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -38,6 +40,7 @@ from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_gr
 from umbra_grpc.storage import outbox
 from umbra_grpc.storage import requests as request_store
 from umbra_grpc.storage.database import Conn
+from umbra_grpc.storage.requests import CANCELLED_PUSH
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
@@ -93,25 +96,61 @@ async def delivered(sql: Sql, request_id: int, within: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class Cast:
+    """A sender, a receiver whose pushes go to `topic` on the recorder, and a control user
+    whose push, sent last, shows the worker has been past everything before it (rows are
+    claimed oldest first)."""
+
+    sender: TestUser
+    receiver: TestUser
+    topic: str
+    control: TestUser
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def cast(
+    accounts: Accounts, admin: Metadata, new_user: NewUser, recorder: NtfyRecorder
+) -> Cast:
+    sender, receiver, control = await new_user(), await new_user(), await new_user()
+    topic = await configure_ntfy(accounts, admin, receiver, recorder.url)
+    await configure_ntfy(accounts, admin, control, recorder.url)
+    return Cast(sender, receiver, topic, control)
+
+
+@contextlib.asynccontextmanager
+async def worker_running(server: RunningServer) -> AsyncIterator[None]:
+    worker = server.service.outbox
+    await worker.start()
+    try:
+        yield
+    finally:
+        await worker.stop()
+
+
+async def assert_cancelled_push(sql: Sql, request_id: int, *, attempts: int) -> None:
+    row = await push_row(sql, request_id)
+    assert (row["status"], row["last_error"], row["attempts"]) == (
+        "skipped",
+        CANCELLED_PUSH,
+        attempts,
+    )
+
+
 async def test_a_claim_while_the_cancel_is_uncommitted_skips_the_row(
-    server: RunningServer,
-    connections: Connections,
-    accounts: Accounts,
-    admin: Metadata,
-    new_user: NewUser,
-    recorder: NtfyRecorder,
-    sql: Sql,
+    server: RunningServer, connections: Connections, cast: Cast, sql: Sql
 ) -> None:
-    sender, receiver = await new_user(), await new_user()
-    await configure_ntfy(accounts, admin, receiver, recorder.url)
-    request_id = await send(connections, sender, receiver)
+    request_id = await send(connections, cast.sender, cast.receiver)
     row_id = (await push_row(sql, request_id))["id"]
     db = server.service.db
     cancelled, commit = asyncio.Event(), asyncio.Event()
 
     async def cancel_and_hold(conn: Conn) -> None:
         # The cancel's own statement, then its transaction stays open until told.
-        assert await request_store.cancel(conn, caller=sender.id, request_id=request_id, ip=None)
+        row = await request_store.cancel(
+            conn, caller=cast.sender.id, request_id=request_id, ip=None
+        )
+        assert row is not None
         cancelled.set()
         await commit.wait()
 
@@ -127,74 +166,29 @@ async def test_a_claim_while_the_cancel_is_uncommitted_skips_the_row(
     async with db.background() as conn:
         after = await outbox.claim(conn, limit=100, lease=30.0)
     assert row_id not in [push.id for push in after.pushes]
-    row = await push_row(sql, request_id)
-    assert (row["status"], row["last_error"], row["attempts"]) == (
-        "skipped",
-        "skipped: cancelled",
-        0,
-    )
+    await assert_cancelled_push(sql, request_id, attempts=0)
 
 
 async def test_a_push_cancelled_before_any_claim_is_never_sent(
-    server: RunningServer,
-    connections: Connections,
-    accounts: Accounts,
-    admin: Metadata,
-    new_user: NewUser,
-    recorder: NtfyRecorder,
-    sql: Sql,
+    server: RunningServer, connections: Connections, cast: Cast, recorder: NtfyRecorder, sql: Sql
 ) -> None:
-    sender, receiver, control = await new_user(), await new_user(), await new_user()
-    topic = await configure_ntfy(accounts, admin, receiver, recorder.url)
-    await configure_ntfy(accounts, admin, control, recorder.url)
-    withdrawn = await send(connections, sender, receiver)
-    await cancel(connections, sender, withdrawn)
-    worker = server.service.outbox
-    await worker.start()
-    try:
-        # Rows are claimed oldest first: once the later control push is out, the worker
-        # has been past the cancelled one.
-        later = await send(connections, sender, control)
-        await delivered(sql, later)
-    finally:
-        await worker.stop()
-    assert recorder.for_topic(topic) == []
-    row = await push_row(sql, withdrawn)
-    assert (row["status"], row["last_error"], row["attempts"]) == (
-        "skipped",
-        "skipped: cancelled",
-        0,
-    )
+    withdrawn = await send(connections, cast.sender, cast.receiver)
+    await cancel(connections, cast.sender, withdrawn)
+    async with worker_running(server):
+        await delivered(sql, await send(connections, cast.sender, cast.control))
+    assert recorder.for_topic(cast.topic) == []
+    await assert_cancelled_push(sql, withdrawn, attempts=0)
 
 
 async def test_a_push_already_in_flight_goes_once_and_is_never_retried(
-    server: RunningServer,
-    connections: Connections,
-    accounts: Accounts,
-    admin: Metadata,
-    new_user: NewUser,
-    recorder: NtfyRecorder,
-    sql: Sql,
+    server: RunningServer, connections: Connections, cast: Cast, recorder: NtfyRecorder, sql: Sql
 ) -> None:
-    sender, receiver, control = await new_user(), await new_user(), await new_user()
-    topic = await configure_ntfy(accounts, admin, receiver, recorder.url)
-    await configure_ntfy(accounts, admin, control, recorder.url)
-    recorder.script(topic, HOLD)
-    worker = server.service.outbox
-    await worker.start()
-    try:
-        request_id = await send(connections, sender, receiver)
-        await recorder.wait_for(topic, 1)  # claimed, and the POST is on the wire
-        await cancel(connections, sender, request_id)
+    recorder.script(cast.topic, HOLD)
+    async with worker_running(server):
+        request_id = await send(connections, cast.sender, cast.receiver)
+        await recorder.wait_for(cast.topic, 1)  # claimed, and the POST is on the wire
+        await cancel(connections, cast.sender, request_id)
         recorder.release()  # the in-flight attempt ends (unanswered: it would be retried)
-        later = await send(connections, sender, control)
-        await delivered(sql, later)
-    finally:
-        await worker.stop()
-    assert len(recorder.for_topic(topic)) == 1
-    row = await push_row(sql, request_id)
-    assert (row["status"], row["last_error"], row["attempts"]) == (
-        "skipped",
-        "skipped: cancelled",
-        1,
-    )
+        await delivered(sql, await send(connections, cast.sender, cast.control))
+    assert len(recorder.for_topic(cast.topic)) == 1
+    await assert_cancelled_push(sql, request_id, attempts=1)
