@@ -34,7 +34,7 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.outbox.recorder import HOLD, NtfyRecorder
+from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
 from tests.outbox.test_delivery import configure_ntfy
 from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage import outbox
@@ -60,6 +60,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         outbox_retry_cap_seconds=0.01,
         outbox_poll_seconds=30.0,
         ntfy_timeout_seconds=5.0,
+        ntfy_allowed_networks=RECORDER_NETWORKS,
     )
     running = await start_server(config)
     try:
