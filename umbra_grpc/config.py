@@ -61,6 +61,8 @@ class Config:
     pending_cap: int = 5
     pending_window_seconds: float = 600.0
     resend_cooldown_seconds: float = 3600.0
+    request_ttl_seconds: float = 2_592_000.0
+    expiry_sweep_seconds: float = 60.0
     listener_probe_seconds: float = 2.0
     watch_heartbeat_seconds: float = 15.0
     watch_queue_size: int = 64
@@ -150,6 +152,8 @@ class Config:
             resend_cooldown_seconds=env.number(
                 "UMBRA_RESEND_COOLDOWN_SECONDS", cls.resend_cooldown_seconds
             ),
+            request_ttl_seconds=env.number("UMBRA_REQUEST_TTL_SECONDS", cls.request_ttl_seconds),
+            expiry_sweep_seconds=env.number("UMBRA_EXPIRY_SWEEP_SECONDS", cls.expiry_sweep_seconds),
             listener_probe_seconds=env.number(
                 "UMBRA_LISTENER_PROBE_SECONDS", cls.listener_probe_seconds
             ),
@@ -223,6 +227,8 @@ class Config:
                 ) from None
         for name, value, lowest, highest in (
             ("UMBRA_RESEND_COOLDOWN_SECONDS", self.resend_cooldown_seconds, 0, 31_536_000),
+            ("UMBRA_REQUEST_TTL_SECONDS", self.request_ttl_seconds, 60, 315_360_000),
+            ("UMBRA_EXPIRY_SWEEP_SECONDS", self.expiry_sweep_seconds, 0, 86_400),
             ("UMBRA_RETENTION_INTERVAL_SECONDS", self.retention_interval_seconds, 0, 604_800),
             ("UMBRA_RETENTION_OUTBOX_DAYS", self.retention_outbox_days, 1, 36_500),
             ("UMBRA_RETENTION_NOTIFICATIONS_DAYS", self.retention_notifications_days, 1, 36_500),
@@ -231,6 +237,11 @@ class Config:
         ):
             if not lowest <= value <= highest:  # NaN fails every comparison
                 raise ConfigError(f"{name} must be between {lowest} and {highest}")
+        # A request must outlive the cap's window, or expiring would free cap places.
+        if self.request_ttl_seconds < self.pending_window_seconds:
+            raise ConfigError(
+                "UMBRA_REQUEST_TTL_SECONDS must be at least UMBRA_PENDING_WINDOW_SECONDS"
+            )
 
     @property
     def listener_url(self) -> str | None:

@@ -44,6 +44,8 @@ TABLES = {
     "persons",
     "notifications",
     "outbox",
+    "user_blocks",
+    "idempotency_keys",
 }
 
 
