@@ -17,6 +17,10 @@ Hardening (grpc.aio's defaults leak internals, SPEC 4.1):
 - Request bytes that do not decode would get UNKNOWN with the parser's message; the request
   deserializer is replaced by one that turns any failure into a sentinel, answered
   INVALID_ARGUMENT (reason MALFORMED_REQUEST) before anything inner runs.
+- `NotImplementedError` is what a generated servicer base class raises for a method nobody
+  implemented (grpcio-health-checking's aio servicer has no `Health/List`, for one): UNIMPLEMENTED
+  (reason UNIMPLEMENTED), as grpc.aio would answer, logged at INFO only. Anyone may call health,
+  so an ERROR line with a traceback per call would be log spam on demand.
 """
 
 from __future__ import annotations
@@ -140,6 +144,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
+                except NotImplementedError:
+                    code = grpc.StatusCode.UNIMPLEMENTED
+                    await _abort(context, record, *_UNIMPLEMENTED)
                 except Exception:
                     cancelled = context.cancelled()
                     code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
@@ -176,6 +183,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     # was being written, and the event loop closed it afterwards.
                     code = grpc.StatusCode.CANCELLED
                     raise
+                except NotImplementedError:
+                    code = grpc.StatusCode.UNIMPLEMENTED
+                    await _abort(context, record, *_UNIMPLEMENTED)
                 except Exception:
                     cancelled = context.cancelled()
                     code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
@@ -283,6 +293,7 @@ class _CorrelatedContext:
 
 
 _MALFORMED: Final = (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", MALFORMED_MESSAGE)
+_UNIMPLEMENTED: Final = (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", "method not implemented")
 
 
 async def _abort(
