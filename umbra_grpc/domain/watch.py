@@ -320,10 +320,20 @@ class Stream:
             )
         finally:
             closing.cancel()
+            if not writing.done():
+                _abandon(writing)
         if writing.done():
             writing.result()
             self._subscription.raise_if_closed()
             return
-        writing.cancel()
         self._subscription.raise_if_closed()
         raise StreamTooSlow
+
+
+def _abandon(writing: asyncio.Future[Any]) -> None:
+    """Cancels a write nobody will wait for: the stream closed, the client was too slow, or
+    the handler itself was cancelled because the client left. grpc may still fail that write
+    (the call is gone), which is expected: retrieved here, so asyncio does not log "Task
+    exception was never retrieved" at ERROR for every client that hangs up mid-write."""
+    writing.cancel()
+    writing.add_done_callback(lambda done: done.cancelled() or done.exception())
