@@ -100,6 +100,10 @@ class Service:
             raise RuntimeError(LEAK)
         if name == "unimplemented":
             _not_implemented(context)
+        if name == "hung-up":
+            # What grpc core raises when it cannot send on a call any more (the client left
+            # while it was being answered); here the client is still there, to see what it gets.
+            raise grpc.aio.InternalError('Failed "execute_batch"')
         if name == "set-code":
             context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
             context.set_details("not now")
@@ -352,6 +356,22 @@ async def test_a_method_nobody_implemented_is_unimplemented_not_internal(
         assert error_info(failure).reason == "UNIMPLEMENTED"
         assert trailer(failure.trailing_metadata(), CORRELATION_ID_KEY) is not None
     assert [line.code for line in lines.records] == ["UNIMPLEMENTED", "UNIMPLEMENTED"]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_a_call_grpc_can_no_longer_answer_ends_cancelled_without_an_error(
+    lines: Lines, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fuzzer saw two ERROR tracebacks (ours, then grpc's "Unexpected [UsageError]" for a
+    # second abort) whenever a client hung up while its call was being refused.
+    async with serving(Service()) as channel:
+        error = await failed(
+            search(channel)(connections_pb2.SearchRequest(umbral_name="hung-up"), timeout=0.5)
+        )
+        [line] = await lines.wait_for(1)
+    # Nothing more is sent on such a call: no INTERNAL status, no second abort.
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert line.code == "CANCELLED"
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 

@@ -21,6 +21,10 @@ Hardening (grpc.aio's defaults leak internals, SPEC 4.1):
   implemented (grpcio-health-checking's aio servicer has no `Health/List`, for one): UNIMPLEMENTED
   (reason UNIMPLEMENTED), as grpc.aio would answer, logged at INFO only. Anyone may call health,
   so an ERROR line with a traceback per call would be log spam on demand.
+- `grpc.aio.InternalError` (grpc core refused to send a message or the status: the client hung
+  up while the call was being answered, say mid-abort) means nobody is left to answer: the call
+  ends as a cancelled one (line code CANCELLED), not as an INTERNAL error with a traceback, and
+  no second status is attempted (grpc would log that at ERROR too).
 """
 
 from __future__ import annotations
@@ -147,6 +151,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 except NotImplementedError:
                     code = grpc.StatusCode.UNIMPLEMENTED
                     await _abort(context, record, *_UNIMPLEMENTED)
+                except grpc.aio.InternalError as error:
+                    code = grpc.StatusCode.CANCELLED
+                    raise asyncio.CancelledError from error
                 except Exception:
                     cancelled = context.cancelled()
                     code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
@@ -186,6 +193,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 except NotImplementedError:
                     code = grpc.StatusCode.UNIMPLEMENTED
                     await _abort(context, record, *_UNIMPLEMENTED)
+                except grpc.aio.InternalError as error:
+                    code = grpc.StatusCode.CANCELLED
+                    raise asyncio.CancelledError from error
                 except Exception:
                     cancelled = context.cancelled()
                     code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
