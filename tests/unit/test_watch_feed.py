@@ -383,10 +383,14 @@ async def test_an_expired_token_ends_the_stream() -> None:
         assert time.monotonic() - started < 1.0
 
 
-async def test_a_write_left_behind_when_the_client_hangs_up_is_not_reported_unretrieved() -> None:
+@pytest.mark.parametrize("write_fails_first", [False, True])
+async def test_a_write_left_behind_when_the_client_hangs_up_is_not_reported_unretrieved(
+    write_fails_first: bool,
+) -> None:
     # The fuzzer saw asyncio log "Task exception was never retrieved" at ERROR: the handler
-    # was cancelled (the client hung up) while a write was in flight, and grpc then failed
-    # that write. grpc's write does not stop when cancelled; this one fails when released.
+    # was cancelled (the client hung up) while a write was in flight, and grpc failed that
+    # write, before or after the cancellation reached the handler. grpc's write does not stop
+    # when cancelled; this one fails once released.
     released = asyncio.Event()
 
     async def write(message: WatchItem) -> None:
@@ -403,6 +407,8 @@ async def test_a_write_left_behind_when_the_client_hangs_up_is_not_reported_unre
         async with make_watching(db, make_feed(db)).open(ME) as stream:
             handler = asyncio.create_task(stream.send(write, SYNCED))
             await settle()
+            if write_fails_first:
+                released.set()  # the write fails in the same turn the handler is cancelled
             handler.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await handler
