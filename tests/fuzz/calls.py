@@ -94,9 +94,9 @@ def describe(request: Message | bytes) -> str:
     if isinstance(request, bytes):
         text = f"raw bytes {request.hex()}"
     else:
-        text = (
-            f"{type(request).__name__} {{{text_format.MessageToString(request, as_one_line=True)}}}"
-        )
+        # as_utf8=False: escaped, so bidi overrides and the like cannot garble the report.
+        fields = text_format.MessageToString(request, as_one_line=True, as_utf8=False)
+        text = f"{type(request).__name__} {{{fields}}}"
     if len(text) > REPRODUCER_CHARS:
         text = f"{text[:REPRODUCER_CHARS]}... ({len(text)} characters in all)"
     return text
@@ -150,8 +150,8 @@ class Client:
                     request, metadata=caller.metadata, timeout=UNARY_DEADLINE
                 )
                 code, details, trailers = "OK", "", ()
-                if not raw:
-                    response = reply
+                # Damaged bytes can still make a valid request that changed something.
+                response = method.output.FromString(reply) if raw else reply
         except grpc.aio.AioRpcError as error:
             code, details = error.code().name, error.details() or ""
             trailers = error.trailing_metadata() or ()

@@ -20,7 +20,7 @@ from tests.fuzz.population import Population
 
 RAW_SHARE = 0.05
 UNKNOWN_METHOD_SHARE = 0.01
-VALID_SHAPED_SHARE = 0.4
+VALID_SHAPED_SHARE = 0.5
 # Fixed byte strings every decoder should refuse or shrug off.
 NASTY_BODIES = (
     b"\x0a\x02\xc3\x28",  # field 1, invalid UTF-8

@@ -15,6 +15,7 @@ real rows; `hostile` builds everything else.
 from __future__ import annotations
 
 import collections
+import functools
 import random
 import re
 from collections.abc import Iterator
@@ -76,6 +77,7 @@ def methods(*services: ServiceDescriptor) -> list[Method]:
     ]
 
 
+@functools.cache
 def snake(name: str) -> str:
     """ConnectionRequest -> connection_request."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
@@ -97,6 +99,8 @@ class Known:
             collections.defaultdict(dict)
         )
         self._rng = random.Random(0)
+        # keys_for's answers, by request field, with the number of pools they were made from.
+        self._keys: dict[str, tuple[int, list[tuple[str, str]]]] = {}
 
     def harvest(self, owner: str, message: Message) -> None:
         """Records every non-default scalar of `message` (recursively) for `owner`."""
@@ -117,11 +121,16 @@ class Known:
 
     def keys_for(self, message: Descriptor, field: FieldDescriptor) -> list[tuple[str, str]]:
         """The pools a request field draws its plausible values from."""
+        cached = self._keys.get(field.full_name)
+        if cached is not None and cached[0] == len(self._shared):
+            return cached[1]
         name = field.name
         if field.is_repeated and name.endswith("s"):
             name = name[:-1]
         owner = snake(message.name)
-        return [key for key in list(self._shared) if _feeds(key, name, owner)]
+        keys = [key for key in list(self._shared) if _feeds(key, name, owner)]
+        self._keys[field.full_name] = (len(self._shared), keys)
+        return keys
 
     def pick(
         self, rng: random.Random, keys: list[tuple[str, str]], owner: str | None, kind: type
@@ -134,7 +143,8 @@ class Known:
         if owner is not None:
             own = self._own[key].get(owner)
             if own:
-                return rng.choice(own)
+                # The latest are likeliest still to be live (a request still pending).
+                return own[-1 - min(int(rng.expovariate(0.3)), len(own) - 1)]
         return rng.choice(self._shared[key])
 
     def any_of(self, rng: random.Random, kind: type) -> object | None:
@@ -231,9 +241,10 @@ class RequestMaker:
             self._fill(child, draw, depth + 1)
             return
         if field.is_repeated:
-            items = [
-                self._scalar(message.DESCRIPTOR, field, draw) for _ in range(self._count(draw))
-            ]
+            # Many elements are drawn from a few: a thousand ids cost what twenty do.
+            count = self._count(draw)
+            drawn = [self._scalar(message.DESCRIPTOR, field, draw) for _ in range(min(count, 20))]
+            items = drawn if count <= 20 else rng.choices(drawn, k=count)
             getattr(message, field.name).extend(items)
             return
         setattr(message, field.name, self._scalar(message.DESCRIPTOR, field, draw))
@@ -274,8 +285,8 @@ class RequestMaker:
         roll = rng.random()
         value: object | None = None
         if draw.valid:
-            if roll < 0.85:
-                value = self.known.pick(rng, keys, draw.owner if roll < 0.6 else None, int)
+            if roll < 0.9:
+                value = self.known.pick(rng, keys, draw.owner if roll < 0.7 else None, int)
             if value is None:
                 value = rng.choice((0, 1, 2, 5, 10, 20, 50, 100)) if "size" in field.name else None
             if value is None:
