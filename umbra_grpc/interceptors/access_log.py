@@ -148,16 +148,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
-                except NotImplementedError:
-                    code = grpc.StatusCode.UNIMPLEMENTED
-                    await _abort(context, record, *_UNIMPLEMENTED)
-                except grpc.aio.InternalError as error:
-                    code = grpc.StatusCode.CANCELLED
-                    raise asyncio.CancelledError from error
-                except Exception:
-                    cancelled = context.cancelled()
-                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
-                    await self._fail(context, record)
+                except Exception as error:
+                    code = _failure_code(error, context)
+                    await self._fail(context, record, code)
                 finally:
                     current_call.reset(token)
                     # A stream may be served by a coroutine writing through the context.
@@ -190,16 +183,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     # was being written, and the event loop closed it afterwards.
                     code = grpc.StatusCode.CANCELLED
                     raise
-                except NotImplementedError:
-                    code = grpc.StatusCode.UNIMPLEMENTED
-                    await _abort(context, record, *_UNIMPLEMENTED)
-                except grpc.aio.InternalError as error:
-                    code = grpc.StatusCode.CANCELLED
-                    raise asyncio.CancelledError from error
-                except Exception:
-                    cancelled = context.cancelled()
-                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
-                    await self._fail(context, record)
+                except Exception as error:
+                    code = _failure_code(error, context)
+                    await self._fail(context, record, code)
                 finally:
                     with contextlib.suppress(ValueError):  # closed later, in another context
                         current_call.reset(token)
@@ -215,11 +201,15 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_guarded(deserializer) if deserializer is not None else None,
         )
 
-    async def _fail(self, context: Context, record: CallRecord) -> NoReturn:
-        """Logs the exception being handled and ends the call INTERNAL, quoting only the id."""
-        if context.cancelled():
+    async def _fail(self, context: Context, record: CallRecord, code: grpc.StatusCode) -> NoReturn:
+        """Ends the call after the exception being handled, as `_failure_code` judged it:
+        let go (CANCELLED), UNIMPLEMENTED, or INTERNAL quoting only the correlation id, with
+        the exception logged at ERROR."""
+        if code == grpc.StatusCode.CANCELLED:
             # The client is gone: the call cannot be ended again, only let go.
             raise asyncio.CancelledError
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            await _abort(context, record, *_UNIMPLEMENTED)
         logger.error(
             "unhandled exception in %s (correlation id %s)",
             record.method,
@@ -304,6 +294,16 @@ class _CorrelatedContext:
 
 _MALFORMED: Final = (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", MALFORMED_MESSAGE)
 _UNIMPLEMENTED: Final = (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", "method not implemented")
+
+
+def _failure_code(error: Exception, context: Context) -> grpc.StatusCode:
+    """How a call that raised `error` ends (see the module docstring)."""
+    # grpc.aio.InternalError: core failed a batch on this call, which is over for the client.
+    if context.cancelled() or isinstance(error, grpc.aio.InternalError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(error, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.INTERNAL
 
 
 async def _abort(
