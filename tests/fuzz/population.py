@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from google.protobuf.message import Message
@@ -194,13 +195,13 @@ class Seeder:
         handle = receiver.handle.upper() if self._rng.random() < 0.2 else receiver.handle
         await self._call("SendRequest", pb.SendRequestRequest(umbral_name=handle), sender.caller)
 
+    async def _first_page(self, name: str, member: Member, items: str) -> list[Any]:
+        """Up to 100 items of one of the member's lists; none when the call failed."""
+        page = await self._call(name, self._methods[name].input(page_size=100), member.caller)
+        return list(getattr(page, items)) if page is not None else []
+
     async def _answer(self, member: Member) -> None:
-        page = await self._call(
-            "ListIncomingRequests", pb.ListIncomingRequestsRequest(page_size=100), member.caller
-        )
-        if not isinstance(page, pb.ListIncomingRequestsResponse):
-            return
-        for request in page.requests:
+        for request in await self._first_page("ListIncomingRequests", member, "requests"):
             roll = self._rng.random()
             if roll < 0.7:
                 action = (
@@ -215,12 +216,7 @@ class Seeder:
                 )
 
     async def _cancel_some(self, member: Member) -> None:
-        page = await self._call(
-            "ListOutgoingRequests", pb.ListOutgoingRequestsRequest(page_size=100), member.caller
-        )
-        if not isinstance(page, pb.ListOutgoingRequestsResponse):
-            return
-        for request in page.requests:
+        for request in await self._first_page("ListOutgoingRequests", member, "requests"):
             if self._rng.random() < 0.15:
                 await self._call(
                     "CancelRequest", pb.CancelRequestRequest(request_id=request.id), member.caller
@@ -228,12 +224,7 @@ class Seeder:
 
     async def _tend_connections(self, member: Member) -> None:
         rng = self._rng
-        page = await self._call(
-            "ListConnections", pb.ListConnectionsRequest(page_size=100), member.caller
-        )
-        if not isinstance(page, pb.ListConnectionsResponse):
-            return
-        for connection in page.connections:
+        for connection in await self._first_page("ListConnections", member, "connections"):
             roll = rng.random()
             if roll < 0.3:
                 field = rng.choice(list(pb.SharingOverrides.DESCRIPTOR.fields_by_name))
@@ -250,12 +241,8 @@ class Seeder:
                 )
 
     async def _read_notifications(self, member: Member) -> None:
-        page = await self._call(
-            "ListNotifications", pb.ListNotificationsRequest(page_size=100), member.caller
-        )
-        if not isinstance(page, pb.ListNotificationsResponse):
-            return
-        ids = [n.id for n in page.notifications if self._rng.random() < 0.5]
+        notifications = await self._first_page("ListNotifications", member, "notifications")
+        ids = [n.id for n in notifications if self._rng.random() < 0.5]
         if ids:
             await self._call(
                 "MarkNotificationsRead",
