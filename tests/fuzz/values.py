@@ -123,7 +123,7 @@ HINTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ),
     (
         "url",
-        ("https://ntfy.sh", "https://ntfy.example.org/"),
+        ("https://1.1.1.1", "https://[2606:4700:4700::1111]/"),  # literals: no DNS lookups
         (
             "http://127.0.0.1:1/",
             "http://[::1]/",
