@@ -37,7 +37,7 @@ from tests.fuzz.fuzzer import Fuzzer, Target
 from tests.fuzz.generator import Known, RequestMaker, methods
 from tests.fuzz.population import ADMIN, Seeder, user_caller
 from tests.serve import serving
-from umbra_grpc.pb import accounts_pb2, connections_pb2
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.fuzz]
 pb = connections_pb2
@@ -96,21 +96,11 @@ async def still_serves(target: str) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        accounts = channel.unary_unary(
-            "/umbra.accounts.v1.AccountService/UpsertUser",
-            request_serializer=accounts_pb2.UpsertUserRequest.SerializeToString,
-            response_deserializer=accounts_pb2.UpsertUserResponse.FromString,
-        )
         newcomer = accounts_pb2.User(id=2**62, umbral_name="fuzz_survivor", is_active=True)
-        await accounts(
+        await accounts_pb2_grpc.AccountServiceStub(channel).UpsertUser(
             accounts_pb2.UpsertUserRequest(user=newcomer), metadata=ADMIN.metadata, timeout=10
         )
-        listing = channel.unary_unary(
-            "/umbra.connections.v1.ConnectionService/ListConnections",
-            request_serializer=pb.ListConnectionsRequest.SerializeToString,
-            response_deserializer=pb.ListConnectionsResponse.FromString,
-        )
-        reply = await listing(
+        reply = await connections_pb2_grpc.ConnectionServiceStub(channel).ListConnections(
             pb.ListConnectionsRequest(), metadata=user_caller(2**62).metadata, timeout=10
         )
         assert list(reply.connections) == []
