@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -140,12 +141,12 @@ def separate_channel(target: str, *options: tuple[str, int]) -> grpc.aio.Channel
     )
 
 
-async def start_server(config: Config) -> RunningServer:
-    """Starts a server and waits until health says SERVING."""
+async def start_server(config: Config, **options: Any) -> RunningServer:
+    """Starts a server (`options` go to `Service`) and waits until health says SERVING."""
     db = Database.connect(config)
     statements = StatementCounter()
     statements.attach(db)
-    service = Service(config, db)
+    service = Service(config, db, **options)
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     health = health_pb2_grpc.HealthStub(channel)
