@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from umbra_grpc import reflection
 from umbra_grpc.api.accounts import AccountServicer
 from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
