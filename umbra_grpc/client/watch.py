@@ -31,6 +31,7 @@ Ended requests are remembered (the last 10,000) to keep that promise across reco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import OrderedDict
@@ -92,6 +93,9 @@ class IncomingWatch:
         self._in_sync = False
         self.reconnects = 0
         """How many times the stream was reopened."""
+        self._call: Stream | None = None
+        self._closing = asyncio.Event()
+        self._reading = False
         self._events = self._run()
 
     @property
@@ -108,11 +112,20 @@ class IncomingWatch:
         return self
 
     async def __anext__(self) -> Event:
-        return await self._events.__anext__()
+        self._reading = True
+        try:
+            return await self._events.__anext__()
+        finally:
+            self._reading = False
 
     async def aclose(self) -> None:
-        """Stops watching: the open stream, if any, is cancelled."""
-        await self._events.aclose()
+        """Stops watching: the open stream, if any, is cancelled. May be called from another
+        task than the one iterating, which then sees the iteration end."""
+        self._closing.set()
+        if self._call is not None:
+            self._call.cancel()
+        if not self._reading:
+            await self._events.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -128,7 +141,7 @@ class IncomingWatch:
     async def _run(self) -> AsyncGenerator[Event, None]:
         failures = 0
         while True:
-            call = self._open()
+            call = self._call = self._open()
             snapshot: set[int] = set()
             synced = False
             try:
@@ -160,6 +173,8 @@ class IncomingWatch:
                     # Anything else is a kind newer than this client: nothing to say about it.
                 reason = "the stream ended"
             except grpc.aio.AioRpcError as error:
+                if self._closing.is_set():
+                    return
                 if not self._may_reconnect(error, synced=synced):
                     raise
                 reason = f"{error.code().name} {error_reason(error) or ''}".strip()
@@ -168,19 +183,30 @@ class IncomingWatch:
             finally:
                 call.cancel()
                 self._in_sync = False
+            if self._closing.is_set():
+                return
             failures += 1
             self.reconnects += 1
             ceiling = min(self._max_backoff, self._initial_backoff * 2.0 ** min(failures - 1, 30))
             delay = self._jitter(ceiling)
             _log.info("watch_incoming reconnecting in %.2fs (%s)", delay, reason)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            if self._closing.is_set():
+                return
 
     async def _next(self, call: Stream) -> Event | None:
-        """The next message, None at a clean end; `_Stalled` after a silence too long."""
+        """The next message, None at a clean end or once closing; `_Stalled` after a silence
+        too long."""
         try:
             message = await asyncio.wait_for(call.read(), self._stall_timeout)
         except TimeoutError:
             raise _Stalled from None
+        except asyncio.CancelledError:
+            # The call was cancelled by aclose() from another task, not this task.
+            if self._closing.is_set() and not _task_cancelling():
+                return None
+            raise
         if message is grpc.aio.EOF:
             return None
         assert isinstance(message, Event)
@@ -202,6 +228,11 @@ class IncomingWatch:
         self._ended[request_id] = None
         if len(self._ended) > REMEMBERED_ENDINGS:
             self._ended.popitem(last=False)
+
+
+def _task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _left_pending(request: pb.ConnectionRequest) -> Event:
