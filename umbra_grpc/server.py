@@ -1,7 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
-Outermost first: access log (and error hygiene) -> auth -> rate limit -> timing floor ->
-servicer. Health and reflection are registered beside the two services and need no token.
+Outermost first: access log (and error hygiene) -> tracing (only when on) -> auth -> rate
+limit -> timing floor -> servicer. Health and reflection are registered beside the two
+services and need no token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import uvloop
@@ -43,6 +44,9 @@ from umbra_grpc.storage.database import Database, StorageUnavailable, plain_url
 from umbra_grpc.storage.listener import Listener
 from umbra_grpc.storage.requests import OUTBOX_CHANNEL, REQUESTS_CHANNEL
 from umbra_grpc.storage.users import USERS_CHANNEL
+
+if TYPE_CHECKING:
+    from umbra_grpc.telemetry import Tracing
 
 _log = logging.getLogger(__name__)
 
@@ -112,9 +116,11 @@ class Service:
         db: Database,
         *,
         extra_servicers: Iterable[tuple[object, object]] = (),
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.db = db
+        self.tracing = tracing
         self.active_users = ActiveUsers(db, config.user_cache_seconds)
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
@@ -124,6 +130,9 @@ class Service:
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
+                # Right inside the access log: the span covers every layer further in, and
+                # the access-log line gets its trace id. Absent when tracing is off.
+                *([tracing.interceptor()] if tracing is not None else []),
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
                     self.active_users.is_active,
@@ -187,7 +196,9 @@ class Service:
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
-        self.outbox = OutboxWorker(db, config)
+        self.outbox = OutboxWorker(
+            db, config, push_span=tracing.push_span if tracing is not None else None
+        )
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
@@ -259,6 +270,8 @@ class Service:
     async def start(self) -> None:
         """Starts serving; health turns SERVING once the database answers and is migrated."""
         await self._set_health(serving=False)
+        if self.tracing is not None:
+            self.tracing.start()
         await self.listener.start()
         if self.config.outbox_enabled:
             await self.outbox.start()
@@ -281,6 +294,8 @@ class Service:
         await self.listener.stop()
         self.metrics.stop()
         await self.db.dispose()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     async def _watch_database(self) -> None:
         migrated = False
