@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import pytest_asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from tests.client.scripted import Script, ScriptedServer, start_scripted
 from umbra_grpc.client import IDEMPOTENCY_KEY_HEADER, UmbraClient, error_reason
@@ -151,3 +153,15 @@ async def test_calls_have_a_default_deadline(scripted: ScriptedServer) -> None:
             await client.with_options(timeout=0.05).list_connections()
         assert shorter.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(scripted.script.seen("ListConnections")) == 2
+
+
+async def test_the_callers_trace_goes_with_the_call(scripted: ScriptedServer) -> None:
+    tracer = TracerProvider().get_tracer("test")
+    async with UmbraClient(scripted.target, "t") as client:
+        await client.search(umbral_name="x")
+        with tracer.start_as_current_span("caller") as span:
+            await client.search(umbral_name="x")
+    untraced, traced = scripted.script.seen("Search")
+    assert "traceparent" not in untraced
+    trace_id = trace.format_trace_id(span.get_span_context().trace_id)
+    assert traced["traceparent"].split("-")[1] == trace_id

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -193,6 +194,25 @@ async def test_a_generator_stream_is_traced_to_its_end(
     assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
     assert attributes["umbra.messages_sent"] == 2
     assert "Failed to detach context" not in caplog.text
+
+
+async def test_health_checks_make_no_traces(
+    server: RunningServer, exporter: InMemorySpanExporter
+) -> None:
+    exporter.clear()
+    health = health_pb2_grpc.HealthStub(server.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    call = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    assert len([reply async for reply in call]) == 1
+    # The reflection call's span is there, so the health check's would be by now.
+    await until(lambda: exporter.get_finished_spans())
+    assert [span.name for span in exporter.get_finished_spans()] == [
+        f"{REFLECTION_SERVICE}/ServerReflectionInfo"
+    ]
 
 
 async def test_the_outbox_push_is_a_span_and_background_sql_makes_none(

@@ -10,8 +10,9 @@
                 ...
 
 `UmbraClient` (deadlines, retries, token provider) is in `connections`, the reconnecting
-watch in `watch`, the RPC table and service config in `rpc`. It imports only the generated
-code and grpcio, so backend services can use it without the server's dependencies.
+watch in `watch`, the RPC table and service config in `rpc`. It needs only the generated
+code and grpcio (and uses opentelemetry-api when installed, to pass the caller's trace on),
+none of the server's dependencies.
 """
 
 from umbra_grpc.client.connections import IDEMPOTENCY_KEY_HEADER, Token, UmbraClient

@@ -17,6 +17,11 @@ from umbra_grpc.client.rpc import Rpc, read, rpcs_of, service_config, write
 from umbra_grpc.client.watch import IncomingWatch
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
+try:  # the caller's trace travels with each call when OpenTelemetry is there
+    from opentelemetry import propagate
+except ImportError:  # pragma: no cover - the tracing extra is not installed
+    propagate = None  # type: ignore[assignment]
+
 pb = connections_pb2
 R = TypeVar("R", bound=Message)
 Token = str | Callable[[], str]
@@ -40,6 +45,8 @@ class UmbraClient:
     channel is plaintext. Each method takes the request's fields as keyword arguments and
     returns the response message; errors are `grpc.aio.AioRpcError` (`error_reason(error)`
     reads the service's reason). Every call gets `timeout` seconds (None: no deadline).
+    When OpenTelemetry is installed, the current trace context goes with each call (W3C
+    `traceparent` metadata), so the server's spans join the caller's trace.
 
     Retries (by the channel's service config, within the deadline): reads are retried on
     UNAVAILABLE, up to `retry_attempts` attempts. Every write carries an `idempotency-key`
@@ -165,10 +172,14 @@ class UmbraClient:
         await self.close()
 
     def _metadata(self, idempotency_key: str | None) -> tuple[tuple[str, str], ...]:
-        auth = ("authorization", f"Bearer {self._token()}")
-        if idempotency_key is None:
-            return (auth,)
-        return (auth, (IDEMPOTENCY_KEY_HEADER, idempotency_key))
+        metadata = [("authorization", f"Bearer {self._token()}")]
+        if idempotency_key is not None:
+            metadata.append((IDEMPOTENCY_KEY_HEADER, idempotency_key))
+        if propagate is not None:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            metadata.extend(carrier.items())
+        return tuple(metadata)
 
     async def _unary(self, rpc: Rpc[Any, R], request: Message) -> R:
         key = (self._idempotency_key or str(uuid.uuid4())) if rpc.write else None

@@ -9,6 +9,8 @@ span is current only while the handler runs (for a stream, during each step that
 message), so the SQL the handler sends becomes its children, and nothing leaks into the
 context of whoever iterates the stream.
 
+Health checks are not traced (a trace every few seconds per load balancer says nothing).
+
 Span status follows the OpenTelemetry conventions for gRPC servers: ERROR for UNKNOWN,
 DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE and DATA_LOSS, unset for the others
 (a refusal is the caller's business, not a fault). An unexpected exception is recorded by
@@ -29,6 +31,8 @@ from opentelemetry import propagate, trace
 from umbra_grpc.call_record import current_call
 from umbra_grpc.interceptors.handlers import Context, StreamBehavior, UnaryBehavior, wrap_handler
 
+# Load balancers and orchestrators ask for health every few seconds: a trace each is noise.
+UNTRACED_PREFIXES: Final = ("/grpc.health.v1.Health/",)
 SERVER_ERRORS: Final = frozenset(
     {
         grpc.StatusCode.UNKNOWN,
@@ -55,8 +59,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler_call_details.method.startswith(UNTRACED_PREFIXES):
+            return handler
         name = handler_call_details.method.lstrip("/")
         service, _, method = name.rpartition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
