@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import pytest_asyncio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from tests.client.scripted import Script, ScriptedServer, start_scripted
+from tests.client.scripted import ScriptedServer
 from umbra_grpc.client import IDEMPOTENCY_KEY_HEADER, UmbraClient, error_reason
 from umbra_grpc.client.rpc import SERVICE, Rpc, rpcs_of, service_config
 from umbra_grpc.pb import connections_pb2
@@ -73,15 +71,6 @@ def test_service_config_retries_reads_and_writes_only_when_asked() -> None:
     )
     with pytest.raises(ValueError, match="attempts must be 1-5"):
         service_config(rpcs, write_retries=False, attempts=6, initial_backoff=0.1, max_backoff=1)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def scripted() -> AsyncIterator[ScriptedServer]:
-    running = await start_scripted(Script())
-    try:
-        yield running
-    finally:
-        await running.server.stop(0)
 
 
 async def test_reads_are_retried_on_unavailable(scripted: ScriptedServer) -> None:

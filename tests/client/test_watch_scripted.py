@@ -7,35 +7,22 @@ The restart of a real server mid-watch is in test_watch_incoming.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import pytest_asyncio
 
 from tests.client.scripted import (
     SYNCED,
-    Script,
     ScriptedServer,
     Stream,
     cancelled,
     received,
-    start_scripted,
 )
 from umbra_grpc.client import IncomingWatch, UmbraClient, error_reason
 from umbra_grpc.pb import connections_pb2
 
 pb = connections_pb2
 READ_TIMEOUT = 10.0
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def scripted() -> AsyncIterator[ScriptedServer]:
-    running = await start_scripted(Script())
-    try:
-        yield running
-    finally:
-        await running.server.stop(0)
 
 
 def described(event: pb.WatchIncomingRequestsResponse) -> str:

@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from tests.api.streams import watch
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, start_server, stop_server
 from tests.conftest import test_config as make_config
+from tests.outbox.conftest import recorder  # noqa: F401 - the recording ntfy fixture
 from tests.outbox.recorder import NtfyRecorder
 from tests.outbox.test_delivery import configure_ntfy
 from umbra_grpc.pb import connections_pb2
@@ -43,16 +44,6 @@ WAIT_SECONDS = 20.0
 @pytest.fixture(scope="module")
 def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def recorder() -> AsyncIterator[NtfyRecorder]:
-    stand_in = NtfyRecorder()
-    await stand_in.start()
-    try:
-        yield stand_in
-    finally:
-        await stand_in.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -221,7 +212,7 @@ async def test_the_outbox_push_is_a_span_and_background_sql_makes_none(
     accounts,
     admin: Metadata,
     new_user: NewUser,
-    recorder: NtfyRecorder,
+    recorder: NtfyRecorder,  # noqa: F811 - the fixture imported above
     sql: Sql,
     exporter: InMemorySpanExporter,
 ) -> None:
