@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import asyncpg
 import grpc
@@ -32,9 +32,6 @@ from umbra_grpc.server import Service
 from umbra_grpc.storage import migrate
 from umbra_grpc.storage.database import Database, StatementCounter
 from umbra_grpc.tokens import mint_token
-
-if TYPE_CHECKING:
-    from umbra_grpc.telemetry import Tracing
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 Metadata = tuple[tuple[str, str], ...]
@@ -144,12 +141,12 @@ def separate_channel(target: str, *options: tuple[str, int]) -> grpc.aio.Channel
     )
 
 
-async def start_server(config: Config, *, tracing: Tracing | None = None) -> RunningServer:
-    """Starts a server and waits until health says SERVING."""
+async def start_server(config: Config, **options: Any) -> RunningServer:
+    """Starts a server (`options` go to `Service`) and waits until health says SERVING."""
     db = Database.connect(config)
     statements = StatementCounter()
     statements.attach(db)
-    service = Service(config, db, tracing=tracing)
+    service = Service(config, db, **options)
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     health = health_pb2_grpc.HealthStub(channel)

@@ -7,9 +7,12 @@ value stops the process at start-up with a message naming the variable, never la
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
+_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 
 
 class ConfigError(ValueError):
@@ -21,6 +24,7 @@ class Config:
     """Everything the server needs, with the defaults of the README table."""
 
     database_url: str | None = None
+    listen_database_url: str | None = None
     listen: str = "127.0.0.1:50051"
     metrics_listen: str | None = None
     data_dir: Path = Path(".umbra")
@@ -41,6 +45,7 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     db_pool_size: int = 10
+    db_statement_cache_size: int = 100
     db_pool_timeout_seconds: float = 5.0
     db_statement_timeout_ms: int = 5000
     db_lock_timeout_ms: int = 2000
@@ -48,6 +53,7 @@ class Config:
     user_cache_seconds: float = 1.0
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 1000
+    max_anonymous_streams: int = 100
     max_concurrent_streams: int = 100
     max_receive_message_bytes: int = 64 * 1024
     max_connection_age_seconds: float = 1800.0
@@ -67,6 +73,7 @@ class Config:
     outbox_retry_cap_seconds: float = 30.0
     outbox_max_attempts: int = 5
     ntfy_timeout_seconds: float = 5.0
+    ntfy_allowed_networks: tuple[str, ...] = ()
     # Set by `serve --workers N` for its own processes only (never from the environment).
     reuse_port: bool = False
 
@@ -76,6 +83,7 @@ class Config:
         env = _Env(os.environ if environ is None else environ)
         config = cls(
             database_url=env.text("UMBRA_DATABASE_URL"),
+            listen_database_url=env.text("UMBRA_LISTEN_DATABASE_URL"),
             listen=env.text("UMBRA_LISTEN") or cls.listen,
             metrics_listen=env.text("UMBRA_METRICS_LISTEN"),
             data_dir=Path(env.text("UMBRA_DATA_DIR") or cls.data_dir),
@@ -98,6 +106,9 @@ class Config:
             tls_key_file=env.path("UMBRA_TLS_KEY_FILE"),
             tls_client_ca_file=env.path("UMBRA_TLS_CLIENT_CA_FILE"),
             db_pool_size=env.integer("UMBRA_DB_POOL_SIZE", cls.db_pool_size),
+            db_statement_cache_size=env.integer(
+                "UMBRA_DB_STATEMENT_CACHE_SIZE", cls.db_statement_cache_size
+            ),
             db_pool_timeout_seconds=env.number(
                 "UMBRA_DB_POOL_TIMEOUT_SECONDS", cls.db_pool_timeout_seconds
             ),
@@ -111,6 +122,9 @@ class Config:
             user_cache_seconds=env.number("UMBRA_USER_CACHE_SECONDS", cls.user_cache_seconds),
             grace_seconds=env.number("UMBRA_GRACE_SECONDS", cls.grace_seconds),
             max_concurrent_rpcs=env.integer("UMBRA_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
+            max_anonymous_streams=env.integer(
+                "UMBRA_MAX_ANONYMOUS_STREAMS", cls.max_anonymous_streams
+            ),
             max_concurrent_streams=env.integer(
                 "UMBRA_MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams
             ),
@@ -150,16 +164,20 @@ class Config:
             ),
             outbox_max_attempts=env.integer("UMBRA_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             ntfy_timeout_seconds=env.number("UMBRA_NTFY_TIMEOUT_SECONDS", cls.ntfy_timeout_seconds),
+            ntfy_allowed_networks=env.items("UMBRA_NTFY_ALLOWED_NETWORKS"),
         )
         config.validate()
         return config
 
     def validate(self) -> None:
         """Checks the values that depend on each other."""
-        if self.database_url is not None and not self.database_url.startswith(
-            ("postgresql://", "postgres://", "postgresql+asyncpg://")
-        ):
+        if self.database_url is not None and not self.database_url.startswith(_URL_PREFIXES):
             raise ConfigError("UMBRA_DATABASE_URL must be a postgresql:// URL")
+        if self.listen_database_url is not None:
+            if self.database_url is None:
+                raise ConfigError("UMBRA_LISTEN_DATABASE_URL needs UMBRA_DATABASE_URL")
+            if not self.listen_database_url.startswith(_URL_PREFIXES):
+                raise ConfigError("UMBRA_LISTEN_DATABASE_URL must be a postgresql:// URL")
         if self.metrics_listen is not None and not self.metrics_listen.rpartition(":")[2].isdigit():
             raise ConfigError("UMBRA_METRICS_LISTEN must be host:port (empty disables it)")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -168,8 +186,23 @@ class Config:
             raise ConfigError("UMBRA_TLS_CLIENT_CA_FILE needs UMBRA_TLS_CERT_FILE")
         if self.watch_queue_size < 1 or self.outbox_max_attempts < 1:
             raise ConfigError("UMBRA_WATCH_QUEUE_SIZE and UMBRA_OUTBOX_MAX_ATTEMPTS must be >= 1")
+        if self.db_statement_cache_size > 10_000:
+            raise ConfigError("UMBRA_DB_STATEMENT_CACHE_SIZE must be at most 10000")
         if self.db_pool_timeout_seconds <= 0 or self.db_pool_size < 1:
             raise ConfigError("UMBRA_DB_POOL_SIZE and UMBRA_DB_POOL_TIMEOUT_SECONDS must be > 0")
+        for network in self.ntfy_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"UMBRA_NTFY_ALLOWED_NETWORKS: {network!r} is not a CIDR or an address"
+                ) from None
+
+    @property
+    def listener_url(self) -> str | None:
+        """Where the one LISTEN connection goes: its own URL (past a transaction pooler, which
+        would take LISTEN and never deliver), else the pool's."""
+        return self.listen_database_url or self.database_url
 
     def with_changes(self, **changes: object) -> Config:
         """A copy with some fields replaced (tests and the CLI use it)."""

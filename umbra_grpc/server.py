@@ -1,8 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
-Outermost first: access log (and error hygiene) -> tracing (only when on) -> auth -> rate
-limit -> timing floor -> servicer. Health and reflection are registered beside the two
-services and need no token.
+Outermost first: access log (and error hygiene) -> tracing (only when on) -> anonymous
+stream cap -> auth -> rate limit -> timing floor -> servicer. Health and reflection are
+registered beside the two services and need no token.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from umbra_grpc import reflection
 from umbra_grpc.api.accounts import AccountServicer
 from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
+from umbra_grpc.destinations import Destinations, Resolver, system_resolver
 from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.domain.connections import Connections
@@ -32,7 +33,8 @@ from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
-from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
+from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
 from umbra_grpc.metrics import Metrics
@@ -116,23 +118,30 @@ class Service:
         db: Database,
         *,
         extra_servicers: Iterable[tuple[object, object]] = (),
+        resolver: Resolver = system_resolver,
         tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.tracing = tracing
+        # Where pushes may go (SPEC 10.4): judged when a URL is saved and when it is used.
+        destinations = Destinations(parse_networks(config.ntfy_allowed_networks), resolver)
         self.active_users = ActiveUsers(db, config.user_cache_seconds)
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         trusted = parse_networks(config.trusted_proxies)
         rate_limit = RateLimitInterceptor(parse_rate_limits(config.rate_limits))
         timing_floor = TimingFloorInterceptor(parse_timing_floors(config.timing_floors))
+        self.anonymous_streams = AnonymousStreamLimit(
+            config.max_anonymous_streams, PUBLIC_METHOD_PREFIXES
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
                 # Right inside the access log: the span covers every layer further in, and
                 # the access-log line gets its trace id. Absent when tracing is off.
                 *([tracing.interceptor()] if tracing is not None else []),
+                self.anonymous_streams,
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
                     self.active_users.is_active,
@@ -143,10 +152,13 @@ class Service:
             ],
             options=server_options(config),
             # An open watch stream is a call in progress too: without room for them, 1,000
-            # idle watchers would make every other call RESOURCE_EXHAUSTED.
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.watch_max_streams,
+            # idle watchers would make every other call RESOURCE_EXHAUSTED. The same holds
+            # for the (capped) anonymous health and reflection streams.
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs
+            + config.watch_max_streams
+            + config.max_anonymous_streams,
         )
-        accounts = Accounts(db, on_user_changed=self.active_users.forget)
+        accounts = Accounts(db, self.active_users.forget, destinations)
         pages = PageTokens(page_token_key(config))
         requests = Requests(
             db,
@@ -183,27 +195,37 @@ class Service:
         self.port = self._bind()
         self._monitor: asyncio.Task[None] | None = None
 
-        assert config.database_url is not None
+        assert config.listener_url is not None
         self.listener = Listener(
-            plain_url(config.database_url), probe_interval=config.listener_probe_seconds
+            plain_url(config.listener_url),
+            notify=db.notify,
+            probe_interval=config.listener_probe_seconds,
         )
-        # Other replicas changed a user: drop what this one cached. After an outage events
-        # may have been missed, so everything cached is dropped.
-        self.listener.subscribe(
-            USERS_CHANNEL, lambda payload: self.active_users.forget(int(payload))
-        )
+        # Other replicas changed a user: drop what this one cached, and end the user's
+        # streams if they were deactivated. After an outage events may have been missed,
+        # so everything cached is dropped (and the streams end with the listener).
+        self.listener.subscribe(USERS_CHANNEL, self._user_changed)
         self.listener.on_down(self.active_users.forget_all)
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
         self.outbox = OutboxWorker(
-            db, config, push_span=tracing.push_span if tracing is not None else None
+            db,
+            config,
+            destinations=destinations,
+            push_span=tracing.push_span if tracing is not None else None,
         )
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
         self._outbox_backlog = 0
+        self.serving = False
         self._register_metrics(rate_limit, timing_floor)
+
+    def _user_changed(self, payload: str) -> None:
+        user_id = int(payload)
+        self.active_users.forget(user_id)
+        self.feed.on_user_changed(user_id)
 
     def _register_metrics(
         self, rate_limit: RateLimitInterceptor, timing_floor: TimingFloorInterceptor
@@ -215,10 +237,22 @@ class Service:
             lambda: self.feed.open_streams,
         )
         metrics.gauge(
+            "umbra_anonymous_streams",
+            "Open health Watch and reflection streams (no token).",
+            lambda: self.anonymous_streams.open_streams,
+        )
+        metrics.gauge(
             "umbra_db_pool_checked_out", "Pooled connections in use.", self.db.checked_out
         )
         metrics.gauge(
             "umbra_db_pool_size", "Pooled connections allowed.", lambda: self.config.db_pool_size
+        )
+        # A readiness check for load balancers that cannot send a gRPC health request
+        # (HAProxy's http-check cannot send its binary body): deploy/haproxy.cfg reads this.
+        metrics.gauge(
+            "umbra_serving",
+            "1 while grpc.health.v1 says SERVING.",
+            lambda: int(self.serving),
         )
         metrics.gauge(
             "umbra_listener_up",
@@ -283,6 +317,7 @@ class Service:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         self.feed.shut_down()
         if self._monitor is not None:
@@ -309,7 +344,7 @@ class Service:
                 with contextlib.suppress(Exception):
                     self._outbox_backlog = await self.outbox.backlog()
             if now_serving != serving:
-                serving = now_serving
+                serving = self.serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")
                 await self._set_health(serving=serving)
             await asyncio.sleep(HEALTH_PROBE_SECONDS)

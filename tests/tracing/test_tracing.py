@@ -26,7 +26,7 @@ from tests.api.streams import watch
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, start_server, stop_server
 from tests.conftest import test_config as make_config
 from tests.outbox.conftest import recorder  # noqa: F401 - the recording ntfy fixture
-from tests.outbox.recorder import NtfyRecorder
+from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
 from tests.outbox.test_delivery import configure_ntfy
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.reflection import SERVICE_NAME as REFLECTION_SERVICE
@@ -51,7 +51,8 @@ async def server(database_url: str, exporter: InMemorySpanExporter) -> AsyncIter
     tracing = Tracing(
         [SimpleSpanProcessor(exporter)], resource=Resource({"service.name": "umbra-test"})
     )
-    running = await start_server(make_config(database_url), tracing=tracing)
+    config = make_config(database_url, ntfy_allowed_networks=RECORDER_NETWORKS)
+    running = await start_server(config, tracing=tracing)
     try:
         yield running
     finally:

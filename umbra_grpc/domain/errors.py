@@ -4,6 +4,7 @@
     ├── InvalidArgument              the request itself is malformed
     │   ├── InvalidHandle            HANDLE_INVALID
     │   ├── InvalidField             FIELD_INVALID (which field says the message)
+    │   ├── NtfyUrlForbidden         NTFY_URL_FORBIDDEN (SSRF rule, SPEC 10.4)
     │   └── SelfRequest              SELF_REQUEST
     ├── NotFound                     the thing does not exist *for this caller*
     │   ├── UserNotFound             USER_NOT_FOUND
@@ -21,6 +22,8 @@
     │   ├── TooManyPending           TOO_MANY_PENDING
     │   ├── TooManyStreams           TOO_MANY_STREAMS
     │   └── StreamTooSlow            STREAM_TOO_SLOW
+    ├── PermissionDenied
+    │   └── CallerInactive           PERMISSION_DENIED (the auth interceptor's answer too)
     ├── Unavailable                  retry later, perhaps on another replica
     │   ├── FeedUnavailable          FEED_UNAVAILABLE
     │   └── ShuttingDown             SHUTTING_DOWN
@@ -68,6 +71,12 @@ class InvalidField(InvalidArgument):
     """One field of the request has a value the service cannot accept."""
 
     reason = "FIELD_INVALID"
+
+
+class NtfyUrlForbidden(InvalidArgument):
+    """An ntfy server URL of a form, or pointing at addresses, pushes may not go to."""
+
+    reason = "NTFY_URL_FORBIDDEN"
 
 
 class SelfRequest(InvalidArgument):
@@ -183,6 +192,19 @@ class StreamTooSlow(ResourceExhausted):
 
     reason = "STREAM_TOO_SLOW"
     default_message = "the stream was read too slowly; reconnect to get a fresh snapshot"
+
+
+class PermissionDenied(DomainError):
+    """The caller may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class CallerInactive(PermissionDenied):
+    """The caller's user is unknown or deactivated (one answer for both)."""
+
+    reason = "PERMISSION_DENIED"
+    default_message = "the caller is not an active user"
 
 
 class Unavailable(DomainError):

@@ -83,7 +83,7 @@ _CARD_FIELDS = ", ".join(SHAREABLE_FIELDS)
 _CARD_VALUES = ", ".join(_card_column(field) for field in SHAREABLE_FIELDS)
 
 _REQUEST_VIEW = """
-    SELECT r.id, r.status, r.created_at, r.resolved_at,
+    SELECT r.id, r.receiver_id, r.status, r.created_at, r.resolved_at,
            su.umbral_name AS sender_name, ss.preferred_name AS sender_preferred,
            ru.umbral_name AS receiver_name, rs.preferred_name AS receiver_preferred
     FROM {source} r

@@ -206,7 +206,7 @@ class NtfySettings(_message.Message):
     enabled: _builtins.bool
     """Master switch: nothing is pushed while false."""
     server_url: _builtins.str
-    """Base URL of the ntfy server, e.g. https://ntfy.sh."""
+    """Base URL of the ntfy server, e.g. https://ntfy.sh (see UpdateSettings)."""
     topic: _builtins.str
     """Topic to publish to."""
     auth_token: _builtins.str

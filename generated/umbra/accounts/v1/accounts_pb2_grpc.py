@@ -81,6 +81,11 @@ class AccountServiceServicer:
     def UpdateSettings(self, request, context):
         """Updates the settings named in update_mask (an empty mask means every
         field). The ntfy auth token is write-only: it is stored, never returned.
+        A new ntfy server_url sent without a token clears the stored token.
+        INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+        userinfo, a query or a fragment, or its host is or resolves to a
+        loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+        address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

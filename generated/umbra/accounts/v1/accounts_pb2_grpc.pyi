@@ -48,6 +48,11 @@ class AccountServiceStub:
     UpdateSettings: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.UpdateSettingsRequest, _accounts_pb2.UpdateSettingsResponse]
     """Updates the settings named in update_mask (an empty mask means every
     field). The ntfy auth token is write-only: it is stored, never returned.
+    A new ntfy server_url sent without a token clears the stored token.
+    INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+    userinfo, a query or a fragment, or its host is or resolves to a
+    loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+    address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
     """
 
 @_typing.type_check_only
@@ -70,6 +75,11 @@ class AccountServiceAsyncStub(AccountServiceStub):
     UpdateSettings: _aio.UnaryUnaryMultiCallable[_accounts_pb2.UpdateSettingsRequest, _accounts_pb2.UpdateSettingsResponse]  # type: ignore[assignment]
     """Updates the settings named in update_mask (an empty mask means every
     field). The ntfy auth token is write-only: it is stored, never returned.
+    A new ntfy server_url sent without a token clears the stored token.
+    INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+    userinfo, a query or a fragment, or its host is or resolves to a
+    loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+    address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
     """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +117,11 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_accounts_pb2.UpdateSettingsResponse, _abc.Awaitable[_accounts_pb2.UpdateSettingsResponse]]:
         """Updates the settings named in update_mask (an empty mask means every
         field). The ntfy auth token is write-only: it is stored, never returned.
+        A new ntfy server_url sent without a token clears the stored token.
+        INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+        userinfo, a query or a fragment, or its host is or resolves to a
+        loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+        address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
         """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

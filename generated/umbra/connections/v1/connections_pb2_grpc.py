@@ -164,7 +164,8 @@ class ConnectionServiceServicer:
         """Streams every pending incoming request (oldest first), then `synced`,
         then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
         when the client reads too slowly, UNAVAILABLE when the server loses its
-        event feed or shuts down, UNAUTHENTICATED when the token expires.
+        event feed or shuts down, UNAUTHENTICATED when the token expires,
+        PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

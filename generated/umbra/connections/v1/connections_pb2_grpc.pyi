@@ -60,7 +60,8 @@ class ConnectionServiceStub:
     """Streams every pending incoming request (oldest first), then `synced`,
     then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
     when the client reads too slowly, UNAVAILABLE when the server loses its
-    event feed or shuts down, UNAUTHENTICATED when the token expires.
+    event feed or shuts down, UNAUTHENTICATED when the token expires,
+    PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
     """
     Respond: _grpc.UnaryUnaryMultiCallable[_connections_pb2.RespondRequest, _connections_pb2.RespondResponse]
     """Accepts or rejects a pending request sent to the caller.
@@ -126,7 +127,8 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     """Streams every pending incoming request (oldest first), then `synced`,
     then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
     when the client reads too slowly, UNAVAILABLE when the server loses its
-    event feed or shuts down, UNAUTHENTICATED when the token expires.
+    event feed or shuts down, UNAUTHENTICATED when the token expires,
+    PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
     """
     Respond: _aio.UnaryUnaryMultiCallable[_connections_pb2.RespondRequest, _connections_pb2.RespondResponse]  # type: ignore[assignment]
     """Accepts or rejects a pending request sent to the caller.
@@ -219,7 +221,8 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams every pending incoming request (oldest first), then `synced`,
         then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
         when the client reads too slowly, UNAVAILABLE when the server loses its
-        event feed or shuts down, UNAUTHENTICATED when the token expires.
+        event feed or shuts down, UNAUTHENTICATED when the token expires,
+        PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
         """
 
     @_abc_1.abstractmethod
