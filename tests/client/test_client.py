@@ -141,7 +141,10 @@ async def test_calls_have_a_default_deadline(scripted: ScriptedServer) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as shorter:
             await client.with_options(timeout=0.05).list_connections()
         assert shorter.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert len(scripted.script.seen("ListConnections")) == 2
+        with pytest.raises(grpc.aio.AioRpcError) as kept:
+            await client.with_options(idempotency_key="k").list_connections()
+        assert kept.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(scripted.script.seen("ListConnections")) == 3
 
 
 async def test_the_callers_trace_goes_with_the_call(scripted: ScriptedServer) -> None:

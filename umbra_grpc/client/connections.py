@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import re
 import uuid
@@ -35,6 +36,12 @@ RETRY_MAX_BACKOFF: Final = 1.0
 WATCH_INITIAL_BACKOFF: Final = 0.1
 # Three quiet intervals of the server's default heartbeat (UMBRA_WATCH_HEARTBEAT_SECONDS=15).
 DEFAULT_STALL_TIMEOUT: Final = 45.0
+
+
+class _Keep(enum.Enum):
+    """`with_options()` leaves this setting as it is."""
+
+    KEEP = enum.auto()
 
 
 class UmbraClient:
@@ -119,10 +126,10 @@ class UmbraClient:
         self._stub = connections_pb2_grpc.ConnectionServiceStub(self._channel)
 
     def with_options(
-        self, *, timeout: float | None = DEFAULT_TIMEOUT, idempotency_key: str | None = None
+        self, *, timeout: float | _Keep | None = _Keep.KEEP, idempotency_key: str | None = None
     ) -> Self:
-        """This client (same channel) with another deadline and, for ONE write, a key of the
-        caller's: retrying that write with the same key (after a crash, say) is then
+        """This client (same channel) with another deadline (None: none) and, for ONE write,
+        a key of the caller's: retrying that write with the same key (after a crash, say) is then
         answered by a key-honouring server with the first outcome.
 
         Close the original client, not the copy: both hold one channel.
@@ -130,7 +137,8 @@ class UmbraClient:
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise ValueError("an idempotency key is 1-64 characters of A-Z a-z 0-9 _ -")
         changed = copy.copy(self)
-        changed._timeout = timeout
+        if not isinstance(timeout, _Keep):
+            changed._timeout = timeout
         changed._idempotency_key = idempotency_key
         return changed
 
