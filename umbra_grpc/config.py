@@ -60,6 +60,7 @@ class Config:
     max_connection_age_grace_seconds: float = 30.0
     pending_cap: int = 5
     pending_window_seconds: float = 600.0
+    resend_cooldown_seconds: float = 3600.0
     listener_probe_seconds: float = 2.0
     watch_heartbeat_seconds: float = 15.0
     watch_queue_size: int = 64
@@ -74,6 +75,11 @@ class Config:
     outbox_max_attempts: int = 5
     ntfy_timeout_seconds: float = 5.0
     ntfy_allowed_networks: tuple[str, ...] = ()
+    retention_interval_seconds: float = 3600.0
+    retention_outbox_days: int = 7
+    retention_notifications_days: int = 90
+    retention_requests_days: int = 365
+    retention_audit_days: int = 365
     # Set by `serve --workers N` for its own processes only (never from the environment).
     reuse_port: bool = False
 
@@ -141,6 +147,9 @@ class Config:
             pending_window_seconds=env.number(
                 "UMBRA_PENDING_WINDOW_SECONDS", cls.pending_window_seconds
             ),
+            resend_cooldown_seconds=env.number(
+                "UMBRA_RESEND_COOLDOWN_SECONDS", cls.resend_cooldown_seconds
+            ),
             listener_probe_seconds=env.number(
                 "UMBRA_LISTENER_PROBE_SECONDS", cls.listener_probe_seconds
             ),
@@ -165,6 +174,21 @@ class Config:
             outbox_max_attempts=env.integer("UMBRA_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             ntfy_timeout_seconds=env.number("UMBRA_NTFY_TIMEOUT_SECONDS", cls.ntfy_timeout_seconds),
             ntfy_allowed_networks=env.items("UMBRA_NTFY_ALLOWED_NETWORKS"),
+            retention_interval_seconds=env.number(
+                "UMBRA_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+            ),
+            retention_outbox_days=env.integer(
+                "UMBRA_RETENTION_OUTBOX_DAYS", cls.retention_outbox_days
+            ),
+            retention_notifications_days=env.integer(
+                "UMBRA_RETENTION_NOTIFICATIONS_DAYS", cls.retention_notifications_days
+            ),
+            retention_requests_days=env.integer(
+                "UMBRA_RETENTION_REQUESTS_DAYS", cls.retention_requests_days
+            ),
+            retention_audit_days=env.integer(
+                "UMBRA_RETENTION_AUDIT_DAYS", cls.retention_audit_days
+            ),
         )
         config.validate()
         return config
@@ -197,6 +221,16 @@ class Config:
                 raise ConfigError(
                     f"UMBRA_NTFY_ALLOWED_NETWORKS: {network!r} is not a CIDR or an address"
                 ) from None
+        for name, value, lowest, highest in (
+            ("UMBRA_RESEND_COOLDOWN_SECONDS", self.resend_cooldown_seconds, 0, 31_536_000),
+            ("UMBRA_RETENTION_INTERVAL_SECONDS", self.retention_interval_seconds, 0, 604_800),
+            ("UMBRA_RETENTION_OUTBOX_DAYS", self.retention_outbox_days, 1, 36_500),
+            ("UMBRA_RETENTION_NOTIFICATIONS_DAYS", self.retention_notifications_days, 1, 36_500),
+            ("UMBRA_RETENTION_REQUESTS_DAYS", self.retention_requests_days, 1, 36_500),
+            ("UMBRA_RETENTION_AUDIT_DAYS", self.retention_audit_days, 1, 36_500),
+        ):
+            if not lowest <= value <= highest:  # NaN fails every comparison
+                raise ConfigError(f"{name} must be between {lowest} and {highest}")
 
     @property
     def listener_url(self) -> str | None:

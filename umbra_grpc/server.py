@@ -31,6 +31,7 @@ from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
+from umbra_grpc.domain.retention import Retention, RetentionPolicy
 from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
@@ -165,6 +166,7 @@ class Service:
             pages,
             cap=config.pending_cap,
             window=dt.timedelta(seconds=config.pending_window_seconds),
+            cooldown=dt.timedelta(seconds=config.resend_cooldown_seconds),
         )
         notifications = Notifications(db, pages)
         self.feed = RequestFeed(
@@ -220,6 +222,9 @@ class Service:
         self.listener.on_up(self.outbox.wake)
         self._outbox_backlog = 0
         self.serving = False
+        self.retention = Retention(
+            db, RetentionPolicy.from_config(config), interval=config.retention_interval_seconds
+        )
         self._register_metrics(rate_limit, timing_floor)
 
     def _user_changed(self, payload: str) -> None:
@@ -309,6 +314,7 @@ class Service:
         await self.listener.start()
         if self.config.outbox_enabled:
             await self.outbox.start()
+        self.retention.start()
         await self.server.start()
         if self.config.metrics_listen:
             port = self.metrics.serve(self.config.metrics_listen)
@@ -326,6 +332,7 @@ class Service:
                 await self._monitor
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.outbox.stop()
+        await self.retention.stop()
         await self.listener.stop()
         self.metrics.stop()
         await self.db.dispose()

@@ -17,6 +17,7 @@ from umbra_grpc.destinations import Destinations, ForbiddenDestination
 from umbra_grpc.domain.errors import HandleTaken, InvalidField, NtfyUrlForbidden, UserNotFound
 from umbra_grpc.domain.handles import normalize_handle
 from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
+from umbra_grpc.domain.text import clean_text
 from umbra_grpc.storage import audit, users
 from umbra_grpc.storage.database import Conn, Database
 
@@ -157,7 +158,10 @@ def _settings_columns(patch: Mapping[str, Any]) -> dict[str, Any]:
         if column not in SETTINGS_COLUMNS:
             raise InvalidField(f"unknown settings field {column}")
         if column == "preferred_name":
-            columns[column] = _text(value, "preferred_name", MAX_PREFERRED_NAME)
+            # Empty means unset; anything else is shown to other people.
+            columns[column] = (
+                clean_text(value, "preferred_name", limit=MAX_PREFERRED_NAME) if value else None
+            )
         elif column == "ntfy_server_url":
             # Its form and addresses are judged by `Destinations` (NTFY_URL_FORBIDDEN).
             url = _text(value, "ntfy.server_url", MAX_TEXT)

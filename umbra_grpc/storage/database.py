@@ -24,7 +24,10 @@ failover, a connection that reached the old primary after it was demoted): that 
 is closed rather than returned, so the pool's next one goes to whichever node is primary now.
 Every connection carries statement, lock and idle-in-transaction timeouts, so no RPC can hold
 a lock or a connection forever (behind a transaction pooler, which refuses them as startup
-parameters, they are the role's settings instead: deploy/README.md).
+parameters, they are the role's settings instead: deploy/README.md). Running into one of
+them, or into a deadlock or serialization failure that outlasts the retries, is contention,
+not a bug: it becomes `StorageBusy` (UNAVAILABLE `STORAGE_BUSY` at the edge, SPEC 10.8),
+logged here at WARNING with its SQLSTATE and no traceback.
 
 Behind a transaction pooler (PgBouncer `pool_mode = transaction`) a session's prepared
 statements may be on another server connection next time: `UMBRA_DB_STATEMENT_CACHE_SIZE=0`
@@ -52,6 +55,14 @@ _log = logging.getLogger(__name__)
 
 # serialization_failure, deadlock_detected: safe to run the whole transaction again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# What each busy SQLSTATE means, for the log: query_canceled is how statement_timeout ends a
+# statement (and an administrator's pg_cancel_backend, which is just as retryable).
+BUSY_SQLSTATES = {
+    "57014": "statement timeout",
+    "55P03": "lock timeout",
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+}
 # connection failures, admin shutdown, cannot connect now, too many connections.
 UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 # read_only_sql_transaction: a write reached a node that is (now) a standby.
@@ -68,6 +79,15 @@ Observer = Callable[[str], None]
 
 class StorageUnavailable(Exception):
     """The database could not be reached or dropped the connection."""
+
+
+class StorageBusy(StorageUnavailable):
+    """The database did not finish in time: a lock or statement timeout, or a deadlock or
+    serialization failure still there after the retries. Retrying later may work."""
+
+
+# What work on the database may meet from the database itself, rather than from a bug.
+DATABASE_ERRORS = (asyncpg.PostgresError, StorageUnavailable, *LOST_CONNECTION)
 
 
 # A result row, an `asyncpg.Record` (untyped: asyncpg ships no stubs): by position or by name,
@@ -390,8 +410,11 @@ def plain_url(url: str) -> str:
 
 def _reraise(error: asyncpg.PostgresError) -> NoReturn:
     """Raises `StorageUnavailable` for lost or refused connections and for writes refused by
-    a read-only node, else the error itself."""
+    a read-only node, `StorageBusy` for contention, else the error itself."""
     state = sqlstate(error) or ""
     if state.startswith(UNAVAILABLE_SQLSTATE_PREFIXES) or state == READ_ONLY_SQLSTATE:
         raise StorageUnavailable(state) from error
+    if state in BUSY_SQLSTATES:
+        _log.warning("database busy: %s", BUSY_SQLSTATES[state], extra={"sqlstate": state})
+        raise StorageBusy(state) from error
     raise error
