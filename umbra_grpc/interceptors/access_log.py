@@ -4,7 +4,8 @@ The line (logger `umbra.access`, INFO) carries `method`, `caller` (filled in by 
 interceptor through `call_record.current_call`), `peer` (`x-forwarded-for` believed only from
 UMBRA_TRUSTED_PROXIES), `code`, `duration_ms` and `correlation_id`; stream lines add
 `events_sent` and are written when the stream ends, not when its handler returns. Calls to
-paths no service serves are logged and counted as method `unknown`.
+paths no service serves are logged and counted as method `unknown`. With tracing on,
+`trace_id` is the OpenTelemetry trace of the call.
 
 Every call gets a correlation id (uuid4 hex), sent back as trailing metadata
 `x-correlation-id` whatever the outcome: inner layers see the context through a thin proxy
@@ -247,6 +248,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         }
         if streaming:
             fields["events_sent"] = record.events_sent
+        if record.trace_id is not None:
+            fields["trace_id"] = record.trace_id
         access_logger.info("%s %s %.3fms", record.method, code.name, duration_ms, extra=fields)
 
 
