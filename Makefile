@@ -8,12 +8,12 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 PG_URL_LOCAL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: help install run test pytest lint generate check-generated audit bench bench-smoke clean \
-	test-cluster
+.PHONY: help install run test pytest lint breaking generate check-generated audit bench \
+	bench-smoke clean test-cluster
 
 help:
 	@echo "make run    serve on 127.0.0.1:50051 (embedded PostgreSQL unless UMBRA_DATABASE_URL is set)"
-	@echo "make test   lint, type-check, generated-code check, pip-audit and the whole test suite"
+	@echo "make test   lint, type-check, buf breaking, generated-code check, pip-audit and the whole test suite"
 	@echo "make generate   regenerate generated/ from protos/"
 	@echo "make bench  measure the service against an echo RPC (docs/PERFORMANCE.md)"
 	@echo "make test-cluster   deploy/'s topology on this machine through failovers (docs/SCALING.md)"
@@ -55,6 +55,11 @@ lint: $(BIN)/.installed $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
+# Fails when protos/ would break clients built from the previous commit's protos (HEAD's first
+# parent, i.e. main before a merge; BUF_BREAKING_AGAINST=REV compares with another revision).
+breaking: $(BUF)
+	BUF=$(BUF) .ci/buf-breaking
+
 # Fails on any known vulnerability. Packages the vulnerability service cannot look up are
 # listed as skipped, not failed (on machines whose registry mirror has no JSON API).
 audit: $(BIN)/.installed
@@ -69,7 +74,7 @@ pytest: $(BIN)/.installed
 		UMBRA_TEST_DATABASE_URL='$(PG_URL_LOCAL)' $(BIN)/pytest; \
 	else echo "== no PostgreSQL at $(PG_URL_LOCAL): second run skipped"; fi
 
-test: lint check-generated audit pytest
+test: lint breaking check-generated audit pytest
 
 # Bounded (about 4 minutes here); writes bench/results/latest.json and docs/PERFORMANCE.md.
 bench: $(BIN)/.installed

@@ -2,8 +2,9 @@
 
 The access-log interceptor is outermost, so the facts it writes down (who the caller turned
 out to be) are only known further in. It puts a mutable `CallRecord` in `current_call`
-before calling inward; the auth interceptor fills `caller`, and handlers may read `peer`
-(the client address, for audit rows) and `correlation_id` (to quote in their own logs).
+before calling inward; the auth interceptor fills `caller`, the tracing one `trace_id`, and
+handlers may read `peer` (the client address, for audit rows) and `correlation_id` (to quote
+in their own logs).
 This module is neutral ground: auth must not import the access log, nor the reverse.
 """
 
@@ -23,6 +24,7 @@ class CallRecord:
     started: float
     caller: str | None = None
     events_sent: int = 0
+    trace_id: str | None = None  # set by the tracing interceptor when tracing is on
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("umbra_call", default=None)

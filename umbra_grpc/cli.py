@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 from google.protobuf import field_mask_pb2
 
+from umbra_grpc import tracing
 from umbra_grpc.config import Config, ConfigError
 from umbra_grpc.domain.retention import Report, Retention, RetentionPolicy
 from umbra_grpc.embedded import EmbeddedPostgres, dev_jwt_secret
@@ -99,6 +100,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         _log.warning("no UMBRA_JWT_SECRET: using the development secret in %s", config.data_dir)
     if args.workers < 1:
         sys.exit("--workers must be at least 1")
+    try:
+        tracing.exporters()  # a bad OTEL_* value stops us before anything starts
+    except ConfigError as error:
+        sys.exit(f"configuration error: {error}")
     if args.workers > 1 and config.listen.rsplit(":", 1)[-1] == "0":
         sys.exit("--workers needs a fixed port in UMBRA_LISTEN (port 0 would differ per process)")
     with _database(config) as ready:
@@ -157,7 +162,7 @@ def _worker_main(config: Config) -> None:
 
 
 async def _run_server(config: Config) -> int:
-    service = Service(config, Database.connect(config))
+    service = Service(config, Database.connect(config), tracing=tracing.from_environment())
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,8 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
-Outermost first: access log (and error hygiene) -> anonymous stream cap -> auth -> rate
-limit -> timing floor -> servicer. Health and reflection are registered beside the two
-services and need no token.
+Outermost first: access log (and error hygiene) -> tracing (only when on) -> anonymous
+stream cap -> auth -> rate limit -> timing floor -> servicer. Health and reflection are
+registered beside the two services and need no token.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import hmac
 import logging
 import secrets
 from collections.abc import Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from umbra_grpc import reflection
 from umbra_grpc.api.accounts import AccountServicer
 from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
@@ -50,6 +50,9 @@ from umbra_grpc.storage.database import Database, StorageUnavailable, plain_url
 from umbra_grpc.storage.listener import Listener
 from umbra_grpc.storage.requests import OUTBOX_CHANNEL, REQUESTS_CHANNEL
 from umbra_grpc.storage.users import USERS_CHANNEL
+
+if TYPE_CHECKING:
+    from umbra_grpc.telemetry import Tracing
 
 _log = logging.getLogger(__name__)
 
@@ -120,9 +123,11 @@ class Service:
         *,
         extra_servicers: Iterable[tuple[object, object]] = (),
         resolver: Resolver = system_resolver,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.db = db
+        self.tracing = tracing
         # Where pushes may go (SPEC 10.4): judged when a URL is saved and when it is used.
         destinations = Destinations(parse_networks(config.ntfy_allowed_networks), resolver)
         self.active_users = ActiveUsers(db, config.user_cache_seconds)
@@ -137,6 +142,9 @@ class Service:
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
+                # Right inside the access log: the span covers every layer further in, and
+                # the access-log line gets its trace id. Absent when tracing is off.
+                *([tracing.interceptor()] if tracing is not None else []),
                 self.anonymous_streams,
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
@@ -218,7 +226,12 @@ class Service:
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
-        self.outbox = OutboxWorker(db, config, destinations=destinations)
+        self.outbox = OutboxWorker(
+            db,
+            config,
+            destinations=destinations,
+            push_span=tracing.push_span if tracing is not None else None,
+        )
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
@@ -312,6 +325,8 @@ class Service:
     async def start(self) -> None:
         """Starts serving; health turns SERVING once the database answers and is migrated."""
         await self._set_health(serving=False)
+        if self.tracing is not None:
+            self.tracing.start()
         await self.listener.start()
         if self.config.outbox_enabled:
             await self.outbox.start()
@@ -339,6 +354,8 @@ class Service:
         await self.listener.stop()
         self.metrics.stop()
         await self.db.dispose()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     async def _watch_database(self) -> None:
         migrated = False

@@ -9,15 +9,12 @@ runs on the session's event loop, which also serves the in-process server: nothi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -46,7 +43,7 @@ from tests.conftest import (
     test_config,
 )
 from tests.rich import error_reason
-from umbra_grpc.embedded import free_port
+from tests.serve import EXIT_SECONDS, Serve, serving
 from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.server import CONNECTION_SERVICE
@@ -56,12 +53,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
 WATCH_METHOD = f"/{CONNECTION_SERVICE}/WatchIncomingRequests"
 
-STARTUP_SECONDS = 60.0
 PY_SPY = Path(sys.executable).parent / "py-spy"
-EXIT_SECONDS = 30.0
 GRACE_SECONDS = 5.0
 # Time a process needs after its grace period to close its pool and interpreter.
 EXIT_MARGIN_SECONDS = 1.5
@@ -80,75 +74,6 @@ async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) 
             return time.monotonic() - started
         await asyncio.sleep(0.1)
     raise AssertionError(f"health never became {status} within {within}s")
-
-
-# --- a real `umbra-grpc serve` subprocess ---------------------------------------------------
-
-
-@dataclass
-class Serve:
-    """A `umbra-grpc serve` subprocess whose output goes to files (no pipe can fill up)."""
-
-    process: asyncio.subprocess.Process
-    target: str
-    stderr_path: Path
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    async def wait_serving(self) -> None:
-        """Polls grpc health until SERVING; fails early when the process dies."""
-        deadline = time.monotonic() + STARTUP_SECONDS
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.returncode is not None:
-                    pytest.fail(f"serve exited {self.process.returncode}: {self.stderr[-3000:]}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == SERVING:
-                        return
-                await asyncio.sleep(0.2)
-        pytest.fail(f"serve never became SERVING: {self.stderr[-3000:]}")
-
-    async def end(self) -> None:
-        """SIGTERM, then SIGKILL if it will not go (idempotent)."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), EXIT_SECONDS)
-            except TimeoutError:
-                self.process.kill()
-        await self.process.wait()
-
-
-@contextlib.asynccontextmanager
-async def serving(database_url: str, logs: Path, **variables: str) -> AsyncIterator[Serve]:
-    """A SERVING `umbra-grpc serve` on `database_url`, ended however the test goes."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("UMBRA_")}
-    target = f"127.0.0.1:{free_port()}"
-    env.update(
-        UMBRA_DATABASE_URL=database_url,
-        UMBRA_JWT_SECRET=TEST_SECRET,
-        UMBRA_LISTEN=target,
-        UMBRA_RATE_LIMITS="off",
-        UMBRA_TIMING_FLOORS="off",
-        UMBRA_LOG_FORMAT="text",
-        UMBRA_DATA_DIR=str(logs),
-        **variables,
-    )
-    stdout_path, stderr_path = logs / "serve.stdout", logs / "serve.stderr"
-    with stdout_path.open("w") as out, stderr_path.open("w") as err:
-        process = await asyncio.create_subprocess_exec(
-            str(UMBRA_GRPC), "serve", env=env, stdout=out, stderr=err
-        )
-    server = Serve(process, target, stderr_path)
-    try:
-        await server.wait_serving()
-        yield server
-    finally:
-        await server.end()
 
 
 # --- two processes on one database ----------------------------------------------------------

@@ -98,6 +98,12 @@ class Service:
             )
         if name == "boom":
             raise RuntimeError(LEAK)
+        if name == "unimplemented":
+            _not_implemented(context)
+        if name == "hung-up":
+            # What grpc core raises when it cannot send on a call any more (the client left
+            # while it was being answered); here the client is still there, to see what it gets.
+            raise grpc.aio.InternalError('Failed "execute_batch"')
         if name == "set-code":
             context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
             context.set_details("not now")
@@ -121,6 +127,8 @@ class Service:
             yield str(index).encode()
         if request.startswith(b"boom"):
             raise RuntimeError(LEAK)
+        if request.startswith(b"unimplemented"):
+            _not_implemented(context)
         if request.startswith(b"abort"):
             await rpc_errors.abort(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED, "SLOW_CONSUMER", "too slow"
@@ -159,6 +167,13 @@ class Service:
                 ),
             },
         )
+
+
+def _not_implemented(context: Any) -> None:
+    """What a generated servicer base class does for a method nobody implemented."""
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details("Method not implemented!")
+    raise NotImplementedError("Method not implemented!")
 
 
 @contextlib.asynccontextmanager
@@ -323,6 +338,41 @@ async def test_exception_becomes_internal_with_a_correlation_id(
     assert logged.exc_info is not None
     assert LEAK in str(logged.exc_info[1])
     assert "Traceback" in caplog.text
+
+
+async def test_a_method_nobody_implemented_is_unimplemented_not_internal(
+    lines: Lines, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fuzzer found grpcio-health-checking's aio servicer without Health/List: every call
+    # was INTERNAL with an ERROR traceback, for anyone, without a token.
+    async with serving(Service()) as channel:
+        error = await failed(
+            search(channel)(connections_pb2.SearchRequest(umbral_name="unimplemented"))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await drain(channel.unary_stream(WATCH)(b"unimplemented:1"), [])
+    for failure in (error, raised.value):
+        assert failure.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert error_info(failure).reason == "UNIMPLEMENTED"
+        assert trailer(failure.trailing_metadata(), CORRELATION_ID_KEY) is not None
+    assert [line.code for line in lines.records] == ["UNIMPLEMENTED", "UNIMPLEMENTED"]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_a_call_grpc_can_no_longer_answer_ends_cancelled_without_an_error(
+    lines: Lines, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fuzzer saw two ERROR tracebacks (ours, then grpc's "Unexpected [UsageError]" for a
+    # second abort) whenever a client hung up while its call was being refused.
+    async with serving(Service()) as channel:
+        error = await failed(
+            search(channel)(connections_pb2.SearchRequest(umbral_name="hung-up"), timeout=0.5)
+        )
+        [line] = await lines.wait_for(1)
+    # Nothing more is sent on such a call: no INTERNAL status, no second abort.
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert line.code == "CANCELLED"
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 async def test_cancelled_call_is_logged_cancelled(lines: Lines) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -405,6 +406,44 @@ async def test_an_expired_token_ends_the_stream() -> None:
             await asyncio.wait_for(anext(items), WAIT)
         # Ended at expiry, not after the 60 s heartbeat interval.
         assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("write_fails_first", [False, True])
+async def test_a_write_left_behind_when_the_client_hangs_up_is_not_reported_unretrieved(
+    write_fails_first: bool,
+) -> None:
+    # The fuzzer saw asyncio log "Task exception was never retrieved" at ERROR: the handler
+    # was cancelled (the client hung up) while a write was in flight, and grpc failed that
+    # write, before or after the cancellation reached the handler. grpc's write does not stop
+    # when cancelled; this one fails once released.
+    released = asyncio.Event()
+
+    async def write(message: WatchItem) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await released.wait()
+        raise RuntimeError("execute_batch failed: the call is gone")
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        db = FakeDatabase()
+        async with make_watching(db, make_feed(db)).open(ME) as stream:
+            handler = asyncio.create_task(stream.send(write, SYNCED))
+            await settle()
+            if write_fails_first:
+                released.set()  # the write fails in the same turn the handler is cancelled
+            handler.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await handler
+        released.set()
+        await settle()
+        del handler
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert [context["message"] for context in reported] == []
 
 
 # --- malformed payloads ---------------------------------------------------------------------

@@ -377,10 +377,24 @@ class Stream:
             )
         finally:
             closing.cancel()
+            _let_go(writing)
         if writing.done():
             writing.result()
             self._subscription.raise_if_closed()
             return
-        writing.cancel()
         self._subscription.raise_if_closed()
         raise StreamTooSlow
+
+
+def _let_go(writing: asyncio.Future[Any]) -> None:
+    """Cancels the write if it is still going, and takes its outcome whenever it comes.
+
+    A write can be left behind: the stream closed, the client was too slow, or the handler
+    itself was cancelled because the client left (then even a write that already failed is
+    never looked at). grpc fails such a write (the call is gone), which is expected: taken
+    here, asyncio does not log "Task exception was never retrieved" at ERROR for every client
+    that hangs up mid-write.
+    """
+    if not writing.done():
+        writing.cancel()
+    writing.add_done_callback(lambda done: done.cancelled() or done.exception())

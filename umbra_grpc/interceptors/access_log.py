@@ -4,7 +4,8 @@ The line (logger `umbra.access`, INFO) carries `method`, `caller` (filled in by 
 interceptor through `call_record.current_call`), `peer` (`x-forwarded-for` believed only from
 UMBRA_TRUSTED_PROXIES), `code`, `duration_ms` and `correlation_id`; stream lines add
 `events_sent` and are written when the stream ends, not when its handler returns. Calls to
-paths no service serves are logged and counted as method `unknown`.
+paths no service serves are logged and counted as method `unknown`. With tracing on,
+`trace_id` is the OpenTelemetry trace of the call.
 
 Every call gets a correlation id (uuid4 hex), sent back as trailing metadata
 `x-correlation-id` whatever the outcome: inner layers see the context through a thin proxy
@@ -18,6 +19,14 @@ Hardening (grpc.aio's defaults leak internals, SPEC 4.1):
 - Request bytes that do not decode would get UNKNOWN with the parser's message; the request
   deserializer is replaced by one that turns any failure into a sentinel, answered
   INVALID_ARGUMENT (reason MALFORMED_REQUEST) before anything inner runs.
+- `NotImplementedError` is what a generated servicer base class raises for a method nobody
+  implemented (grpcio-health-checking's aio servicer has no `Health/List`, for one): UNIMPLEMENTED
+  (reason UNIMPLEMENTED), as grpc.aio would answer, logged at INFO only. Anyone may call health,
+  so an ERROR line with a traceback per call would be log spam on demand.
+- `grpc.aio.InternalError` (grpc core refused to send a message or the status: the client hung
+  up while the call was being answered, say mid-abort) means nobody is left to answer: the call
+  ends as a cancelled one (line code CANCELLED), not as an INTERNAL error with a traceback, and
+  no second status is attempted (grpc would log that at ERROR too).
 """
 
 from __future__ import annotations
@@ -145,10 +154,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
-                except Exception:
-                    cancelled = context.cancelled()
-                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
-                    await self._fail(context, record)
+                except Exception as error:
+                    code = _failure_code(error, context)
+                    await self._fail(context, record, code)
                 finally:
                     current_call.reset(token)
                     # A stream may be served by a coroutine writing through the context.
@@ -181,10 +189,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     # was being written, and the event loop closed it afterwards.
                     code = grpc.StatusCode.CANCELLED
                     raise
-                except Exception:
-                    cancelled = context.cancelled()
-                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.INTERNAL
-                    await self._fail(context, record)
+                except Exception as error:
+                    code = _failure_code(error, context)
+                    await self._fail(context, record, code)
                 finally:
                     with contextlib.suppress(ValueError):  # closed later, in another context
                         current_call.reset(token)
@@ -200,11 +207,15 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_guarded(deserializer) if deserializer is not None else None,
         )
 
-    async def _fail(self, context: Context, record: CallRecord) -> NoReturn:
-        """Logs the exception being handled and ends the call INTERNAL, quoting only the id."""
-        if context.cancelled():
+    async def _fail(self, context: Context, record: CallRecord, code: grpc.StatusCode) -> NoReturn:
+        """Ends the call after the exception being handled, as `_failure_code` judged it:
+        let go (CANCELLED), UNIMPLEMENTED, or INTERNAL quoting only the correlation id, with
+        the exception logged at ERROR."""
+        if code == grpc.StatusCode.CANCELLED:
             # The client is gone: the call cannot be ended again, only let go.
             raise asyncio.CancelledError
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            await _abort(context, record, *_UNIMPLEMENTED)
         logger.error(
             "unhandled exception in %s (correlation id %s)",
             record.method,
@@ -237,6 +248,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         }
         if streaming:
             fields["events_sent"] = record.events_sent
+        if record.trace_id is not None:
+            fields["trace_id"] = record.trace_id
         access_logger.info("%s %s %.3fms", record.method, code.name, duration_ms, extra=fields)
 
 
@@ -288,6 +301,17 @@ class _CorrelatedContext:
 
 
 _MALFORMED: Final = (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", MALFORMED_MESSAGE)
+_UNIMPLEMENTED: Final = (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", "method not implemented")
+
+
+def _failure_code(error: Exception, context: Context) -> grpc.StatusCode:
+    """How a call that raised `error` ends (see the module docstring)."""
+    # grpc.aio.InternalError: core failed a batch on this call, which is over for the client.
+    if context.cancelled() or isinstance(error, grpc.aio.InternalError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(error, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.INTERNAL
 
 
 async def _abort(

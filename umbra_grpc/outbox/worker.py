@@ -33,6 +33,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import httpx
@@ -57,6 +58,8 @@ STOP_GRACE_SECONDS = 2.0
 MIN_WAIT_SECONDS = 0.05
 
 Jitter = Callable[[float], float]
+# Wraps the delivery of one push (tracing puts a span around it).
+PushSpan = Callable[[outbox.ClaimedPush], AbstractContextManager[object]]
 
 
 def full_jitter(ceiling: float) -> float:
@@ -110,8 +113,10 @@ class OutboxWorker:
         client: httpx.AsyncClient | None = None,
         jitter: Jitter = full_jitter,
         lease_seconds: float | None = None,
+        push_span: PushSpan | None = None,
     ) -> None:
         self._db = db
+        self._push_span = push_span
         self._config = config
         self._destinations = destinations or Destinations(
             parse_networks(config.ntfy_allowed_networks)
@@ -211,7 +216,11 @@ class OutboxWorker:
     async def _deliver(self, push: outbox.ClaimedPush) -> None:
         """Sends one claimed row and records the outcome; never raises."""
         try:
-            await self._deliver_or_raise(push)
+            if self._push_span is None:
+                await self._deliver_or_raise(push)
+            else:
+                with self._push_span(push):
+                    await self._deliver_or_raise(push)
         except Exception as error:
             # The row keeps its lease and is claimed again once it runs out.
             _log.warning(

@@ -1,0 +1,1 @@
+"""The descriptor-driven fuzzer of SPEC 10.13."""

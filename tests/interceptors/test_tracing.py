@@ -1,0 +1,102 @@
+"""The tracing interceptor, alone, on a real grpc.aio server with raw-bytes handlers.
+
+The handlers report the span that is current while they run, so the tests see that the
+RPC's span is current in a unary handler and in every step of a generator stream, that a
+stream's span ends with the stream, and that the status code lands on the span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from umbra_grpc.interceptors.handlers import Context
+from umbra_grpc.interceptors.tracing import TracingInterceptor
+
+SERVICE = "test.Traced"
+
+
+def current_span_id() -> bytes:
+    return trace.format_span_id(trace.get_current_span().get_span_context().span_id).encode()
+
+
+async def unary(request: bytes, context: Context) -> bytes:
+    if request == b"refuse":
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "not now")
+    return current_span_id()
+
+
+async def stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+    for _ in range(3):
+        yield current_span_id()
+
+
+class Running:
+    def __init__(self, server: grpc.aio.Server, port: int, exporter: InMemorySpanExporter):
+        self.server = server
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.exporter = exporter
+
+    def span(self, method: str) -> trace.Span:
+        [span] = [s for s in self.exporter.get_finished_spans() if s.name == f"{SERVICE}/{method}"]
+        return span  # type: ignore[return-value]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def traced() -> AsyncIterator[Running]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server(interceptors=[TracingInterceptor(provider.get_tracer("test"))])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+                    "Stream": grpc.unary_stream_rpc_method_handler(stream),
+                },
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    running = Running(server, port, exporter)
+    try:
+        yield running
+    finally:
+        await running.channel.close()
+        await server.stop(0)
+        provider.shutdown()
+
+
+async def test_the_span_is_current_in_a_unary_handler(traced: Running) -> None:
+    seen = await traced.channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=10)
+    span = traced.span("Unary")
+    assert seen == trace.format_span_id(span.get_span_context().span_id).encode()
+    assert span.kind == trace.SpanKind.SERVER
+    assert span.attributes["rpc.grpc.status_code"] == 0  # type: ignore[attr-defined]
+
+
+async def test_the_span_is_current_in_every_step_of_a_stream(traced: Running) -> None:
+    call = traced.channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=10)
+    seen = [message async for message in call]
+    span = traced.span("Stream")
+    assert seen == [trace.format_span_id(span.get_span_context().span_id).encode()] * 3
+    assert span.attributes["rpc.grpc.status_code"] == 0  # type: ignore[attr-defined]
+
+
+async def test_a_server_error_marks_the_span(traced: Running) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await traced.channel.unary_unary(f"/{SERVICE}/Unary")(b"refuse", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    span = traced.span("Unary")
+    assert span.attributes["rpc.grpc.status_code"] == 14  # type: ignore[attr-defined]
+    assert span.status.status_code == trace.StatusCode.ERROR  # type: ignore[attr-defined]
