@@ -23,7 +23,8 @@ Create Date: 2026-12-11 09:00:00.000000
   index of pending requests by age for the expiry sweeper.
 - `umbra_expire_requests(ids, ttl)`: marks those of `ids` that are pending and older than
   the TTL `expired` (resolve time: the moment the TTL ran out), deletes their request
-  notifications, skips their unsent pushes and wakes the receivers' watch streams
+  notifications, skips their unsent pushes, writes an audit row each
+  (`connection.request_expired`, no actor) and wakes the receivers' watch streams
   (`resolved`). Both the sweeper and `umbra_send_request` call it, so expiry has one
   definition.
 - `umbra_send_request` is replaced: a target who blocks the caller is reported exactly as a
@@ -131,6 +132,13 @@ BEGIN
         UPDATE outbox o
         SET status = 'skipped', completed_at = now(), last_error = 'skipped: expired'
         FROM gone WHERE o.request_id = gone.id AND o.status = 'pending'
+    ),
+    audit AS (
+        -- The service's own doing, not a user's: no actor.
+        INSERT INTO audit_log (action, actor_id, target_id, detail)
+        SELECT 'connection.request_expired', NULL, gone.receiver_id,
+               jsonb_build_object('request_id', gone.id)
+        FROM gone
     ),
     wake AS (
         SELECT pg_notify('umbra_requests', json_build_object(

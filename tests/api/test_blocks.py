@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
@@ -24,6 +25,7 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
+from tests.invariants import check_all
 from tests.rich import expect_error, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
@@ -402,3 +404,12 @@ async def test_statement_budgets(server: RunningServer, connections, new_user: N
         )
         == 1
     )
+
+
+async def test_the_invariants_hold_after_this_module(database_url: str) -> None:
+    """I1-I5 and the block rule, over every row the tests above left behind."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await check_all(conn) == []
+    finally:
+        await conn.close()

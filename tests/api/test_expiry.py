@@ -26,6 +26,7 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
+from tests.invariants import check_all
 from tests.rich import expect_error
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.storage import expiry as store
@@ -201,14 +202,22 @@ async def test_one_replica_sweeps_at_a_time_in_bounded_batches(
     conn = await asyncpg.connect(database_url)
     try:
         # More stale requests than one batch holds (one sender each: I1), straight into the
-        # tables, and a statement trigger that logs how many rows each sweep UPDATE took.
+        # tables (with the audit rows SendRequest writes, one hour apart: I3), and a
+        # statement trigger that logs how many rows each sweep UPDATE took.
         await conn.execute(
             """
             INSERT INTO users (id, umbral_name) SELECT g, 'stale' || g
             FROM generate_series(900001, 900000 + $1) AS g;
-            INSERT INTO connection_requests (sender_id, receiver_id, created_at)
-            SELECT g, $2, now() - interval '31 days' - g * interval '1 ms'
-            FROM generate_series(900001, 900000 + $1) AS g;
+            WITH sent AS (
+                INSERT INTO connection_requests (sender_id, receiver_id, created_at)
+                SELECT g, $2, now() - interval '31 days' - (900000 + $1 - g) * interval '1 hour'
+                FROM generate_series(900001, 900000 + $1) AS g
+                RETURNING id, sender_id, receiver_id
+            )
+            INSERT INTO audit_log (action, actor_id, target_id, detail)
+            SELECT 'connection.request_sent', sender_id, receiver_id,
+                   jsonb_build_object('request_id', id)
+            FROM sent;
             """.replace("$1", str(stale)).replace("$2", str(receiver.id))
         )
         await conn.execute(
@@ -276,3 +285,12 @@ async def test_serve_sweeps_periodically(
         assert status == "expired"
     finally:
         await stop_server(sweeping)
+
+
+async def test_the_invariants_hold_after_this_module(database_url: str) -> None:
+    """I1-I5 and the block rule, over every row the tests above left behind."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await check_all(conn) == []
+    finally:
+        await conn.close()

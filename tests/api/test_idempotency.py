@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from tests.api.statements import rpc_statements
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser
+from tests.invariants import check_all
 from tests.rich import expect_error, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
@@ -479,3 +480,12 @@ async def test_a_key_is_honoured_for_24_hours_then_pruned(server: RunningServer,
     report = await server.service.retention.prune()
     assert report is not None and report["idempotency_keys"] >= 1
     assert not await env.sql.value("SELECT count(*) FROM idempotency_keys WHERE key = $1", key)
+
+
+async def test_the_invariants_hold_after_this_module(database_url: str) -> None:
+    """I1-I5 and the block rule, over every row the tests above left behind."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await check_all(conn) == []
+    finally:
+        await conn.close()

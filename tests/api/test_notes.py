@@ -8,11 +8,13 @@ request is answered and deleted once it is cancelled, expired or swept away by a
 
 from __future__ import annotations
 
+import asyncpg
 import grpc
 import pytest
 
 from tests.api.streams import next_event, until_synced, watch
 from tests.conftest import NewUser, Sql, TestUser
+from tests.invariants import check_all
 from tests.rich import expect_error
 from umbra_grpc.pb import connections_pb2
 
@@ -176,3 +178,12 @@ async def test_a_withdrawn_requests_notification_is_deleted(
             pb.BlockUserRequest(umbral_name=blocked.handle), metadata=blocker.md
         )
     assert await notification_of(sql, sent.id) == []
+
+
+async def test_the_invariants_hold_after_this_module(database_url: str) -> None:
+    """I1-I5 and the block rule, over every row the tests above left behind."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await check_all(conn) == []
+    finally:
+        await conn.close()

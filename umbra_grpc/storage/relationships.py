@@ -2,12 +2,14 @@
 GetRelationships (SPEC 11).
 
 - `block` is ONE statement of data-modifying CTEs: it removes a connection between the two
-  (both rows, both cards detached, as `connections.remove`), cancels every pending request
-  of the pair in both directions (its notification deleted, its unsent push skipped, the
-  receiver's watch streams woken with `cancelled`; one already past the TTL is expired
-  instead, as the sweeper would), and records the block. A request the blocked user had
-  sent is flagged `cancelled_by_receiver`: to its sender it must look like a silent reject
-  (no resend cooldown, no place in the cap). Its INSERT into `user_blocks` fires the pair
+  (both rows, both cards detached, a `connection.removed` audit row, as
+  `connections.remove`), cancels every pending request of the pair in both directions (its
+  notification deleted, its unsent push skipped, the receiver's watch streams woken with
+  `cancelled`, an audit row each: `connection.request_cancelled` by its sender, the blocker,
+  or `connection.request_cancelled_by_receiver`; one already past the TTL is expired
+  instead, as the sweeper would), and records the block (`user.blocked`). A request the
+  blocked user had sent is flagged `cancelled_by_receiver`: to its sender it must look like
+  a silent reject (no resend cooldown, no place in the cap). Its INSERT into `user_blocks` fires the pair
   guard of migration 0004: when a request or a connection of the pair committed after this
   statement's snapshot, the guard raises a serialization failure and the whole call runs
   again (then it sees, and removes, what appeared). A handle nobody has writes nothing.
@@ -95,6 +97,16 @@ _BLOCK = Query(
                jsonb_build_object('connection_id', unlinked.id, 'reason', 'block'),
                CAST(:ip AS inet)
         FROM target JOIN unlinked ON unlinked.user_id = :caller
+        UNION ALL
+        SELECT CASE WHEN swept.status = 'expired' THEN 'connection.request_expired'
+                    WHEN swept.sender_id = :caller THEN 'connection.request_cancelled'
+                    ELSE 'connection.request_cancelled_by_receiver' END,
+               CASE WHEN swept.status = 'expired' THEN NULL ELSE CAST(:caller AS bigint) END,
+               CASE WHEN swept.sender_id = :caller OR swept.status = 'expired'
+                    THEN swept.receiver_id ELSE swept.sender_id END,
+               jsonb_build_object('request_id', swept.id, 'reason', 'block'),
+               CAST(:ip AS inet)
+        FROM swept
         RETURNING id
     ),
     wake AS (
