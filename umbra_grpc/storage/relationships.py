@@ -5,14 +5,15 @@ GetRelationships (SPEC 11).
   (both rows, both cards detached, a `connection.removed` audit row, as
   `connections.remove`), cancels every pending request of the pair in both directions (its
   notification deleted, its unsent push skipped, the receiver's watch streams woken with
-  `cancelled`, an audit row each: `connection.request_cancelled` by its sender, the blocker,
-  or `connection.request_cancelled_by_receiver`; one already past the TTL is expired
-  instead, as the sweeper would), and records the block (`user.blocked`). A request the
-  blocked user had sent is flagged `cancelled_by_receiver`: to its sender it must look like
-  a silent reject (no resend cooldown, no place in the cap). Its INSERT into `user_blocks` fires the pair
-  guard of migration 0004: when a request or a connection of the pair committed after this
-  statement's snapshot, the guard raises a serialization failure and the whole call runs
-  again (then it sees, and removes, what appeared). A handle nobody has writes nothing.
+  `cancelled`, an audit row each: `connection.request_cancelled` by its sender, the
+  blocker, or `connection.request_cancelled_by_receiver`; one already past the TTL is
+  expired instead, as the sweeper would), and records the block (`user.blocked`). A request
+  the blocked user had sent is flagged `cancelled_by_receiver`: to its sender it must look
+  like a silent reject (no resend cooldown, no place in the cap). Its INSERT into
+  `user_blocks` fires the pair guard of migration 0004: when a request or a connection of
+  the pair committed after this statement's snapshot, the guard raises a serialization
+  failure and the whole call runs again (then it sees, and removes, what appeared). A
+  handle nobody has writes nothing.
 - `relationships` answers for a whole list of handles in one statement, through the unique
   indexes of each table (handle, pair of a block, pair of a connection, pending pair).
 
