@@ -37,6 +37,8 @@ BUDGETS = {
     "ListConnections": 1,
     "GetSharedProfile": 1,
     "RemoveConnection": 3,
+    "GetRelationships": 1,
+    "BlockUser": 3,
 }
 
 
