@@ -225,6 +225,17 @@ async def test_the_blocked_user_sees_a_nonexistent_handle(connections, new_user:
     ).found is False
 
 
+async def test_a_blocker_learns_nothing_about_a_hidden_blocked_user(
+    connections, new_user: NewUser
+) -> None:
+    a, hidden = await new_user(), await new_user(accept=False)
+    await block(connections, a, hidden.handle)
+    # USER_BLOCKED would say the handle exists (nobody's handle records no block): a hidden
+    # user gets the NOT_FOUND every unreachable handle gets, blocked or not.
+    await expect_error(send(connections, a, hidden), grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
+    assert await state(connections, a, hidden.handle) == NONE
+
+
 async def test_block_answers_alike_for_any_handle_and_again(
     connections, new_user: NewUser, sql: Sql
 ) -> None:
