@@ -30,7 +30,8 @@ Create Date: 2026-12-11 09:00:00.000000
 - `umbra_send_request` is replaced: a target who blocks the caller is reported exactly as a
   nonexistent one (no facts about it at all); a caller who blocks the target is told
   (`blocked`); a pending request of the pair past the TTL is expired before the new one is
-  written (I1's unique index covers pending rows); it stores the note and puts it in the
+  written (I1's unique index covers pending rows), found by the statement that checks the
+  other flags (so the usual send pays no extra statement for it); it stores the note and puts it in the
   receiver's notification data (never in the outbox row: pushes go to a third party); the
   resend cooldown and the cap skip requests cancelled by their receiver's block. Its first
   six parameters are 0003's, the new ones have defaults, so callers of the old signature
@@ -174,6 +175,7 @@ DECLARE
     sender_display text;
     reachable boolean;
     shunned boolean;
+    stale boolean;
 BEGIN
     -- The caller first: one who has not opted in learns nothing about the handle.
     SELECT c.umbral_name, cs.preferred_name, cs.accept_connections
@@ -190,19 +192,15 @@ BEGIN
 
     -- The target's flags, without a lock: a refusal never waits on another writer. A user
     -- who blocks the caller is no one, to the caller: not even their flags come back.
-    SELECT u.id, u.umbral_name, s.preferred_name, u.is_active, s.accept_connections
-    INTO target_id, target_name, target_preferred, target_active, target_accepts
+    SELECT u.id, u.umbral_name, s.preferred_name, u.is_active, s.accept_connections,
+           EXISTS (SELECT 1 FROM user_blocks k WHERE k.blocker_id = caller AND k.blocked_id = u.id)
+    INTO target_id, target_name, target_preferred, target_active, target_accepts, blocked
     FROM users u JOIN settings s ON s.user_id = u.id
     WHERE lower(u.umbral_name) = handle
       AND NOT EXISTS (SELECT 1 FROM user_blocks k
                       WHERE k.blocker_id = u.id AND k.blocked_id = caller);
-    IF target_id IS NULL OR NOT target_active OR target_id = caller OR NOT target_accepts THEN
-        RETURN NEXT;
-        RETURN;
-    END IF;
-    blocked := EXISTS (SELECT 1 FROM user_blocks k
-                       WHERE k.blocker_id = caller AND k.blocked_id = target_id);
-    IF blocked THEN
+    IF target_id IS NULL OR NOT target_active OR target_id = caller OR NOT target_accepts
+       OR blocked THEN
         RETURN NEXT;
         RETURN;
     END IF;
@@ -210,80 +208,87 @@ BEGIN
     -- Racing senders queue on the receiver's row here, until the holder commits.
     PERFORM 1 FROM users u WHERE u.id = target_id FOR NO KEY UPDATE;
 
-    -- A request of this pair left unanswered past its TTL makes way for the new one (the
-    -- pending-pair unique index, I1, covers every row still marked pending).
-    PERFORM umbra_expire_requests(ARRAY(
-        SELECT r.id FROM connection_requests r
-        WHERE r.status = 'pending'
-          AND least(r.sender_id, r.receiver_id) = least(caller, target_id)
-          AND greatest(r.sender_id, r.receiver_id) = greatest(caller, target_id)
-          AND r.created_at <= now() - request_ttl), request_ttl);
-
     -- A new snapshot, taken with the lock held: every request of a sender that queued
     -- ahead of this one is committed and counted, and the flags read above are read again
     -- (the receiver may have stopped accepting, or blocked the caller, while this waited).
+    -- A pending request of the pair past its TTL (`stale`) writes nothing: it is expired
+    -- (the pending-pair unique index, I1, covers every row still marked pending) and the
+    -- statement runs again, in a snapshot that sees it expired. (At most once: I1 leaves
+    -- one pending request per pair.)
     sender_display := coalesce(nullif(caller_preferred, ''), caller_name);
-    WITH flags AS (
-        SELECT
-            EXISTS (SELECT 1 FROM users u JOIN settings s ON s.user_id = u.id
-                    WHERE u.id = target_id AND u.is_active AND s.accept_connections
-                   ) AS reachable,
-            EXISTS (SELECT 1 FROM user_blocks k
-                    WHERE k.blocker_id = target_id AND k.blocked_id = caller) AS shunned,
-            EXISTS (SELECT 1 FROM user_blocks k
-                    WHERE k.blocker_id = caller AND k.blocked_id = target_id) AS blocked,
-            EXISTS (SELECT 1 FROM user_connections uc
-                    WHERE uc.user_id = caller AND uc.connected_user_id = target_id) AS connected,
-            EXISTS (SELECT 1 FROM connection_requests r
-                    WHERE r.status = 'pending'
-                      AND least(r.sender_id, r.receiver_id) = least(caller, target_id)
-                      AND greatest(r.sender_id, r.receiver_id) = greatest(caller, target_id)
-                   ) AS pending,
-            (SELECT extract(epoch FROM max(r.resolved_at) + resend_cooldown - now())::float8
-             FROM connection_requests r
-             WHERE r.sender_id = caller AND r.receiver_id = target_id
-               AND r.status = 'cancelled' AND NOT r.cancelled_by_receiver
-               AND r.resolved_at > now() - resend_cooldown
-            ) AS resend_wait,
-            -- A cancelled request keeps its place in the cap until its window ends.
-            (SELECT count(*) FROM connection_requests r
-             WHERE r.receiver_id = target_id AND r.status IN ('pending', 'cancelled')
-               AND NOT r.cancelled_by_receiver
-               AND r.created_at >= now() - pending_window) AS recent
-    ),
-    req AS (
-        INSERT INTO connection_requests (sender_id, receiver_id, message)
-        SELECT caller, target_id, note FROM flags
-        WHERE flags.reachable AND NOT flags.shunned AND NOT flags.blocked
-          AND NOT flags.connected AND NOT flags.pending
-          AND flags.resend_wait IS NULL AND flags.recent < cap
-        RETURNING connection_requests.id, connection_requests.created_at
-    ),
-    note_row AS (
-        INSERT INTO notifications (user_id, type, title, message, data, source_type, source_id)
-        SELECT target_id, 'connection_request', 'New Connection Request',
-               sender_display || ' wants to connect with you',
-               jsonb_strip_nulls(jsonb_build_object('sender_umbral_name', caller_name,
-                                                    'message', note)),
-               'connection_request', req.id
-        FROM req
-    ),
-    audit AS (
-        INSERT INTO audit_log (action, actor_id, target_id, detail, ip)
-        SELECT 'connection.request_sent', caller, target_id,
-               jsonb_build_object('request_id', req.id, 'receiver_umbral_name', target_name),
-               client_ip
-        FROM req
-    ),
-    push AS (
-        INSERT INTO outbox (user_id, kind, display_name, request_id)
-        SELECT target_id, 'request_received', sender_display, req.id FROM req
-    )
-    SELECT flags.reachable, flags.shunned, flags.blocked, flags.connected, flags.pending,
-           flags.recent, flags.resend_wait, req.id, req.created_at
-    INTO reachable, shunned, blocked, connected, pending, recent, resend_wait, request_id,
-         request_created_at
-    FROM flags LEFT JOIN req ON true;
+    LOOP
+        WITH flags AS (
+            SELECT
+                EXISTS (SELECT 1 FROM users u JOIN settings s ON s.user_id = u.id
+                        WHERE u.id = target_id AND u.is_active AND s.accept_connections
+                       ) AS reachable,
+                EXISTS (SELECT 1 FROM user_blocks k
+                        WHERE k.blocker_id = target_id AND k.blocked_id = caller) AS shunned,
+                EXISTS (SELECT 1 FROM user_blocks k
+                        WHERE k.blocker_id = caller AND k.blocked_id = target_id) AS blocked,
+                EXISTS (SELECT 1 FROM user_connections uc
+                        WHERE uc.user_id = caller AND uc.connected_user_id = target_id
+                       ) AS connected,
+                (SELECT r.created_at <= now() - request_ttl FROM connection_requests r
+                 WHERE r.status = 'pending'
+                   AND least(r.sender_id, r.receiver_id) = least(caller, target_id)
+                   AND greatest(r.sender_id, r.receiver_id) = greatest(caller, target_id)
+                ) AS stale,
+                (SELECT extract(epoch FROM max(r.resolved_at) + resend_cooldown - now())::float8
+                 FROM connection_requests r
+                 WHERE r.sender_id = caller AND r.receiver_id = target_id
+                   AND r.status = 'cancelled' AND NOT r.cancelled_by_receiver
+                   AND r.resolved_at > now() - resend_cooldown
+                ) AS resend_wait,
+                -- A cancelled request keeps its place in the cap until its window ends.
+                (SELECT count(*) FROM connection_requests r
+                 WHERE r.receiver_id = target_id AND r.status IN ('pending', 'cancelled')
+                   AND NOT r.cancelled_by_receiver
+                   AND r.created_at >= now() - pending_window) AS recent
+        ),
+        req AS (
+            INSERT INTO connection_requests (sender_id, receiver_id, message)
+            SELECT caller, target_id, note FROM flags
+            WHERE flags.reachable AND NOT flags.shunned AND NOT flags.blocked
+              AND NOT flags.connected AND flags.stale IS NULL
+              AND flags.resend_wait IS NULL AND flags.recent < cap
+            RETURNING connection_requests.id, connection_requests.created_at
+        ),
+        note_row AS (
+            INSERT INTO notifications (user_id, type, title, message, data, source_type,
+                                       source_id)
+            SELECT target_id, 'connection_request', 'New Connection Request',
+                   sender_display || ' wants to connect with you',
+                   jsonb_strip_nulls(jsonb_build_object('sender_umbral_name', caller_name,
+                                                        'message', note)),
+                   'connection_request', req.id
+            FROM req
+        ),
+        audit AS (
+            INSERT INTO audit_log (action, actor_id, target_id, detail, ip)
+            SELECT 'connection.request_sent', caller, target_id,
+                   jsonb_build_object('request_id', req.id, 'receiver_umbral_name', target_name),
+                   client_ip
+            FROM req
+        ),
+        push AS (
+            INSERT INTO outbox (user_id, kind, display_name, request_id)
+            SELECT target_id, 'request_received', sender_display, req.id FROM req
+        )
+        SELECT flags.reachable, flags.shunned, flags.blocked, flags.connected,
+               flags.stale IS NOT NULL AND NOT flags.stale, flags.stale, flags.recent,
+               flags.resend_wait, req.id, req.created_at
+        INTO reachable, shunned, blocked, connected, pending, stale, recent, resend_wait,
+             request_id, request_created_at
+        FROM flags LEFT JOIN req ON true;
+        EXIT WHEN stale IS NOT TRUE;
+        PERFORM umbra_expire_requests(ARRAY(
+            SELECT r.id FROM connection_requests r
+            WHERE r.status = 'pending'
+              AND least(r.sender_id, r.receiver_id) = least(caller, target_id)
+              AND greatest(r.sender_id, r.receiver_id) = greatest(caller, target_id)),
+            request_ttl);
+    END LOOP;
     IF shunned THEN
         -- Blocked while this one waited: answered as if the target did not exist.
         SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL

@@ -8,9 +8,10 @@ every table to show the retry wrote nothing and answered byte for byte the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -395,51 +396,54 @@ async def _waiting(sql: Sql, count: int) -> None:
     raise AssertionError(f"{count} calls never waited on the lock")
 
 
-async def test_a_concurrent_duplicate_gets_the_first_outcome(env: Env, database_url: str) -> None:
-    call = await send_request(env)
+@contextlib.asynccontextmanager
+async def receiver_held(env: Env, call: Call, database_url: str) -> AsyncIterator[int]:
+    """Another writer holds the row of a SendRequest's receiver until the block ends: the
+    call queues behind it (after its caller and target checks)."""
     receiver = await env.sql.value(
         "SELECT id FROM users WHERE umbral_name = $1", call.request.umbral_name
     )
-    key = new_key()
     holder = await asyncpg.connect(database_url)
     try:
         async with holder.transaction():
-            # Another writer holds the receiver: both copies of the call queue behind it.
             await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", receiver)
-            copies = [asyncio.ensure_future(call(keyed(call.md, key))) for _ in range(2)]
-            await _waiting(env.sql, 2)
-            assert not any(copy.done() for copy in copies)
-        one, two = await asyncio.gather(*copies)
+            yield int(receiver)
     finally:
         await holder.close()
-    assert one.SerializeToString() == two.SerializeToString()
-    assert (
-        await env.sql.value(
+
+
+async def requests_to(env: Env, receiver: int) -> int:
+    return int(
+        await env.sql.value(  # type: ignore[arg-type]
             "SELECT count(*) FROM connection_requests WHERE receiver_id = $1", receiver
         )
-        == 1
     )
+
+
+async def test_a_concurrent_duplicate_gets_the_first_outcome(env: Env, database_url: str) -> None:
+    call = await send_request(env)
+    key = new_key()
+    async with receiver_held(env, call, database_url) as receiver:
+        # Both copies of the call queue behind the other writer.
+        copies = [asyncio.ensure_future(call(keyed(call.md, key))) for _ in range(2)]
+        await _waiting(env.sql, 2)
+        assert not any(copy.done() for copy in copies)
+    one, two = await asyncio.gather(*copies)
+    assert one.SerializeToString() == two.SerializeToString()
+    assert await requests_to(env, receiver) == 1
 
 
 async def test_a_call_that_never_committed_leaves_no_key(env: Env, database_url: str) -> None:
     call = await send_request(env)
-    receiver = await env.sql.value(
-        "SELECT id FROM users WHERE umbral_name = $1", call.request.umbral_name
-    )
     key = new_key()
-    holder = await asyncpg.connect(database_url)
-    try:
-        async with holder.transaction():
-            await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", receiver)
-            lost = getattr(call.stub, call.method)(
-                call.request, metadata=keyed(call.md, key), timeout=1.0
-            )
-            await _waiting(env.sql, 1)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await lost  # the client gave up: the call is cancelled and rolls back
-            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        await holder.close()
+    async with receiver_held(env, call, database_url) as receiver:
+        lost = getattr(call.stub, call.method)(
+            call.request, metadata=keyed(call.md, key), timeout=1.0
+        )
+        await _waiting(env.sql, 1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await lost  # the client gave up: the call is cancelled and rolls back
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(500):  # the server notices the cancel and rolls back
         if not await env.sql.value(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
@@ -451,12 +455,7 @@ async def test_a_call_that_never_committed_leaves_no_key(env: Env, database_url:
     # The retry does the write, once.
     await call(keyed(call.md, key))
     await call(keyed(call.md, key))
-    assert (
-        await env.sql.value(
-            "SELECT count(*) FROM connection_requests WHERE receiver_id = $1", receiver
-        )
-        == 1
-    )
+    assert await requests_to(env, receiver) == 1
 
 
 async def test_a_key_is_honoured_for_24_hours_then_pruned(server: RunningServer, env: Env) -> None:

@@ -113,30 +113,35 @@ async def test_describe_shows_the_rpcs(server: RunningServer) -> None:
     )
 
 
-async def test_admin_creates_users_and_a_user_searches(server: RunningServer) -> None:
+async def opted_in_user(server: RunningServer, user_id: int, handle: str) -> None:
+    """Creates the user through AccountService, accepting connections."""
     admin = admin_token()
+    created = await call(
+        server,
+        admin,
+        f"{ACCOUNT_SERVICE}/UpsertUser",
+        {"user": {"id": user_id, "umbral_name": handle, "is_active": True}},
+    )
+    assert created.code == 0, created.stderr
+    assert json.loads(created.stdout)["user"]["umbral_name"] == handle
+    opted_in = await call(
+        server,
+        admin,
+        f"{ACCOUNT_SERVICE}/UpdateSettings",
+        {
+            "user_id": user_id,
+            "settings": {"accept_connections": True},
+            # grpcurl 1.8 wants a FieldMask as an object, not JSON's "a,b" string form.
+            "update_mask": {"paths": ["accept_connections"]},
+        },
+    )
+    assert opted_in.code == 0, opted_in.stderr
+    assert json.loads(opted_in.stdout)["settings"]["accept_connections"] is True
+
+
+async def test_admin_creates_users_and_a_user_searches(server: RunningServer) -> None:
     for user_id, handle in ((501, "grpcurl.alice"), (502, "grpcurl.bob")):
-        created = await call(
-            server,
-            admin,
-            f"{ACCOUNT_SERVICE}/UpsertUser",
-            {"user": {"id": user_id, "umbral_name": handle, "is_active": True}},
-        )
-        assert created.code == 0, created.stderr
-        assert json.loads(created.stdout)["user"]["umbral_name"] == handle
-        opted_in = await call(
-            server,
-            admin,
-            f"{ACCOUNT_SERVICE}/UpdateSettings",
-            {
-                "user_id": user_id,
-                "settings": {"accept_connections": True},
-                # grpcurl 1.8 wants a FieldMask as an object, not JSON's "a,b" string form.
-                "update_mask": {"paths": ["accept_connections"]},
-            },
-        )
-        assert opted_in.code == 0, opted_in.stderr
-        assert json.loads(opted_in.stdout)["settings"]["accept_connections"] is True
+        await opted_in_user(server, user_id, handle)
 
     found = await call(
         server, user_token(501), f"{CONNECTION_SERVICE}/Search", {"umbral_name": "GRPCURL.BOB"}
@@ -160,26 +165,8 @@ async def test_health_check_needs_no_token(server: RunningServer) -> None:
 
 
 async def test_block_and_relationships_through_grpcurl(server: RunningServer) -> None:
-    admin = admin_token()
     for user_id, handle in ((511, "grpcurl.carol"), (512, "grpcurl.dave")):
-        created = await call(
-            server,
-            admin,
-            f"{ACCOUNT_SERVICE}/UpsertUser",
-            {"user": {"id": user_id, "umbral_name": handle, "is_active": True}},
-        )
-        assert created.code == 0, created.stderr
-        opted_in = await call(
-            server,
-            admin,
-            f"{ACCOUNT_SERVICE}/UpdateSettings",
-            {
-                "user_id": user_id,
-                "settings": {"accept_connections": True},
-                "update_mask": {"paths": ["accept_connections"]},
-            },
-        )
-        assert opted_in.code == 0, opted_in.stderr
+        await opted_in_user(server, user_id, handle)
     carol, dave = user_token(511), user_token(512)
 
     described = await grpcurl(
