@@ -31,11 +31,11 @@ Create Date: 2026-12-11 09:00:00.000000
   nonexistent one (no facts about it at all); a caller who blocks the target is told
   (`blocked`); a pending request of the pair past the TTL is expired before the new one is
   written (I1's unique index covers pending rows), found by the statement that checks the
-  other flags (so the usual send pays no extra statement for it); it stores the note and puts it in the
-  receiver's notification data (never in the outbox row: pushes go to a third party); the
-  resend cooldown and the cap skip requests cancelled by their receiver's block. Its first
-  six parameters are 0003's, the new ones have defaults, so callers of the old signature
-  (a replica not yet upgraded) keep working.
+  other flags (so the usual send pays no extra statement for it); it stores the note and
+  puts it in the receiver's notification data (never in the outbox row: pushes go to a
+  third party); the resend cooldown and the cap skip requests cancelled by their receiver's
+  block. Its first six parameters are 0003's, the new ones have defaults, so callers of the
+  old signature (a replica not yet upgraded) keep working.
 - `idempotency_keys`: the recorded outcomes of write RPCs called with an idempotency key.
 
 Every function pins its search_path to the schema it is created in (SPEC 10.12).
