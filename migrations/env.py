@@ -10,10 +10,12 @@ import asyncio
 import os
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from umbra_grpc.storage.database import async_url
+from umbra_grpc.storage.migrate import MIGRATION_LOCK_KEY
 from umbra_grpc.storage.tables import Base
 
 config = context.config
@@ -28,6 +30,9 @@ def _do_run_migrations(connection: Connection) -> None:
         compare_server_default=True,
     )
     with context.begin_transaction():
+        # Before Alembic reads the current version: replicas starting together queue here,
+        # and each later one sees the version the first committed (READ COMMITTED).
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

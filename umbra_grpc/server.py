@@ -1,7 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
-Outermost first: access log (and error hygiene) -> auth -> rate limit -> timing floor ->
-servicer. Health and reflection are registered beside the two services and need no token.
+Outermost first: access log (and error hygiene) -> concurrency cap -> auth -> rate limit ->
+timing floor -> servicer. Health and reflection are registered beside the two services and
+need no token.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.concurrency import ConcurrencyLimitInterceptor
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
 from umbra_grpc.metrics import Metrics
@@ -124,6 +126,7 @@ class Service:
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
+                ConcurrencyLimitInterceptor(config.max_concurrent_rpcs),
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
                     self.active_users.is_active,
@@ -133,8 +136,9 @@ class Service:
                 timing_floor,
             ],
             options=server_options(config),
-            # An open watch stream is a call in progress too: without room for them, 1,000
-            # idle watchers would make every other call RESOURCE_EXHAUSTED.
+            # grpc's own cap counts streams too, so it is only a backstop with room for both
+            # limits: unary calls are held to theirs by ConcurrencyLimitInterceptor, watch
+            # streams to theirs by the feed.
             maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.watch_max_streams,
         )
         accounts = Accounts(db, on_user_changed=self.active_users.forget)
@@ -284,11 +288,19 @@ class Service:
 
     async def _watch_database(self) -> None:
         migrated = False
+        said_why = False
         serving: bool | None = None
         while True:
             ok = await self.db.ping()
             if ok and not migrated:
                 migrated = await self._is_migrated()
+                if not migrated and not said_why:
+                    said_why = True
+                    _log.warning(
+                        "the database schema is not at revision %s, which this code needs: "
+                        "NOT_SERVING until `umbra-grpc migrate` has run",
+                        migrate.head_revision(),
+                    )
             now_serving = ok and migrated and self.listener.connected
             if ok:
                 with contextlib.suppress(Exception):
