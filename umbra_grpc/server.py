@@ -136,10 +136,11 @@ class Service:
                 timing_floor,
             ],
             options=server_options(config),
-            # grpc's own cap counts streams too, so it is only a backstop with room for both
-            # limits: unary calls are held to theirs by ConcurrencyLimitInterceptor, watch
-            # streams to theirs by the feed.
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.watch_max_streams,
+            # grpc's own cap counts every call, streams included, and refuses without an
+            # ErrorInfo: a backstop only. Unary calls are held to their cap by
+            # ConcurrencyLimitInterceptor, watch streams to theirs by the feed; the room past
+            # both (one more cap's worth) is for calls being refused by them at that moment.
+            maximum_concurrent_rpcs=2 * config.max_concurrent_rpcs + config.watch_max_streams,
         )
         accounts = Accounts(db, on_user_changed=self.active_users.forget)
         pages = PageTokens(page_token_key(config))
