@@ -262,11 +262,10 @@ class Service:
         return self.server.add_secure_port(config.listen, credentials)
 
     async def start(self) -> None:
-        """Starts serving; health turns SERVING once the database answers and is migrated."""
+        """Starts serving; once the database answers and is migrated, the push worker starts
+        and health turns SERVING."""
         await self._set_health(serving=False)
         await self.listener.start()
-        if self.config.outbox_enabled:
-            await self.outbox.start()
         await self.server.start()
         if self.config.metrics_listen:
             port = self.metrics.serve(self.config.metrics_listen)
@@ -295,6 +294,9 @@ class Service:
             ok = await self.db.ping()
             if ok and not migrated:
                 migrated = await self._is_migrated()
+                if migrated and self.config.outbox_enabled:
+                    # Started once its table exists (UMBRA_MIGRATE=off may start us early).
+                    await self.outbox.start()
                 if not migrated and not said_why:
                     said_why = True
                     _log.warning(
