@@ -101,11 +101,11 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         sys.exit("--workers must be at least 1")
     if args.workers > 1 and port == 0:
         sys.exit("--workers needs a fixed port in UMBRA_LISTEN (port 0 would differ per process)")
-    metrics_ports = _metrics_ports(config, args.workers)
+    ports = [("UMBRA_LISTEN", config.listen, port), *_metrics_ports(config, args.workers)]
     if not config.jwt_secret and not config.jwt_public_key_files and not config.jwt_jwks_file:
         config = config.with_changes(jwt_secret=dev_jwt_secret(config.data_dir))
         _log.warning("no UMBRA_JWT_SECRET: using the development secret in %s", config.data_dir)
-    with _claimed_port(config.listen, port, metrics_ports), _database(config) as ready:
+    with _claimed_port(config.listen, port, ports), _database(config) as ready:
         assert ready.database_url is not None
         if ready.migrate:
             migrate.upgrade(ready.database_url)
@@ -116,69 +116,70 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         return _run_workers(ready.with_changes(reuse_port=True), args.workers)
 
 
-def _metrics_ports(config: Config, workers: int) -> list[int]:
+# A port this serve will listen on: (the variable that names it, its address, the port).
+Binding = tuple[str, str, int]
+
+
+def _metrics_ports(config: Config, workers: int) -> list[Binding]:
     """The metrics port of each worker (port + index); checked before anything starts."""
     if not config.metrics_listen:
         return []
     port = check_address("UMBRA_METRICS_LISTEN", config.metrics_listen)
-    if workers == 1:
-        return [port]
-    if port == 0 or port + workers - 1 > 65535:
+    if workers > 1 and (port == 0 or port + workers - 1 > 65535):
         sys.exit(
             f"configuration error: UMBRA_METRICS_LISTEN: --workers {workers} needs a fixed "
             f"port with room for one port per worker (port + 0 ... port + {workers - 1})"
         )
-    return [port + index for index in range(workers)]
+    return [
+        ("UMBRA_METRICS_LISTEN", config.metrics_listen, port + index) for index in range(workers)
+    ]
 
 
 @contextlib.contextmanager
-def _claimed_port(listen: str, port: int, metrics_ports: Sequence[int]) -> Iterator[None]:
+def _claimed_port(listen: str, port: int, bindings: Sequence[Binding]) -> Iterator[None]:
     """Holds `port` for this `serve` (and its workers) while it runs; exits naming the port
-    when another process listens there or another `serve` holds it.
+    when another `serve` holds it or anything listens on one of `bindings`' ports.
 
     `serve --workers N` binds with SO_REUSEPORT, and Linux lets any process of the same user
     join such a port: a second `serve --workers` would share the first one's port silently.
     So every `serve` first takes an abstract unix socket named after the port (unique per
     network namespace, released by the kernel when this process dies, not inherited by the
-    workers), then checks that nothing listens on the port by binding it without
+    workers), then checks that nothing listens on its ports by binding them without
     SO_REUSEPORT.
     """
-    if port == 0:
-        _check_free(listen, 0, metrics_ports)
-        yield
-        return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as claim:
-        try:
-            claim.bind(f"\0umbra-grpc-serve:{port}")
-        except OSError:
-            sys.exit(
-                f"port {port} is already served by another `umbra-grpc serve` on this machine "
-                f"(UMBRA_LISTEN={listen}); stop it or choose another port"
-            )
-        _check_free(listen, port, metrics_ports)
+        if port != 0:
+            try:
+                claim.bind(f"\0umbra-grpc-serve:{port}")
+            except OSError:
+                sys.exit(
+                    f"port {port} is already served by another `umbra-grpc serve` on this "
+                    f"machine (UMBRA_LISTEN={listen}); stop it or choose another port"
+                )
+        for binding in bindings:
+            _check_free(*binding)
         yield
 
 
-def _check_free(listen: str, port: int, metrics_ports: Sequence[int]) -> None:
-    """Exits naming the port when something already listens on a port this serve needs."""
-    host = listen.rpartition(":")[0].strip("[]")
-    ports = ([port] if port else []) + [p for p in metrics_ports if p]
-    for wanted in ports:
-        try:
-            addresses = socket.getaddrinfo(
-                host, wanted, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        except socket.gaierror as error:
-            sys.exit(f"cannot listen on {host}: {error.strerror}")
-        for family, kind, protocol, _, address in addresses:
-            with socket.socket(family, kind, protocol) as probe:
-                # As grpc binds: SO_REUSEADDR, so closed connections in TIME_WAIT do not count.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(address)
-                except OSError as error:
-                    what = "UMBRA_LISTEN" if wanted == port else "UMBRA_METRICS_LISTEN"
-                    sys.exit(f"cannot listen on port {wanted} ({what}): {error.strerror}")
+def _check_free(variable: str, address: str, port: int) -> None:
+    """Exits naming the port when something already listens on `address`'s host at `port`."""
+    if port == 0:
+        return
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        candidates = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        sys.exit(f"cannot listen on {address} ({variable}): {error.strerror}")
+    for family, kind, protocol, _, resolved in candidates:
+        with socket.socket(family, kind, protocol) as probe:
+            # As grpc binds: SO_REUSEADDR, so closed connections in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(resolved)
+            except OSError as error:
+                sys.exit(f"cannot listen on port {port} ({variable}): {error.strerror}")
 
 
 def _run_workers(config: Config, count: int) -> int:

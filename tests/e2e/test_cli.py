@@ -622,6 +622,23 @@ def test_serve_workers_refuse_a_port_another_program_shares(module_env: dict[str
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("variable", ["UMBRA_LISTEN", "UMBRA_METRICS_LISTEN"])
+def test_a_taken_port_stops_serve_before_postgres_starts(variable: str, data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = environment(
+            UMBRA_DATA_DIR=str(data_dir),
+            **{"UMBRA_LISTEN": f"127.0.0.1:{free_port()}", variable: f"127.0.0.1:{port}"},
+        )
+        result = run("serve", env=env)
+    assert result.returncode == 1
+    assert f"cannot listen on port {port} ({variable})" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (data_dir / "postgres").exists()
+
+
 def test_workers_exit_when_their_parent_is_killed(
     module_env: dict[str, str], tmp_path: Path
 ) -> None:
