@@ -2,7 +2,12 @@
 
 With no UMBRA_DATABASE_URL, `serve` and `migrate` use a private PostgreSQL kept in
 UMBRA_DATA_DIR (default `.umbra/`), and `serve`, `token` and `demo` share the development
-JWT secret kept there unless UMBRA_JWT_SECRET is set.
+JWT secret kept there unless UMBRA_JWT_SECRET is set. `token` and `demo` mint what the
+configured server accepts (its secret, `iss` and `aud`) and `demo` reaches it as configured
+(TLS trusting UMBRA_TLS_CERT_FILE); where they cannot (public keys only, mTLS) they say so.
+
+Every command reads the whole configuration first (`Config.from_env`): a bad variable stops
+it before a PostgreSQL starts or a port is bound.
 """
 
 from __future__ import annotations
