@@ -8,13 +8,15 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 PG_URL_LOCAL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: help install run test pytest lint generate check-generated audit bench bench-smoke clean
+.PHONY: help install run test pytest lint generate check-generated audit bench bench-smoke clean \
+	test-cluster
 
 help:
 	@echo "make run    serve on 127.0.0.1:50051 (embedded PostgreSQL unless UMBRA_DATABASE_URL is set)"
 	@echo "make test   lint, type-check, generated-code check, pip-audit and the whole test suite"
 	@echo "make generate   regenerate generated/ from protos/"
 	@echo "make bench  measure the service against an echo RPC (docs/PERFORMANCE.md)"
+	@echo "make test-cluster   deploy/'s topology on this machine through failovers (docs/SCALING.md)"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +78,11 @@ bench: $(BIN)/.installed
 # Every bench section with tiny sizes, in seconds (tests/e2e/test_bench_smoke.py runs it too).
 bench-smoke: $(BIN)/.installed
 	$(BIN)/python -m bench.run --smoke --out bench/results/smoke.json
+
+# HAProxy, PgBouncer, Patroni + etcd and two replicas on loopback ports, a switchover, a
+# killed primary and a killed replica (installs Debian packages: CI and test machines only).
+test-cluster: $(BIN)/.installed
+	bash cluster/test-cluster.sh
 
 clean:
 	rm -rf $(VENV) node_modules .generated-check .pytest_cache .mypy_cache .ruff_cache

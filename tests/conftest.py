@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -140,14 +141,12 @@ def separate_channel(target: str, *options: tuple[str, int]) -> grpc.aio.Channel
     )
 
 
-async def start_server(
-    config: Config, *, extra_servicers: Iterable[tuple[object, object]] = ()
-) -> RunningServer:
-    """Starts a server (with test-only services, if given) and waits until it is SERVING."""
+async def start_server(config: Config, **options: Any) -> RunningServer:
+    """Starts a server (`options` go to `Service`) and waits until health says SERVING."""
     db = Database.connect(config)
     statements = StatementCounter()
     statements.attach(db)
-    service = Service(config, db, extra_servicers=extra_servicers)
+    service = Service(config, db, **options)
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     health = health_pb2_grpc.HealthStub(channel)

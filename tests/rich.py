@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
@@ -24,3 +27,32 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             assert info.domain == "connections.umbra"
             return info.reason
     raise AssertionError("no ErrorInfo in the status details")
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo delay (seconds) a failed call carried."""
+    for detail in status_details(error).details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    raise AssertionError("no RetryInfo in the status details")
+
+
+async def expect_error(
+    call: Awaitable[object], code: grpc.StatusCode, reason: str
+) -> grpc.aio.AioRpcError:
+    """Awaits a call that must fail with `code` and ErrorInfo `reason`; returns the error."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, (caught.value.code(), caught.value.details())
+    assert error_reason(caught.value) == reason, caught.value.details()
+    return caught.value
+
+
+async def outcome(call: Awaitable[object]) -> str:
+    """ "OK", or the ErrorInfo reason the call failed with."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error_reason(error)
+    return "OK"

@@ -1,4 +1,4 @@
-"""`umbra-grpc serve | migrate | token | demo`.
+"""`umbra-grpc serve | migrate | prune | token | demo`.
 
 With no UMBRA_DATABASE_URL, `serve` and `migrate` use a private PostgreSQL kept in
 UMBRA_DATA_DIR (default `.umbra/`), and `serve`, `token` and `demo` share the development
@@ -28,6 +28,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from umbra_grpc.config import Config, ConfigError, check_address
+from umbra_grpc.domain.retention import Report, Retention, RetentionPolicy
 from umbra_grpc.embedded import EmbeddedPostgres, dev_jwt_secret
 from umbra_grpc.logs import configure_logging
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
     commands.add_parser("migrate", help="migrate the database to head").set_defaults(run=_migrate)
+    commands.add_parser(
+        "prune", help="delete what the UMBRA_RETENTION_* settings say has aged, once"
+    ).set_defaults(run=_prune)
     token = commands.add_parser("token", help="print a JWT for grpcurl and scripts")
     who = token.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", type=int, metavar="ID", help="an end user's id")
@@ -285,6 +289,24 @@ def _migrate(config: Config, args: argparse.Namespace) -> int:
         migrate.upgrade(ready.database_url)
     print("migrated to head")
     return 0
+
+
+def _prune(config: Config, args: argparse.Namespace) -> int:
+    with _database(config) as ready:
+        report = asyncio.run(_prune_once(ready))
+    if report is None:
+        print("skipped: another process is pruning (it holds the retention lock)")
+    else:
+        print("pruned: " + ", ".join(f"{rule}={count}" for rule, count in report.items()))
+    return 0
+
+
+async def _prune_once(config: Config) -> Report | None:
+    db = Database.connect(config)
+    try:
+        return await Retention(db, RetentionPolicy.from_config(config)).prune()
+    finally:
+        await db.dispose()
 
 
 def _token(config: Config, args: argparse.Namespace) -> int:

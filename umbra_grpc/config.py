@@ -27,6 +27,8 @@ from umbra_grpc.interceptors.rate_limit import parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import parse_timing_floors
 from umbra_grpc.peer import parse_networks
 
+_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
 
 class ConfigError(ValueError):
     """An `UMBRA_*` variable holds a value the service cannot use."""
@@ -37,6 +39,7 @@ class Config:
     """Everything the server needs, with the defaults of the README table."""
 
     database_url: str | None = None
+    listen_database_url: str | None = None
     listen: str = "127.0.0.1:50051"
     metrics_listen: str | None = None
     data_dir: Path = Path(".umbra")
@@ -57,6 +60,7 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     db_pool_size: int = 10
+    db_statement_cache_size: int = 100
     db_pool_timeout_seconds: float = 5.0
     db_statement_timeout_ms: int = 5000
     db_lock_timeout_ms: int = 2000
@@ -64,12 +68,14 @@ class Config:
     user_cache_seconds: float = 1.0
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 1000
+    max_anonymous_streams: int = 100
     max_concurrent_streams: int = 100
     max_receive_message_bytes: int = 64 * 1024
     max_connection_age_seconds: float = 1800.0
     max_connection_age_grace_seconds: float = 30.0
     pending_cap: int = 5
     pending_window_seconds: float = 600.0
+    resend_cooldown_seconds: float = 3600.0
     listener_probe_seconds: float = 2.0
     watch_heartbeat_seconds: float = 15.0
     watch_queue_size: int = 64
@@ -83,6 +89,12 @@ class Config:
     outbox_retry_cap_seconds: float = 30.0
     outbox_max_attempts: int = 5
     ntfy_timeout_seconds: float = 5.0
+    ntfy_allowed_networks: tuple[str, ...] = ()
+    retention_interval_seconds: float = 3600.0
+    retention_outbox_days: int = 7
+    retention_notifications_days: int = 90
+    retention_requests_days: int = 365
+    retention_audit_days: int = 365
     migrate: bool = True
     # Set by `serve --workers N` for its own processes only (never from the environment).
     reuse_port: bool = False
@@ -93,6 +105,7 @@ class Config:
         env = _Env(os.environ if environ is None else environ)
         config = cls(
             database_url=env.text("UMBRA_DATABASE_URL"),
+            listen_database_url=env.text("UMBRA_LISTEN_DATABASE_URL"),
             listen=env.text("UMBRA_LISTEN") or cls.listen,
             metrics_listen=env.text("UMBRA_METRICS_LISTEN"),
             data_dir=Path(env.text("UMBRA_DATA_DIR") or cls.data_dir),
@@ -115,6 +128,9 @@ class Config:
             tls_key_file=env.path("UMBRA_TLS_KEY_FILE"),
             tls_client_ca_file=env.path("UMBRA_TLS_CLIENT_CA_FILE"),
             db_pool_size=env.integer("UMBRA_DB_POOL_SIZE", cls.db_pool_size),
+            db_statement_cache_size=env.integer(
+                "UMBRA_DB_STATEMENT_CACHE_SIZE", cls.db_statement_cache_size
+            ),
             db_pool_timeout_seconds=env.number(
                 "UMBRA_DB_POOL_TIMEOUT_SECONDS", cls.db_pool_timeout_seconds
             ),
@@ -128,6 +144,9 @@ class Config:
             user_cache_seconds=env.number("UMBRA_USER_CACHE_SECONDS", cls.user_cache_seconds),
             grace_seconds=env.number("UMBRA_GRACE_SECONDS", cls.grace_seconds),
             max_concurrent_rpcs=env.integer("UMBRA_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
+            max_anonymous_streams=env.integer(
+                "UMBRA_MAX_ANONYMOUS_STREAMS", cls.max_anonymous_streams
+            ),
             max_concurrent_streams=env.integer(
                 "UMBRA_MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams
             ),
@@ -143,6 +162,9 @@ class Config:
             pending_cap=env.integer("UMBRA_PENDING_CAP", cls.pending_cap),
             pending_window_seconds=env.number(
                 "UMBRA_PENDING_WINDOW_SECONDS", cls.pending_window_seconds
+            ),
+            resend_cooldown_seconds=env.number(
+                "UMBRA_RESEND_COOLDOWN_SECONDS", cls.resend_cooldown_seconds
             ),
             listener_probe_seconds=env.number(
                 "UMBRA_LISTENER_PROBE_SECONDS", cls.listener_probe_seconds
@@ -167,6 +189,22 @@ class Config:
             ),
             outbox_max_attempts=env.integer("UMBRA_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             ntfy_timeout_seconds=env.number("UMBRA_NTFY_TIMEOUT_SECONDS", cls.ntfy_timeout_seconds),
+            ntfy_allowed_networks=env.items("UMBRA_NTFY_ALLOWED_NETWORKS"),
+            retention_interval_seconds=env.number(
+                "UMBRA_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+            ),
+            retention_outbox_days=env.integer(
+                "UMBRA_RETENTION_OUTBOX_DAYS", cls.retention_outbox_days
+            ),
+            retention_notifications_days=env.integer(
+                "UMBRA_RETENTION_NOTIFICATIONS_DAYS", cls.retention_notifications_days
+            ),
+            retention_requests_days=env.integer(
+                "UMBRA_RETENTION_REQUESTS_DAYS", cls.retention_requests_days
+            ),
+            retention_audit_days=env.integer(
+                "UMBRA_RETENTION_AUDIT_DAYS", cls.retention_audit_days
+            ),
             migrate=env.flag("UMBRA_MIGRATE", cls.migrate),
         )
         config.validate()
@@ -174,10 +212,13 @@ class Config:
 
     def validate(self) -> None:
         """Checks what reading one variable cannot: formats, files, values that go together."""
-        if self.database_url is not None and not self.database_url.startswith(
-            ("postgresql://", "postgres://", "postgresql+asyncpg://")
-        ):
+        if self.database_url is not None and not self.database_url.startswith(_URL_PREFIXES):
             raise ConfigError("UMBRA_DATABASE_URL must be a postgresql:// URL")
+        if self.listen_database_url is not None:
+            if self.database_url is None:
+                raise ConfigError("UMBRA_LISTEN_DATABASE_URL needs UMBRA_DATABASE_URL")
+            if not self.listen_database_url.startswith(_URL_PREFIXES):
+                raise ConfigError("UMBRA_LISTEN_DATABASE_URL must be a postgresql:// URL")
         check_address("UMBRA_LISTEN", self.listen)
         if self.metrics_listen is not None:
             check_address("UMBRA_METRICS_LISTEN", self.metrics_listen, empty_disables=True)
@@ -195,8 +236,21 @@ class Config:
             parse_networks(self.trusted_proxies)
         except ValueError as error:
             raise ConfigError(f"UMBRA_TRUSTED_PROXIES: {error}") from None
+        for network in self.ntfy_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"UMBRA_NTFY_ALLOWED_NETWORKS: {network!r} is not a CIDR or an address"
+                ) from None
         _check_jwt_keys(self)
         _check_tls(self)
+
+    @property
+    def listener_url(self) -> str | None:
+        """Where the one LISTEN connection goes: its own URL (past a transaction pooler, which
+        would take LISTEN and never deliver), else the pool's."""
+        return self.listen_database_url or self.database_url
 
     def with_changes(self, **changes: object) -> Config:
         """A copy with some fields replaced (tests and the CLI use it)."""
@@ -210,6 +264,7 @@ RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
     {
         "UMBRA_JWT_LEEWAY_SECONDS": (0, 300),
         "UMBRA_DB_POOL_SIZE": (1, 1000),
+        "UMBRA_DB_STATEMENT_CACHE_SIZE": (0, 10_000),
         "UMBRA_DB_POOL_TIMEOUT_SECONDS": (0.1, 300),
         "UMBRA_DB_STATEMENT_TIMEOUT_MS": (1, 3_600_000),
         "UMBRA_DB_LOCK_TIMEOUT_MS": (1, 3_600_000),
@@ -217,12 +272,14 @@ RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "UMBRA_USER_CACHE_SECONDS": (0, 3600),
         "UMBRA_GRACE_SECONDS": (0, 3600),
         "UMBRA_MAX_CONCURRENT_RPCS": (1, 100_000),
+        "UMBRA_MAX_ANONYMOUS_STREAMS": (0, 100_000),
         "UMBRA_MAX_CONCURRENT_STREAMS": (1, 100_000),
         "UMBRA_MAX_RECEIVE_MESSAGE_BYTES": (1024, 16 * 1024 * 1024),
         "UMBRA_MAX_CONNECTION_AGE_SECONDS": (1, 604_800),
         "UMBRA_MAX_CONNECTION_AGE_GRACE_SECONDS": (0, 3600),
         "UMBRA_PENDING_CAP": (1, 1000),
         "UMBRA_PENDING_WINDOW_SECONDS": (1, 2_592_000),
+        "UMBRA_RESEND_COOLDOWN_SECONDS": (0, 31_536_000),
         "UMBRA_LISTENER_PROBE_SECONDS": (0.1, 300),
         "UMBRA_WATCH_HEARTBEAT_SECONDS": (0.1, 3600),
         "UMBRA_WATCH_QUEUE_SIZE": (1, 100_000),
@@ -235,6 +292,11 @@ RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "UMBRA_OUTBOX_RETRY_CAP_SECONDS": (0.001, 86_400),
         "UMBRA_OUTBOX_MAX_ATTEMPTS": (1, 100),
         "UMBRA_NTFY_TIMEOUT_SECONDS": (0.1, 300),
+        "UMBRA_RETENTION_INTERVAL_SECONDS": (0, 604_800),
+        "UMBRA_RETENTION_OUTBOX_DAYS": (1, 36_500),
+        "UMBRA_RETENTION_NOTIFICATIONS_DAYS": (1, 36_500),
+        "UMBRA_RETENTION_REQUESTS_DAYS": (1, 36_500),
+        "UMBRA_RETENTION_AUDIT_DAYS": (1, 36_500),
     }
 )
 # Numbers inside the structured variables, documented in the same table.

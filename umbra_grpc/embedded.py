@@ -159,6 +159,10 @@ class EmbeddedPostgres:
             self._run("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.pgdata))
         self.port = None
 
+    def status(self) -> str:
+        """What `pg_ctl status` says of the data directory (run as the cluster's user)."""
+        return self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False)
+
     def __enter__(self) -> str:
         return self.start()
 
@@ -170,7 +174,8 @@ class EmbeddedPostgres:
     ) -> None:
         self.stop()
 
-    def _run(self, program: str, *args: str) -> None:
+    def _run(self, program: str, *args: str, check: bool = True) -> str:
+        """Runs one of the cluster's programs as its user; returns what it printed."""
         command = [str(self._bin / program), *args]
         for _attempt in range(2):
             result = subprocess.run(  # noqa: S603 - binaries we located, no shell
@@ -186,9 +191,10 @@ class EmbeddedPostgres:
             # process full of gRPC threads): the command did nothing, so run it again.
             if result.returncode >= 0:
                 break
-        if result.returncode != 0:
+        if check and result.returncode != 0:
             tail = (result.stderr or result.stdout).strip()[-2000:]
             raise EmbeddedPostgresError(f"{program} failed ({result.returncode}): {tail}")
+        return result.stdout + result.stderr
 
 
 def _run_as_user() -> pwd.struct_passwd | None:

@@ -47,6 +47,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Registered first, so its values open the page: a load balancer's check reads
+        # `umbra_serving` within the few KiB it buffers (deploy/haproxy.cfg).
+        self._readings = _Readings()
+        self.registry.register(self._readings)
         self._rpcs = Counter(
             "umbra_rpcs",
             "Finished RPCs by method and status code.",
@@ -60,8 +64,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._readings = _Readings()
-        self.registry.register(self._readings)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -1,8 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
-Outermost first: access log (and error hygiene) -> concurrency cap -> auth -> rate limit ->
-timing floor -> servicer. Health and reflection are registered beside the two services and
-need no token.
+Outermost first: access log (and error hygiene) -> anonymous stream cap -> concurrency cap
+-> auth -> rate limit -> timing floor -> servicer. Health and reflection are registered
+beside the two services and need no token.
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ from grpc_reflection.v1alpha import reflection
 from umbra_grpc.api.accounts import AccountServicer
 from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.config import Config
+from umbra_grpc.destinations import Destinations, Resolver, system_resolver
 from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
+from umbra_grpc.domain.retention import Retention, RetentionPolicy
 from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
-from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
+from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor, TokenVerifier
 from umbra_grpc.interceptors.concurrency import ConcurrencyLimitInterceptor
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
@@ -114,18 +117,25 @@ class Service:
         db: Database,
         *,
         extra_servicers: Iterable[tuple[object, object]] = (),
+        resolver: Resolver = system_resolver,
     ) -> None:
         self.config = config
         self.db = db
+        # Where pushes may go (SPEC 10.4): judged when a URL is saved and when it is used.
+        destinations = Destinations(parse_networks(config.ntfy_allowed_networks), resolver)
         self.active_users = ActiveUsers(db, config.user_cache_seconds)
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         trusted = parse_networks(config.trusted_proxies)
         rate_limit = RateLimitInterceptor(parse_rate_limits(config.rate_limits))
         timing_floor = TimingFloorInterceptor(parse_timing_floors(config.timing_floors))
+        self.anonymous_streams = AnonymousStreamLimit(
+            config.max_anonymous_streams, PUBLIC_METHOD_PREFIXES
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 AccessLogInterceptor(trusted_proxies=trusted, sink=self.metrics.observe_rpc),
+                self.anonymous_streams,
                 ConcurrencyLimitInterceptor(config.max_concurrent_rpcs),
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
@@ -138,17 +148,21 @@ class Service:
             options=server_options(config),
             # grpc's own cap counts every call, streams included, and refuses without an
             # ErrorInfo: a backstop only. Unary calls are held to their cap by
-            # ConcurrencyLimitInterceptor, watch streams to theirs by the feed; the room past
-            # both (one more cap's worth) is for calls being refused by them at that moment.
-            maximum_concurrent_rpcs=2 * config.max_concurrent_rpcs + config.watch_max_streams,
+            # ConcurrencyLimitInterceptor, watch streams to theirs by the feed, anonymous
+            # streams to theirs by AnonymousStreamLimit; the room past all three (one more
+            # unary cap's worth) is for calls being refused by them at that moment.
+            maximum_concurrent_rpcs=2 * config.max_concurrent_rpcs
+            + config.watch_max_streams
+            + config.max_anonymous_streams,
         )
-        accounts = Accounts(db, on_user_changed=self.active_users.forget)
+        accounts = Accounts(db, self.active_users.forget, destinations)
         pages = PageTokens(page_token_key(config))
         requests = Requests(
             db,
             pages,
             cap=config.pending_cap,
             window=dt.timedelta(seconds=config.pending_window_seconds),
+            cooldown=dt.timedelta(seconds=config.resend_cooldown_seconds),
         )
         notifications = Notifications(db, pages)
         self.feed = RequestFeed(
@@ -179,25 +193,35 @@ class Service:
         self.port = self._bind()
         self._monitor: asyncio.Task[None] | None = None
 
-        assert config.database_url is not None
+        assert config.listener_url is not None
         self.listener = Listener(
-            plain_url(config.database_url), probe_interval=config.listener_probe_seconds
+            plain_url(config.listener_url),
+            notify=db.notify,
+            probe_interval=config.listener_probe_seconds,
         )
-        # Other replicas changed a user: drop what this one cached. After an outage events
-        # may have been missed, so everything cached is dropped.
-        self.listener.subscribe(
-            USERS_CHANNEL, lambda payload: self.active_users.forget(int(payload))
-        )
+        # Other replicas changed a user: drop what this one cached, and end the user's
+        # streams if they were deactivated. After an outage events may have been missed,
+        # so everything cached is dropped (and the streams end with the listener).
+        self.listener.subscribe(USERS_CHANNEL, self._user_changed)
         self.listener.on_down(self.active_users.forget_all)
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
-        self.outbox = OutboxWorker(db, config)
+        self.outbox = OutboxWorker(db, config, destinations=destinations)
         self.listener.subscribe(OUTBOX_CHANNEL, lambda _payload: self.outbox.wake())
         # Wake-ups sent while the listener was down are lost: look for due rows on reconnect.
         self.listener.on_up(self.outbox.wake)
         self._outbox_backlog = 0
+        self.serving = False
+        self.retention = Retention(
+            db, RetentionPolicy.from_config(config), interval=config.retention_interval_seconds
+        )
         self._register_metrics(rate_limit, timing_floor)
+
+    def _user_changed(self, payload: str) -> None:
+        user_id = int(payload)
+        self.active_users.forget(user_id)
+        self.feed.on_user_changed(user_id)
 
     def _register_metrics(
         self, rate_limit: RateLimitInterceptor, timing_floor: TimingFloorInterceptor
@@ -209,10 +233,22 @@ class Service:
             lambda: self.feed.open_streams,
         )
         metrics.gauge(
+            "umbra_anonymous_streams",
+            "Open health Watch and reflection streams (no token).",
+            lambda: self.anonymous_streams.open_streams,
+        )
+        metrics.gauge(
             "umbra_db_pool_checked_out", "Pooled connections in use.", self.db.checked_out
         )
         metrics.gauge(
             "umbra_db_pool_size", "Pooled connections allowed.", lambda: self.config.db_pool_size
+        )
+        # A readiness check for load balancers that cannot send a gRPC health request
+        # (HAProxy's http-check cannot send its binary body): deploy/haproxy.cfg reads this.
+        metrics.gauge(
+            "umbra_serving",
+            "1 while grpc.health.v1 says SERVING.",
+            lambda: int(self.serving),
         )
         metrics.gauge(
             "umbra_listener_up",
@@ -262,8 +298,8 @@ class Service:
         return self.server.add_secure_port(config.listen, credentials)
 
     async def start(self) -> None:
-        """Starts serving; once the database answers and is migrated, the push worker starts
-        and health turns SERVING."""
+        """Starts serving; once the database answers and is migrated, the push worker and
+        the retention job start and health turns SERVING."""
         await self._set_health(serving=False)
         await self.listener.start()
         await self.server.start()
@@ -274,6 +310,7 @@ class Service:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         self.feed.shut_down()
         if self._monitor is not None:
@@ -282,6 +319,7 @@ class Service:
                 await self._monitor
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.outbox.stop()
+        await self.retention.stop()
         await self.listener.stop()
         self.metrics.stop()
         await self.db.dispose()
@@ -294,9 +332,11 @@ class Service:
             ok = await self.db.ping()
             if ok and not migrated:
                 migrated = await self._is_migrated()
-                if migrated and self.config.outbox_enabled:
-                    # Started once its table exists (UMBRA_MIGRATE=off may start us early).
-                    await self.outbox.start()
+                if migrated:
+                    # Started once their tables exist (UMBRA_MIGRATE=off may start us early).
+                    if self.config.outbox_enabled:
+                        await self.outbox.start()
+                    self.retention.start()
                 if not migrated and not said_why:
                     said_why = True
                     _log.warning(
@@ -309,7 +349,7 @@ class Service:
                 with contextlib.suppress(Exception):
                     self._outbox_backlog = await self.outbox.backlog()
             if now_serving != serving:
-                serving = now_serving
+                serving = self.serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")
                 await self._set_health(serving=serving)
             await asyncio.sleep(HEALTH_PROBE_SECONDS)

@@ -201,14 +201,18 @@ async def test_update_settings_unknown_path(accounts, admin: Metadata, sql: Sql,
 
 
 @pytest.mark.parametrize(
-    ("ntfy", "path"),
+    ("ntfy", "path", "reason"),
     [
-        (accounts_pb2.NtfySettings(server_url="ftp://example.org"), "ntfy.server_url"),
-        (accounts_pb2.NtfySettings(topic="has space"), "ntfy.topic"),
+        (
+            accounts_pb2.NtfySettings(server_url="ftp://example.org"),
+            "ntfy.server_url",
+            "NTFY_URL_FORBIDDEN",
+        ),
+        (accounts_pb2.NtfySettings(topic="has space"), "ntfy.topic", "FIELD_INVALID"),
     ],
 )
 async def test_bad_ntfy_values(
-    accounts, admin: Metadata, ntfy: accounts_pb2.NtfySettings, path: str
+    accounts, admin: Metadata, ntfy: accounts_pb2.NtfySettings, path: str, reason: str
 ) -> None:
     await upsert(accounts, admin, id=12, umbral_name="badntfy", is_active=True)
     await expect_error(
@@ -221,7 +225,7 @@ async def test_bad_ntfy_values(
             metadata=admin,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "FIELD_INVALID",
+        reason,
     )
 
 

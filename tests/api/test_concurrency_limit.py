@@ -31,6 +31,7 @@ from umbra_grpc.interceptors.concurrency import TOO_MANY_CALLS
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 CAP = 3
 STREAMS = 2
+ANONYMOUS = 2
 HOLD_METHOD = "/umbra.test.v1.Hold/Wait"
 
 
@@ -141,32 +142,52 @@ async def test_the_cap_holds_for_unary_calls_and_streams_count_apart(
         await channel.close()
 
 
-async def test_grpc_backstop_counts_every_call(database_url: str) -> None:
-    # Health Watch streams are limited by neither cap: they fill grpc's own, 2 * CAP + STREAMS.
+async def stream_refusal(call: grpc.aio.UnaryStreamCall) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+    return error_reason(refused.value)
+
+
+async def test_with_every_limit_full_refusals_still_carry_their_reason(
+    database_url: str, new_user: NewUser
+) -> None:
+    # grpc's own limit (a backstop) has room past all three limits: were it only their sum,
+    # the call after them would be refused by grpc, bare, instead of by the limit it hit.
     # On a server of its own, so that no call of another test is still being counted.
-    backstop = 2 * CAP + STREAMS
+    hold = Hold()
     server = await start_server(
-        test_config(database_url, max_concurrent_rpcs=CAP, watch_max_streams=STREAMS)
+        test_config(
+            database_url,
+            max_concurrent_rpcs=CAP,
+            watch_max_streams=STREAMS,
+            max_anonymous_streams=ANONYMOUS,
+        ),
+        extra_servicers=[(add_generic_handler, hold.handler())],
     )
+    user = await new_user()
     channel = separate_channel(server.target)
     health = health_pb2_grpc.HealthStub(channel)
-    watchers = []
+    streams: list[grpc.aio.UnaryStreamCall] = []
     try:
-        for _ in range(backstop - 1):
-            watcher = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
-            await watcher.read()  # the current status: the stream is open on the server
-            watchers.append(watcher)
-        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        watcher = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
-        await watcher.read()
-        watchers.append(watcher)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused.value.details() == "Concurrent RPC limit exceeded!"
+        held = await hold_calls(channel, user, CAP)
+        await hold.until_inside(CAP)
+        for _ in range(STREAMS):
+            streams.append(watch(Stub(channel), user))
+            await until_synced(streams[-1])
+        for _ in range(ANONYMOUS):
+            streams.append(health.Watch(health_pb2.HealthCheckRequest(), timeout=60))
+            await streams[-1].read()  # the current status: open on the server
+
+        assert await refused_reason(channel, user.md) == TOO_MANY_CALLS
+        assert await stream_refusal(watch(Stub(channel), user)) == "TOO_MANY_STREAMS"
+        anonymous = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert await stream_refusal(anonymous) == "TOO_MANY_ANONYMOUS_STREAMS"
+        hold.release()
+        assert await asyncio.gather(*held) == [b"held"] * CAP
     finally:
-        for watcher in watchers:
-            watcher.cancel()
+        hold.release()
+        for stream in streams:
+            stream.cancel()
         await channel.close()
         await stop_server(server)

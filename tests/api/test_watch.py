@@ -162,6 +162,13 @@ async def test_slow_consumer_is_ended_while_others_carry_on(
     slow_user, fast_user, sender = await new_user(), await new_user(), await new_user()
     slow_request = await send(connections, sender, slow_user)
     fast_request = await send(connections, sender, fast_user)
+    # Answered, so that the feed (which checks each event against its row) believes the
+    # `resolved` notifications sent below.
+    for user, request in ((slow_user, slow_request), (fast_user, fast_request)):
+        await connections.Respond(
+            pb.RespondRequest(request_id=request.id, action=pb.RespondRequest.ACTION_REJECT),
+            metadata=user.md,
+        )
     slow = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certificates import Authority
 from tests.conftest import admin_sql, with_database
-from umbra_grpc.embedded import EmbeddedPostgres, find_binaries, free_port
+from umbra_grpc.embedded import EmbeddedPostgres, free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 
 UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
@@ -161,19 +161,6 @@ def data_dir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def pg_ctl_status(pgdata: Path) -> str:
-    """`pg_ctl status` run as the data directory's owner (pg_ctl refuses to run as root)."""
-    result = subprocess.run(
-        [str(find_binaries() / "pg_ctl"), "status", "-D", str(pgdata)],
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_SECONDS,
-        check=False,
-        user=pgdata.stat().st_uid if os.geteuid() == 0 else None,
-    )
-    return result.stdout + result.stderr
-
-
 def test_serve_with_no_database_url_runs_and_stops_an_embedded_postgres(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -185,7 +172,7 @@ def test_serve_with_no_database_url_runs_and_stops_an_embedded_postgres(
         assert "umbra-grpc token --user" in server.stdout
         assert server.stop(signal.SIGTERM) == 0, server.stderr[-3000:]
     assert not (pgdata / "postmaster.pid").exists()
-    assert "no server running" in pg_ctl_status(pgdata)
+    assert "no server running" in EmbeddedPostgres(data_dir / "postgres").status()
     assert (data_dir / "jwt-secret").exists()
     assert "Traceback" not in server.stderr
 

@@ -263,6 +263,13 @@ def test_parse_default_and_off() -> None:
     assert parse_rate_limits("default") == {
         "Search": BucketSpec(burst=20, interval=1.0),
         "SendRequest": BucketSpec(burst=10, interval=30.0),
+        "CancelRequest": BucketSpec(burst=10, interval=30.0),
+        "Respond": BucketSpec(burst=30, interval=2.0),
+        "UpdateSharingOverrides": BucketSpec(burst=30, interval=2.0),
+        "RemoveConnection": BucketSpec(burst=10, interval=6.0),
+        "MarkNotificationsRead": BucketSpec(burst=30, interval=1.0),
+        "UpsertUser": BucketSpec(burst=1000, interval=0.001),
+        "UpdateSettings": BucketSpec(burst=1000, interval=0.001),
     }
     assert parse_rate_limits(" DEFAULT ") == dict(DEFAULT_RATE_LIMITS)
     assert parse_rate_limits("off") == {}

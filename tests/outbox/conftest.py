@@ -1,4 +1,4 @@
-"""The recording ntfy stand-in, one per test module."""
+"""The recording ntfy stand-in and a bare database, one of each per test module."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 
 from tests.outbox.recorder import NtfyRecorder
+from tests.outbox.support import config
+from umbra_grpc.storage.database import Database
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -18,3 +20,13 @@ async def recorder() -> AsyncIterator[NtfyRecorder]:
         yield stand_in
     finally:
         await stand_in.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A pool on the module's database, for workers run without a server."""
+    database = Database.connect(config(database_url))
+    try:
+        yield database
+    finally:
+        await database.dispose()

@@ -1,4 +1,5 @@
-"""A recording ntfy stand-in: plain asyncio HTTP/1.1 on 127.0.0.1, scripted answers per topic.
+"""A recording ntfy stand-in: asyncio HTTP/1.1 on 127.0.0.1 (TLS when given a context),
+scripted answers per topic.
 
 Enough HTTP for httpx's requests (Content-Length bodies, keep-alive); every request is kept
 with the time it arrived. Each topic answers from its script first (e.g. 500, 500, 200, or
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ class Answer:
 
 
 OK = Answer(200, body='{"id":"stand-in","event":"message"}')
+# The recorder listens on loopback, which pushes may reach only through the escape hatch.
+RECORDER_NETWORKS = ("127.0.0.0/8",)
 HOLD = Answer(0)
 
 
@@ -48,7 +52,8 @@ class Received:
 class NtfyRecorder:
     """Records every request; answers from per-topic scripts, then `default`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.received: list[Received] = []
         self.default = OK
         self._scripts: dict[str, deque[Answer]] = {}
@@ -60,10 +65,10 @@ class NtfyRecorder:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def start(self, port: int = 0) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.url
 

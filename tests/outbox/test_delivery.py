@@ -24,7 +24,7 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.outbox.recorder import Answer, NtfyRecorder
+from tests.outbox.recorder import RECORDER_NETWORKS, Answer, NtfyRecorder
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 
@@ -47,6 +47,7 @@ async def server(database_url: str, recorder: NtfyRecorder) -> AsyncIterator[Run
         outbox_max_attempts=MAX_ATTEMPTS,
         outbox_poll_seconds=30.0,
         ntfy_timeout_seconds=2.0,
+        ntfy_allowed_networks=RECORDER_NETWORKS,
     )
     running = await start_server(config)
     try:
@@ -290,7 +291,7 @@ async def test_other_4xx_fails_at_once_without_leaking_the_token(
         row = await settled(sql, receiver.id)
     assert (row["status"], row["attempts"]) == ("failed", 1)
     assert row["last_error"].startswith("HTTP 401")
-    assert "[token]" in row["last_error"]
+    assert "[redacted]" in row["last_error"]
     assert TOKEN not in row["last_error"]
     assert TOKEN not in caplog.text
     assert len(recorder.for_topic(topic)) == 1

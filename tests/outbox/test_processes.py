@@ -17,7 +17,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import TEST_SECRET, Sql, clone_database, user_metadata
-from tests.outbox.recorder import HOLD, NtfyRecorder
+from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
@@ -69,6 +69,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             "UMBRA_NTFY_TIMEOUT_SECONDS": str(NTFY_TIMEOUT),
             "UMBRA_OUTBOX_RETRY_BASE_SECONDS": "0.05",
             "UMBRA_OUTBOX_RETRY_CAP_SECONDS": "0.2",
+            "UMBRA_NTFY_ALLOWED_NETWORKS": ",".join(RECORDER_NETWORKS),
             **env,
         }
         with log.open("wb") as sink:

@@ -3,89 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
-from tests.conftest import Sql, test_config
+from tests.conftest import Sql
 from tests.outbox.recorder import HOLD, NtfyRecorder
-from umbra_grpc.config import Config
+from tests.outbox.support import add_pushes, add_user, config, wait_settled
 from umbra_grpc.embedded import free_port
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.storage import outbox
 from umbra_grpc.storage.database import Conn, Database, StatementCounter
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-user_ids = itertools.count(1)
-
-
-def config(database_url: str, **changes: object) -> Config:
-    return test_config(
-        database_url,
-        outbox_retry_base_seconds=0.05,
-        outbox_retry_cap_seconds=0.2,
-        outbox_poll_seconds=30.0,
-        ntfy_timeout_seconds=1.0,
-        **changes,
-    )
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database.connect(config(database_url))
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
-async def add_user(
-    sql: Sql, recorder: NtfyRecorder, *, settings: bool = True, **ntfy: object
-) -> int:
-    """A user whose pushes go to topic `t<id>` on the recorder; `ntfy` overrides columns."""
-    user_id = next(user_ids)
-    await sql.rows("INSERT INTO users (id, umbral_name) VALUES ($1, $2)", user_id, f"user{user_id}")
-    if settings:
-        columns = {
-            "ntfy_enabled": True,
-            "ntfy_connections_enabled": True,
-            "ntfy_server_url": recorder.url,
-            "ntfy_topic": f"t{user_id}",
-            **ntfy,
-        }
-        assert len(columns) == 4, ntfy  # overrides only, in the order below
-        await sql.rows(
-            "INSERT INTO settings (user_id, ntfy_enabled, ntfy_connections_enabled, "
-            "ntfy_server_url, ntfy_topic) VALUES ($1, $2, $3, $4, $5)",
-            user_id,
-            *columns.values(),
-        )
-    return user_id
-
-
-async def add_pushes(
-    sql: Sql, user_id: int, count: int = 1, kind: str = "request_received"
-) -> list[int]:
-    rows = await sql.rows(
-        "INSERT INTO outbox (user_id, kind, display_name) "
-        "SELECT $1, $2, 'sender ' || n FROM generate_series(1, $3) AS n RETURNING id",
-        user_id,
-        kind,
-        count,
-    )
-    return [row["id"] for row in rows]
-
-
-async def wait_settled(sql: Sql, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while await sql.value("SELECT count(*) FROM outbox WHERE status = 'pending'"):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
 
 
 async def test_stop_is_bounded_and_a_later_worker_delivers_after_the_lease(

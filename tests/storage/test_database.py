@@ -10,7 +10,14 @@ import pytest_asyncio
 
 from tests.conftest import Sql, test_config
 from umbra_grpc.domain.errors import HandleTaken
-from umbra_grpc.storage.database import Conn, Database, Query, StatementCounter, StorageUnavailable
+from umbra_grpc.storage.database import (
+    Conn,
+    Database,
+    Query,
+    StatementCounter,
+    StorageBusy,
+    StorageUnavailable,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 RETRYABLE = {"40001": asyncpg.SerializationError, "40P01": asyncpg.DeadlockDetectedError}
@@ -47,8 +54,10 @@ async def test_retries_are_bounded(db: Database) -> None:
         attempts.append(1)
         raise asyncpg.SerializationError("sqlstate 40001")
 
-    with pytest.raises(asyncpg.SerializationError):
+    # What is left after the retries is contention, answered STORAGE_BUSY (SPEC 10.8).
+    with pytest.raises(StorageBusy) as caught:
         await db.transaction(work)
+    assert isinstance(caught.value.__cause__, asyncpg.SerializationError)
     assert len(attempts) == 3
 
 

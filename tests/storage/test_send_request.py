@@ -26,6 +26,7 @@ from umbra_grpc.storage.database import Database, constraint_name
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 CAP = 3
 WINDOW = dt.timedelta(minutes=10)
+COOLDOWN = dt.timedelta(hours=1)
 FUNCTION = "umbra_send_request"
 _ids = itertools.count(5000)
 
@@ -34,7 +35,7 @@ _ids = itertools.count(5000)
 async def requests(database_url: str) -> AsyncIterator[Requests]:
     db = Database.connect(test_config(database_url))
     try:
-        yield Requests(db, PageTokens(b"k" * 32), cap=CAP, window=WINDOW)
+        yield Requests(db, PageTokens(b"k" * 32), cap=CAP, window=WINDOW, cooldown=COOLDOWN)
     finally:
         await db.dispose()
 
@@ -97,11 +98,12 @@ async def test_the_cap_is_counted_after_the_lock(
     async with other.transaction():
         # A racing sender has locked the receiver and written the last request the cap allows.
         written = await other.fetchrow(
-            f"SELECT * FROM {FUNCTION}($1, $2, $3, $4, NULL)",
+            f"SELECT * FROM {FUNCTION}($1, $2, $3, $4, $5, NULL)",
             await new_user(other),
             f"user{receiver}",
             CAP,
             WINDOW,
+            COOLDOWN,
         )
         assert written is not None and written["request_id"] is not None
         sent = asyncio.create_task(requests.send(late, f"user{receiver}", None))
@@ -125,7 +127,12 @@ async def test_crossed_requests_meet_at_the_pending_pair_index(
         # A->B is written but not committed: B->A locks another row, so it does not queue
         # behind A and its check cannot see A's request; the unique index makes it wait.
         await other.execute(
-            f"SELECT * FROM {FUNCTION}($1, $2, $3, $4, NULL)", a, f"user{b}", CAP, WINDOW
+            f"SELECT * FROM {FUNCTION}($1, $2, $3, $4, $5, NULL)",
+            a,
+            f"user{b}",
+            CAP,
+            WINDOW,
+            COOLDOWN,
         )
         sent = asyncio.create_task(requests.send(b, f"user{a}", None))
         await wait_until_blocked(database_url)

@@ -164,6 +164,7 @@ async def test_a_received_event_for_a_snapshot_request_is_not_sent_twice() -> No
         db.rows[2] = row(2)
         feed.on_notify(payload("received", 2))
         # A cancel of a snapshot request is news, not a duplicate.
+        db.rows[1] = row(1, status="cancelled")
         feed.on_notify(payload("cancelled", 1))
         rest = await take_until_heartbeat(items)
     assert rest == ["synced", ("received", 2), ("cancelled", 1), "heartbeat"]
@@ -189,6 +190,7 @@ async def test_events_for_receivers_without_a_stream_are_dropped_without_a_looku
 
 async def test_one_lookup_serves_a_whole_batch_and_every_stream_of_a_receiver() -> None:
     db = FakeDatabase(*(row(n, receiver=ME if n % 2 else OTHER) for n in range(1, 9)))
+    db.rows[3] = row(3, status="accepted")
     feed = make_feed(db)
     mine = [feed.subscribe(ME), feed.subscribe(ME)]
     theirs = feed.subscribe(OTHER)
@@ -213,6 +215,26 @@ async def test_one_lookup_serves_a_whole_batch_and_every_stream_of_a_receiver() 
     got = [await theirs.next(WAIT) for _ in range(4)]
     assert [e.request.id for e in got if e] == [2, 4, 6, 8]
     assert db.lookups == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+async def test_the_row_names_the_receiver_and_bears_out_the_kind() -> None:
+    """Forged payloads (SPEC 10.10): wrong receiver, or a kind the row's status denies."""
+    db = FakeDatabase(row(1, receiver=OTHER), row(2), row(3, status="accepted"))
+    feed = make_feed(db)
+    mine, theirs = feed.subscribe(ME), feed.subscribe(OTHER)
+    feed.on_notify(payload("received", 1, receiver=ME))  # OTHER's request, "for" ME
+    feed.on_notify(payload("cancelled", 2))  # still pending
+    feed.on_notify(payload("resolved", 2))
+    feed.on_notify(payload("cancelled", 3))  # accepted, not cancelled
+    feed.on_notify(payload("resolved", 3))  # true
+    event = await mine.next(WAIT)
+    assert event is not None
+    assert (event.kind, event.request.id) == ("resolved", 3)
+    assert await mine.next(0.05) is None
+    # The request went to its true receiver (a repeat of a true event, nothing more).
+    event = await theirs.next(WAIT)
+    assert event is not None
+    assert (event.kind, event.request.id) == ("received", 1)
 
 
 async def test_an_event_whose_request_is_gone_is_skipped() -> None:

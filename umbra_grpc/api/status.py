@@ -16,7 +16,7 @@ import grpc
 
 from umbra_grpc.domain import errors
 from umbra_grpc.rpc_errors import error_status
-from umbra_grpc.storage.database import StorageUnavailable
+from umbra_grpc.storage.database import StorageBusy, StorageUnavailable
 
 S = TypeVar("S")
 Req = TypeVar("Req")
@@ -30,6 +30,7 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
@@ -40,12 +41,16 @@ def domain_status(error: errors.DomainError) -> grpc.Status:
     for kind in type(error).__mro__:
         code = STATUS_CODES.get(kind)
         if code is not None:
-            return error_status(code, error.reason, error.message)
+            return error_status(code, error.reason, error.message, retry_after=error.retry_after)
     return error_status(grpc.StatusCode.FAILED_PRECONDITION, error.reason, error.message)
 
 
 def unavailable_status(error: StorageUnavailable) -> grpc.Status:
-    """The database is not reachable: clients may retry."""
+    """The database is not reachable, or too busy to answer in time: clients may retry."""
+    if isinstance(error, StorageBusy):
+        return error_status(
+            grpc.StatusCode.UNAVAILABLE, "STORAGE_BUSY", "the database is busy; retry"
+        )
     return error_status(
         grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", "the database is unavailable; retry"
     )

@@ -1,4 +1,9 @@
-"""AccountService rules: backend services keep users, profiles and settings current."""
+"""AccountService rules: backend services keep users, profiles and settings current.
+
+An ntfy server URL is checked against the SSRF rule before it is saved
+(`umbra_grpc.destinations`: NTFY_URL_FORBIDDEN), and a new URL sent without a token clears the
+stored token, so a token never follows its URL to another host (SPEC 10.4).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from umbra_grpc.domain.errors import HandleTaken, InvalidField, UserNotFound
+from umbra_grpc.destinations import Destinations, ForbiddenDestination
+from umbra_grpc.domain.errors import HandleTaken, InvalidField, NtfyUrlForbidden, UserNotFound
 from umbra_grpc.domain.handles import normalize_handle
 from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
+from umbra_grpc.domain.text import clean_text
 from umbra_grpc.storage import audit, users
 from umbra_grpc.storage.database import Conn, Database
 
@@ -43,9 +50,12 @@ class Actor:
 class Accounts:
     """Creates, reads and updates users and settings; every change is audited."""
 
-    def __init__(self, db: Database, on_user_changed: Callable[[int], None]) -> None:
+    def __init__(
+        self, db: Database, on_user_changed: Callable[[int], None], destinations: Destinations
+    ) -> None:
         self._db = db
         self._on_user_changed = on_user_changed
+        self._destinations = destinations
 
     async def upsert_user(
         self, *, user_id: int, umbral_name: str, is_active: bool, profile: Profile, actor: Actor
@@ -85,6 +95,12 @@ class Accounts:
         """Writes the settings columns in `patch` (see SETTINGS_COLUMNS); returns them all."""
         check_id(user_id, "user_id")
         columns = _settings_columns(patch)
+        server_url = columns.get("ntfy_server_url")
+        if server_url is not None:
+            try:
+                await self._destinations.check_for_saving(server_url)
+            except ForbiddenDestination as error:
+                raise NtfyUrlForbidden(f"ntfy.server_url {error}") from None
 
         async def work(conn: Conn) -> UserSettings:
             if columns and not await users.update_settings(conn, user_id, columns):
@@ -142,11 +158,13 @@ def _settings_columns(patch: Mapping[str, Any]) -> dict[str, Any]:
         if column not in SETTINGS_COLUMNS:
             raise InvalidField(f"unknown settings field {column}")
         if column == "preferred_name":
-            columns[column] = _text(value, "preferred_name", MAX_PREFERRED_NAME)
+            # Empty means unset; anything else is shown to other people.
+            columns[column] = (
+                clean_text(value, "preferred_name", limit=MAX_PREFERRED_NAME) if value else None
+            )
         elif column == "ntfy_server_url":
+            # Its form and addresses are judged by `Destinations` (NTFY_URL_FORBIDDEN).
             url = _text(value, "ntfy.server_url", MAX_TEXT)
-            if url is not None and not url.startswith(("https://", "http://")):
-                raise InvalidField("ntfy.server_url must be an http(s) URL")
             columns[column] = url.rstrip("/") if url else None
         elif column == "ntfy_topic":
             topic = _text(value, "ntfy.topic", 64)

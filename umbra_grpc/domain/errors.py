@@ -4,6 +4,9 @@
     ├── InvalidArgument              the request itself is malformed
     │   ├── InvalidHandle            HANDLE_INVALID
     │   ├── InvalidField             FIELD_INVALID (which field says the message)
+    │   ├── NtfyUrlForbidden         NTFY_URL_FORBIDDEN (SSRF rule, SPEC 10.4)
+    │   ├── InvalidText              TEXT_INVALID (control, bidi or zero-width characters,
+    │   │                            or too long after NFC; which field says the message)
     │   └── SelfRequest              SELF_REQUEST
     ├── NotFound                     the thing does not exist *for this caller*
     │   ├── UserNotFound             USER_NOT_FOUND
@@ -19,8 +22,11 @@
     │   └── SenderInactive           SENDER_INACTIVE
     ├── ResourceExhausted
     │   ├── TooManyPending           TOO_MANY_PENDING
+    │   ├── ResendTooSoon            RESEND_TOO_SOON (with the seconds left: RetryInfo)
     │   ├── TooManyStreams           TOO_MANY_STREAMS
     │   └── StreamTooSlow            STREAM_TOO_SLOW
+    ├── PermissionDenied
+    │   └── CallerInactive           PERMISSION_DENIED (the auth interceptor's answer too)
     ├── Unavailable                  retry later, perhaps on another replica
     │   ├── FeedUnavailable          FEED_UNAVAILABLE
     │   └── ShuttingDown             SHUTTING_DOWN
@@ -29,6 +35,14 @@
 
 `umbra_grpc.api.status` maps each branch to one status code. Messages are public: they never
 name another user's data or echo a secret.
+
+Reasons raised outside this tree, at the service edge: RATE_LIMITED (RESOURCE_EXHAUSTED, with
+RetryInfo), MALFORMED_REQUEST (INVALID_ARGUMENT) and UNAUTHENTICATED; PERMISSION_DENIED,
+ADMIN_SCOPE_REQUIRED and USER_TOKEN_REQUIRED (all PERMISSION_DENIED) from the interceptors;
+STORAGE_UNAVAILABLE (the database cannot be reached) and STORAGE_BUSY (a lock or statement
+timeout, or a deadlock or serialization failure that outlasted the retries), both
+UNAVAILABLE and retryable, from `umbra_grpc.storage.database`; INTERNAL (with a correlation
+id) for anything unexpected.
 """
 
 from __future__ import annotations
@@ -41,6 +55,8 @@ class DomainError(Exception):
 
     reason: ClassVar[str] = "DOMAIN_ERROR"
     default_message: ClassVar[str] = "the operation was refused"
+    retry_after: float | None = None
+    """Seconds after which the same call may succeed, when the rule knows (RetryInfo)."""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -68,6 +84,19 @@ class InvalidField(InvalidArgument):
     """One field of the request has a value the service cannot accept."""
 
     reason = "FIELD_INVALID"
+
+
+class NtfyUrlForbidden(InvalidArgument):
+    """An ntfy server URL of a form, or pointing at addresses, pushes may not go to."""
+
+    reason = "NTFY_URL_FORBIDDEN"
+
+
+class InvalidText(InvalidArgument):
+    """Text shown to other people that could hide or reorder what is around it, or is too
+    long (see `umbra_grpc.domain.text`)."""
+
+    reason = "TEXT_INVALID"
 
 
 class SelfRequest(InvalidArgument):
@@ -171,6 +200,17 @@ class TooManyPending(ResourceExhausted):
     default_message = "this user has too many pending requests; try again later"
 
 
+class ResendTooSoon(ResourceExhausted):
+    """The caller cancelled a request to this receiver too recently to send another."""
+
+    reason = "RESEND_TOO_SOON"
+    default_message = "you withdrew a request to this user recently; try again later"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__()
+        self.retry_after = max(0.0, retry_after)
+
+
 class TooManyStreams(ResourceExhausted):
     """The caller (or this process) holds as many watch streams as allowed."""
 
@@ -183,6 +223,19 @@ class StreamTooSlow(ResourceExhausted):
 
     reason = "STREAM_TOO_SLOW"
     default_message = "the stream was read too slowly; reconnect to get a fresh snapshot"
+
+
+class PermissionDenied(DomainError):
+    """The caller may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class CallerInactive(PermissionDenied):
+    """The caller's user is unknown or deactivated (one answer for both)."""
+
+    reason = "PERMISSION_DENIED"
+    default_message = "the caller is not an active user"
 
 
 class Unavailable(DomainError):

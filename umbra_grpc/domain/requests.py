@@ -19,6 +19,7 @@ from umbra_grpc.domain.errors import (
     ConnectionsDisabled,
     RequestNotPending,
     RequestPending,
+    ResendTooSoon,
     SelfRequest,
     SenderInactive,
     TooManyPending,
@@ -75,11 +76,20 @@ class RequestPage:
 class Requests:
     """The request half of ConnectionService."""
 
-    def __init__(self, db: Database, pages: PageTokens, *, cap: int, window: dt.timedelta) -> None:
+    def __init__(
+        self,
+        db: Database,
+        pages: PageTokens,
+        *,
+        cap: int,
+        window: dt.timedelta,
+        cooldown: dt.timedelta,
+    ) -> None:
         self._db = db
         self._pages = pages
         self._cap = cap
         self._window = window
+        self._cooldown = cooldown
 
     async def search(self, caller: int, umbral_name: str) -> bool:
         """Whether `caller` could send a request to `umbral_name` (one answer for all refusals)."""
@@ -87,32 +97,43 @@ class Requests:
         return await self._db.read(lambda conn: store.search(conn, caller=caller, handle=handle))
 
     async def send(self, caller: int, umbral_name: str, ip: str | None) -> RequestView:
-        """Sends a request; refusals in the router's order (SPEC 3.1)."""
+        """Sends a request; refusals in the router's order (SPEC 3.1), except that a caller
+        who has not opted in hears only that, whatever the handle (SPEC 10.2)."""
         handle = normalize_handle(umbral_name)
 
         # The database writes only when every check below would pass; it returns the facts
-        # so that the refusal is chosen here, in the router's order.
+        # so that the refusal is chosen here.
         facts = await self._db.transaction(
             lambda conn: store.send(
-                conn, caller=caller, handle=handle, cap=self._cap, window=self._window, ip=ip
+                conn,
+                caller=caller,
+                handle=handle,
+                cap=self._cap,
+                window=self._window,
+                cooldown=self._cooldown,
+                ip=ip,
             ),
             constraint_errors={
                 store.PENDING_PAIR_INDEX: RequestPending,
                 store.CONNECTION_PAIR: AlreadyConnected,
             },
         )
-        if facts is None or facts["target_id"] is None or not facts["target_active"]:
+        if facts is None:
+            raise UserNotFound
+        if not facts["caller_accepts"]:
+            raise ConnectionsDisabled
+        if facts["target_id"] is None or not facts["target_active"]:
             raise UserNotFound
         if facts["target_id"] == caller:
             raise SelfRequest
-        if not facts["caller_accepts"]:
-            raise ConnectionsDisabled
         if not facts["target_accepts"]:
             raise UserNotFound
         if facts["connected"]:
             raise AlreadyConnected
         if facts["pending"]:
             raise RequestPending
+        if facts["resend_wait"] is not None:
+            raise ResendTooSoon(retry_after=facts["resend_wait"])
         if facts["request_id"] is None:
             raise TooManyPending
         return RequestView(
@@ -172,7 +193,11 @@ class Requests:
         return request, connection
 
     async def cancel(self, caller: int, request_id: int, ip: str | None) -> RequestView:
-        """Withdraws a pending request the caller sent."""
+        """Withdraws a pending request the caller sent, with its notification and unsent push.
+
+        The request keeps counting toward the receiver's cap until its window ends, and the
+        caller may not send to the same receiver again for the resend cooldown (SPEC 10.3).
+        """
         check_id(request_id, "request_id")
         row = await self._db.transaction(
             lambda conn: store.cancel(conn, caller=caller, request_id=request_id, ip=ip)

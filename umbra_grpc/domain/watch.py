@@ -6,6 +6,12 @@ of events in ONE query (`requests.by_ids`), and only for receivers that have a s
 here, then hands the same view to every stream of that receiver. So the cost is one query
 per batch of NOTIFYs that matter to this process, not one per event per stream.
 
+The feed trusts no payload (SPEC 10.10): any role connected to the database may NOTIFY any
+channel. The payload's `receiver_id` only lets a process skip events for receivers with no
+stream here; the event goes to the receiver named by the row it reads, and its kind must
+agree with the row's status (`cancelled` with a cancelled request, `resolved` with an
+answered one), so a forged notice can at most repeat a true event to its true receiver.
+
 A stream subscribes *before* it reads its snapshot, so nothing committed in between is lost;
 a `received` event for a request already in the snapshot is dropped (de-duplication by id).
 Each stream has a bounded queue: when it is full the stream ends RESOURCE_EXHAUSTED
@@ -13,6 +19,11 @@ Each stream has a bounded queue: when it is full the stream ends RESOURCE_EXHAUS
 client does not take within `write_timeout` ends the stream the same way. When the listener
 connection is lost every stream ends UNAVAILABLE (FEED_UNAVAILABLE): clients reconnect and
 get a fresh snapshot. Shutdown ends them UNAVAILABLE (SHUTTING_DOWN).
+
+A user deactivated through AccountService loses their streams on every replica (SPEC 10.6):
+the `umbra_users` NOTIFY that drops the caller cache also makes the feed read the user's row
+again, and if it is no longer active the user's streams end PERMISSION_DENIED, the answer
+their unary calls get from the auth interceptor.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar, get_args
 
 from umbra_grpc.domain.errors import (
+    CallerInactive,
     DomainError,
     FeedUnavailable,
     ShuttingDown,
@@ -36,6 +48,7 @@ from umbra_grpc.domain.errors import (
 )
 from umbra_grpc.domain.requests import RequestView
 from umbra_grpc.storage import requests as store
+from umbra_grpc.storage import users
 from umbra_grpc.storage.database import Database
 
 _log = logging.getLogger(__name__)
@@ -71,7 +84,17 @@ HEARTBEAT = Heartbeat()
 class _Notice:
     kind: EventKind
     request_id: int
-    receiver_id: int
+    # From the payload: a hint for skipping, never who is told.
+    receiver_hint: int
+
+
+def _row_bears_out(kind: EventKind, status: str) -> bool:
+    """Whether a request in `status` can be the subject of a `kind` event."""
+    if kind == "cancelled":
+        return status == "cancelled"
+    if kind == "resolved":
+        return status not in ("pending", "cancelled")
+    return True  # received: the request was sent, whatever became of it since
 
 
 class Subscription:
@@ -137,6 +160,7 @@ class RequestFeed:
         self._count = 0
         self._notices: list[_Notice] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         self.available = False
         self._closing = False
 
@@ -181,11 +205,34 @@ class RequestFeed:
         except (ValueError, KeyError, TypeError):
             _log.warning("ignored a malformed request notification")
             return
-        if notice.receiver_id not in self._streams:
+        if notice.receiver_hint not in self._streams:
             return
         self._notices.append(notice)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="request-feed-flush")
+
+    def on_user_changed(self, user_id: int) -> None:
+        """A user changed (NOTIFY umbra_users): their streams end if they are not active now."""
+        if user_id not in self._streams:
+            return
+        check = asyncio.create_task(self._check_active(user_id), name="request-feed-user-check")
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _check_active(self, user_id: int) -> None:
+        # The row decides, not the payload that named the user.
+        try:
+            async with self._db.background() as conn:
+                active = await users.is_active(conn, user_id)
+        except Exception:
+            _log.warning("user check failed; the user's streams end", exc_info=True)
+            error: Callable[[], DomainError] = FeedUnavailable
+        else:
+            if active:
+                return
+            error = CallerInactive
+        for subscription in list(self._streams.get(user_id, ())):
+            subscription.close(error())
 
     def on_up(self) -> None:
         """The listener is connected: streams may open."""
@@ -218,16 +265,19 @@ class RequestFeed:
             except Exception:
                 _log.exception("request feed lookup failed; streams of this batch end")
                 for notice in batch:
-                    for subscription in self._streams.get(notice.receiver_id, ()):
+                    for subscription in self._streams.get(notice.receiver_hint, ()):
                         subscription.close(FeedUnavailable())
                 continue
-            views = {row["id"]: RequestView.from_row(row) for row in rows}
+            found: dict[int, tuple[int, RequestView]] = {
+                row["id"]: (row["receiver_id"], RequestView.from_row(row)) for row in rows
+            }
             for notice in batch:
-                view = views.get(notice.request_id)
-                if view is None:
+                if notice.request_id not in found:
                     continue
-                for subscription in list(self._streams.get(notice.receiver_id, ())):
-                    subscription.push(RequestEvent(notice.kind, view))
+                receiver_id, view = found[notice.request_id]
+                if _row_bears_out(notice.kind, view.status):
+                    for subscription in list(self._streams.get(receiver_id, ())):
+                        subscription.push(RequestEvent(notice.kind, view))
 
 
 class Watching:

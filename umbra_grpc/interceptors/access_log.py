@@ -3,7 +3,8 @@
 The line (logger `umbra.access`, INFO) carries `method`, `caller` (filled in by the auth
 interceptor through `call_record.current_call`), `peer` (`x-forwarded-for` believed only from
 UMBRA_TRUSTED_PROXIES), `code`, `duration_ms` and `correlation_id`; stream lines add
-`events_sent` and are written when the stream ends, not when its handler returns.
+`events_sent` and are written when the stream ends, not when its handler returns. Calls to
+paths no service serves are logged and counted as method `unknown`.
 
 Every call gets a correlation id (uuid4 hex), sent back as trailing metadata
 `x-correlation-id` whatever the outcome: inner layers see the context through a thin proxy
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 CORRELATION_ID_KEY: Final = "x-correlation-id"
 FORWARDED_FOR_KEY: Final = "x-forwarded-for"
 MALFORMED_MESSAGE: Final = "request could not be decoded"
+UNKNOWN_METHOD: Final = "unknown"
+"""The method label of calls to paths no service serves (SPEC 10.1)."""
 
 Clock = Callable[[], float]
 NewId = Callable[[], str]
@@ -103,8 +106,10 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         if handler is None:
-            # grpc.aio answers UNIMPLEMENTED itself; the line still shows who probed what.
-            record = CallRecord(method, self._new_id(), None, started)
+            # grpc.aio answers UNIMPLEMENTED itself. The path is the caller's to choose, and
+            # no token is needed to send one: it is counted and logged as one label, never as
+            # a metrics series of its own (1,000 random paths must not grow the process).
+            record = CallRecord(UNKNOWN_METHOD, self._new_id(), None, started)
             self._write(record, grpc.StatusCode.UNIMPLEMENTED, streaming=False)
             return None
         request_streaming = handler.request_streaming

@@ -47,6 +47,7 @@ from jwt.algorithms import HMACAlgorithm
 
 from umbra_grpc.call_record import current_call
 from umbra_grpc.config import Config, ConfigError
+from umbra_grpc.domain.errors import CallerInactive
 from umbra_grpc.interceptors.handlers import (
     Context,
     StreamBehavior,
@@ -72,7 +73,9 @@ HMAC_ALGORITHM: Final = "HS256"
 ASYMMETRIC_ALGORITHMS: Final = frozenset({"RS256", "ES256", "EdDSA"})
 
 UNAUTHENTICATED_MESSAGE: Final = "missing or invalid bearer token"
-NOT_ACTIVE_MESSAGE: Final = "the caller is not an active user"
+# Open watch streams of a user deactivated later end with this same answer (domain.watch).
+NOT_ACTIVE_REASON: Final = CallerInactive.reason
+NOT_ACTIVE_MESSAGE: Final = CallerInactive.default_message
 ADMIN_SCOPE_MESSAGE: Final = "this method needs a token with the umbra.admin scope"
 USER_TOKEN_MESSAGE: Final = "a service token may call AccountService only"  # noqa: S105
 UNAVAILABLE_MESSAGE: Final = "the database is unavailable; retry"
@@ -379,7 +382,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                "PERMISSION_DENIED",
+                NOT_ACTIVE_REASON,
                 NOT_ACTIVE_MESSAGE,
             )
         return principal

@@ -18,11 +18,18 @@ are the least recently used, since a full bucket is the same as no bucket. Evict
 that is not yet full hands its caller a fresh burst; that needs `max_buckets` distinct valid
 tokens at once, and the cap is there to bound memory, not to be the limit.
 
-Defaults (`DEFAULT_RATE_LIMITS`):
+Defaults (`DEFAULT_RATE_LIMITS`): every write RPC has one, so that no caller can grow the
+audit log, notifications or outbox without bound (SPEC 10.9).
 
 - Search: burst 20, one token back every second (20/1s): typing in a search box is fine,
   walking the handle space is not.
-- SendRequest: burst 10, one token back every 30 seconds (10/30s).
+- SendRequest: burst 10, one token back every 30 seconds (10/30s); CancelRequest the same,
+  since each cancel withdraws a request (and its notification) someone was shown.
+- Respond, UpdateSharingOverrides: 30/2s (a user working through a list of requests or
+  connections); RemoveConnection: 10/6s; MarkNotificationsRead: 30/1s.
+- UpsertUser, UpdateSettings: 1000/1ms, i.e. a burst of 1,000 and 1,000 a second
+  sustained, per backend service (the token's `sub`): a backend speaks for all its users
+  under one subject, so these are generous and only stop a runaway loop.
 
 `UMBRA_RATE_LIMITS` (parsed by `parse_rate_limits`):
 
@@ -31,7 +38,8 @@ Defaults (`DEFAULT_RATE_LIMITS`):
 - a comma list of ``Method=BURST/INTERVAL``, e.g. ``Search=20/1s,SendRequest=10/30s``: BURST
   is a whole number >= 1 (the bucket's size, so the number of calls allowed at once) and
   INTERVAL a positive decimal number with a unit ``ms``, ``s``, ``m`` or ``h``: the time for
-  one token to come back. Each method may appear once; methods not listed are not limited.
+  one token to come back. Each method may appear once; methods not listed are not limited
+  (a list replaces the defaults as a whole: copy the ones to keep).
 """
 
 from __future__ import annotations
@@ -76,6 +84,13 @@ DEFAULT_RATE_LIMITS: Mapping[str, BucketSpec] = MappingProxyType(
     {
         "Search": BucketSpec(burst=20, interval=1.0),
         "SendRequest": BucketSpec(burst=10, interval=30.0),
+        "CancelRequest": BucketSpec(burst=10, interval=30.0),
+        "Respond": BucketSpec(burst=30, interval=2.0),
+        "UpdateSharingOverrides": BucketSpec(burst=30, interval=2.0),
+        "RemoveConnection": BucketSpec(burst=10, interval=6.0),
+        "MarkNotificationsRead": BucketSpec(burst=30, interval=1.0),
+        "UpsertUser": BucketSpec(burst=1000, interval=0.001),
+        "UpdateSettings": BucketSpec(burst=1000, interval=0.001),
     }
 )
 

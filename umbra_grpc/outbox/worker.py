@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import httpx
 
 from umbra_grpc.config import Config
+from umbra_grpc.destinations import Destinations
 from umbra_grpc.outbox import ntfy
+from umbra_grpc.peer import parse_networks
 from umbra_grpc.storage import outbox
 from umbra_grpc.storage.database import Database
 
@@ -93,19 +95,27 @@ class OutboxStats:
 
 
 class OutboxWorker:
-    """Delivers outbox rows; `wake()` is called on every NOTIFY umbra_outbox."""
+    """Delivers outbox rows; `wake()` is called on every NOTIFY umbra_outbox.
+
+    Sends go only where `destinations` allows (by default: UMBRA_NTFY_ALLOWED_NETWORKS and
+    the system resolver); a refused one is dead-lettered with its reason.
+    """
 
     def __init__(
         self,
         db: Database,
         config: Config,
         *,
+        destinations: Destinations | None = None,
         client: httpx.AsyncClient | None = None,
         jitter: Jitter = full_jitter,
         lease_seconds: float | None = None,
     ) -> None:
         self._db = db
         self._config = config
+        self._destinations = destinations or Destinations(
+            parse_networks(config.ntfy_allowed_networks)
+        )
         self._client = client
         self._owns_client = client is None
         self._jitter = jitter
@@ -131,7 +141,7 @@ class OutboxWorker:
         if self._task is not None:
             return
         if self._client is None:
-            self._client = ntfy.new_client(self._config)
+            self._client = ntfy.new_client(self._config, self._destinations)
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="outbox-worker")
 

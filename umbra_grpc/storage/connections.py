@@ -65,20 +65,24 @@ async def shared_profile_source(conn: Conn, *, caller: int, connection_id: int) 
     return await conn.fetchrow(_SHARED, caller=caller, connection_id=connection_id)
 
 
+# The overrides after the change, computed from the row as it is when the UPDATE locks it.
+_MERGED = """nullif(
+            (coalesce(r.sharing_overrides, '{}'::jsonb) - CAST(:clear AS text[]))
+            || CAST(:set AS jsonb),
+            '{}'::jsonb)"""
+
 _UPDATE_OVERRIDES = Query(
-    """
+    f"""
     WITH mine AS (
         SELECT user_id, connected_user_id FROM user_connections
         WHERE id = :connection_id AND user_id = :caller
     ),
     changed AS (
         UPDATE user_connections r
-        SET sharing_overrides = nullif(
-            (coalesce(r.sharing_overrides, '{}'::jsonb) - CAST(:clear AS text[]))
-            || CAST(:set AS jsonb),
-            '{}'::jsonb)
+        SET sharing_overrides = {_MERGED}
         FROM mine
         WHERE r.user_id = mine.connected_user_id AND r.connected_user_id = mine.user_id
+          AND r.sharing_overrides IS DISTINCT FROM {_MERGED}
         RETURNING r.sharing_overrides, r.user_id
     ),
     audit AS (
@@ -90,7 +94,13 @@ _UPDATE_OVERRIDES = Query(
                CAST(:ip AS inet)
         FROM changed RETURNING id
     )
-    SELECT changed.sharing_overrides, (SELECT count(*) FROM audit) AS audited FROM changed
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM changed) THEN (SELECT sharing_overrides FROM changed)
+                ELSE (SELECT r.sharing_overrides FROM user_connections r
+                      WHERE r.user_id = mine.connected_user_id
+                        AND r.connected_user_id = mine.user_id)
+           END AS sharing_overrides,
+           (SELECT count(*) FROM audit) AS audited
+    FROM mine
     """
 )
 
@@ -107,7 +117,9 @@ async def update_overrides(
     """Sets and clears the caller's overrides on the mirror row in one atomic UPDATE.
 
     Merging happens inside the UPDATE (jsonb `-` and `||` on the locked row), so two callers
-    changing different fields at once both keep their change.
+    changing different fields at once both keep their change. A change that leaves the
+    overrides as they are writes nothing: no UPDATE of the row, no audit row. None when the
+    connection is not the caller's.
     """
     return await conn.fetchrow(
         _UPDATE_OVERRIDES,

@@ -19,8 +19,20 @@ once into asyncpg's `$n` form); the service layer opens the unit of work:
   outbox worker, the watch feed): autocommit, and never counted.
 
 Driver errors that mean "the database is not there" become `StorageUnavailable`; the API edge
-maps it to UNAVAILABLE. Every connection carries statement, lock and idle-in-transaction
-timeouts, so no RPC can hold a lock or a connection forever.
+maps it to UNAVAILABLE. So does a write refused by a read-only node (SQLSTATE 25006: during a
+failover, a connection that reached the old primary after it was demoted): that connection
+is closed rather than returned, so the pool's next one goes to whichever node is primary now.
+Every connection carries statement, lock and idle-in-transaction timeouts, so no RPC can hold
+a lock or a connection forever (behind a transaction pooler, which refuses them as startup
+parameters, they are the role's settings instead: deploy/README.md). Running into one of
+them, or into a deadlock or serialization failure that outlasts the retries, is contention,
+not a bug: it becomes `StorageBusy` (UNAVAILABLE `STORAGE_BUSY` at the edge, SPEC 10.8),
+logged here at WARNING with its SQLSTATE and no traceback.
+
+Behind a transaction pooler (PgBouncer `pool_mode = transaction`) a session's prepared
+statements may be on another server connection next time: `UMBRA_DB_STATEMENT_CACHE_SIZE=0`
+turns asyncpg's named, cached statements off, so every statement is parsed and run in one
+message group on whatever server connection the pooler lends.
 """
 
 from __future__ import annotations
@@ -43,8 +55,18 @@ _log = logging.getLogger(__name__)
 
 # serialization_failure, deadlock_detected: safe to run the whole transaction again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# What each busy SQLSTATE means, for the log: query_canceled is how statement_timeout ends a
+# statement (and an administrator's pg_cancel_backend, which is just as retryable).
+BUSY_SQLSTATES = {
+    "57014": "statement timeout",
+    "55P03": "lock timeout",
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+}
 # connection failures, admin shutdown, cannot connect now, too many connections.
 UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
+# read_only_sql_transaction: a write reached a node that is (now) a standby.
+READ_ONLY_SQLSTATE = "25006"
 TRANSACTION_ATTEMPTS = 3
 # The connection is gone or never came: a socket error, a pool or connect timeout, a closed
 # connection, or (seen when a backend is terminated under a pooled connection) asyncpg's
@@ -57,6 +79,15 @@ Observer = Callable[[str], None]
 
 class StorageUnavailable(Exception):
     """The database could not be reached or dropped the connection."""
+
+
+class StorageBusy(StorageUnavailable):
+    """The database did not finish in time: a lock or statement timeout, or a deadlock or
+    serialization failure still there after the retries. Retrying later may work."""
+
+
+# What work on the database may meet from the database itself, rather than from a bug.
+DATABASE_ERRORS = (asyncpg.PostgresError, StorageUnavailable, *LOST_CONNECTION)
 
 
 # A result row, an `asyncpg.Record` (untyped: asyncpg ships no stubs): by position or by name,
@@ -220,6 +251,7 @@ class Database:
             pool_size=config.db_pool_size,
             acquire_timeout=config.db_pool_timeout_seconds,
             timeout=config.db_pool_timeout_seconds,
+            statement_cache_size=config.db_statement_cache_size,
             server_settings={
                 "application_name": "umbra-grpc",
                 "statement_timeout": str(config.db_statement_timeout_ms),
@@ -302,8 +334,7 @@ class Database:
         observe = self._fan_out(self._observers)
         for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
             try:
-                pool = await self._opened()
-                async with pool.acquire(timeout=self._acquire_timeout) as raw:
+                async with self._lent() as raw:
                     return await work(Conn(raw, observe))
             except asyncpg.IntegrityConstraintViolationError as error:
                 factory = constraint_errors.get(constraint_name(error) or "")
@@ -321,12 +352,28 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
+    async def _lent(self) -> AsyncIterator[Any]:
+        """A pooled connection; one that turned out to reach a standby is closed, not kept."""
+        pool = await self._opened()
+        async with pool.acquire(timeout=self._acquire_timeout) as raw:
+            try:
+                yield raw
+            except asyncpg.PostgresError as error:
+                if sqlstate(error) == READ_ONLY_SQLSTATE:
+                    raw.terminate()  # the pool's next connection goes to the primary
+                raise
+
+    @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[Conn]:
         """An autocommit connection for work that is not an RPC's: never counted."""
         observe = self._fan_out(self._background_observers)
-        pool = await self._opened()
-        async with pool.acquire(timeout=self._acquire_timeout) as raw:
+        async with self._lent() as raw:
             yield Conn(raw, observe)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Sends a NOTIFY the way the writers' transactions do: through the pool."""
+        async with self.background() as conn:
+            await conn.raw.execute("SELECT pg_notify($1, $2)", channel, payload)
 
     async def ping(self) -> bool:
         """Whether the database answers."""
@@ -362,8 +409,12 @@ def plain_url(url: str) -> str:
 
 
 def _reraise(error: asyncpg.PostgresError) -> NoReturn:
-    """Raises `StorageUnavailable` for lost or refused connections, else the error itself."""
+    """Raises `StorageUnavailable` for lost or refused connections and for writes refused by
+    a read-only node, `StorageBusy` for contention, else the error itself."""
     state = sqlstate(error) or ""
-    if state.startswith(UNAVAILABLE_SQLSTATE_PREFIXES):
+    if state.startswith(UNAVAILABLE_SQLSTATE_PREFIXES) or state == READ_ONLY_SQLSTATE:
         raise StorageUnavailable(state) from error
+    if state in BUSY_SQLSTATES:
+        _log.warning("database busy: %s", BUSY_SQLSTATES[state], extra={"sqlstate": state})
+        raise StorageBusy(state) from error
     raise error

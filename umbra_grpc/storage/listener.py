@@ -6,19 +6,29 @@ inside the writing transaction reaches every process's listener when that transa
 commits (so only committed events go out).
 
 A dead connection is noticed within seconds, not when TCP gives up: asyncpg's termination
-callback fires when the socket closes, and a probe (`SELECT 1` with a timeout) runs every
-`probe_interval` seconds for the cases where nothing closes (a frozen server, a dropped
-route). While down, subscribers are told (`on_down`), and the listener reconnects with
-exponential backoff and jitter; once back, `on_up` fires and LISTEN is issued again.
+callback fires when the socket closes, and a probe runs every `probe_interval` seconds for
+the cases where nothing closes (a frozen server, a dropped route) or where the connection is
+up but deaf. Deaf happens: a transaction pooler (PgBouncer) accepts LISTEN and then never
+delivers a notification, and a listener pointed at another database than the writers' hears
+nothing either. So the probe is a self-NOTIFY: the listener LISTENs on a channel of its own,
+sends a NOTIFY on it the way the writers do (`notify`, through the pool), and expects it back
+within `probe_timeout`. A connection is declared up only after its first echo; a missing echo
+later counts as lost. When the probe cannot even be sent (the pool is away), it proves
+nothing about this connection, which then gets a plain `SELECT 1` instead. While down,
+subscribers are told (`on_down`), and the listener reconnects with exponential backoff and
+jitter; once back, `on_up` fires and LISTEN is issued again. With a multi-host URL
+(`target_session_attrs=read-write`) each reconnect goes to whichever node is primary now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
-from collections.abc import Callable
+import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -26,6 +36,13 @@ import asyncpg
 _log = logging.getLogger(__name__)
 
 Handler = Callable[[str], None]
+# Sends NOTIFY channel, payload; raises when it cannot.
+Notify = Callable[[str, str], Awaitable[None]]
+LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+class DeafConnection(Exception):
+    """The connection took LISTEN but its own probe NOTIFY never came back."""
 
 
 class Listener:
@@ -35,12 +52,19 @@ class Listener:
         self,
         url: str,
         *,
+        notify: Notify,
         probe_interval: float = 2.0,
         probe_timeout: float = 2.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 5.0,
     ) -> None:
         self._url = url
+        self._notify = notify
+        # Per process, so replicas do not hear each other's probes.
+        self._probe_channel = f"umbra_probe_{secrets.token_hex(8)}"
+        self._probe_tokens = itertools.count()
+        self._expected_echo = ""
+        self._echoed = asyncio.Event()
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._backoff_base = backoff_base
@@ -90,14 +114,23 @@ class Listener:
         while True:
             try:
                 await self._connect()
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            except Exception as error:  # whatever it was, the listener must keep trying
+                await self._close()
                 failures += 1
                 delay = min(self._backoff_cap, self._backoff_base * 2 ** min(failures, 10))
-                _log.warning(
-                    "listener cannot connect (%s); retrying in %.2fs",
-                    type(error).__name__,
-                    delay,
-                )
+                if isinstance(error, DeafConnection):
+                    _log.error(
+                        "listener connection hears no NOTIFY (a transaction pooler, or another "
+                        "database than UMBRA_DATABASE_URL's? UMBRA_LISTEN_DATABASE_URL must "
+                        "reach the primary directly); retrying in %.2fs",
+                        delay,
+                    )
+                else:
+                    _log.warning(
+                        "listener cannot connect (%s); retrying in %.2fs",
+                        type(error).__name__,
+                        delay,
+                    )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
                 continue
             failures = 0
@@ -107,26 +140,59 @@ class Listener:
             await self._close()
 
     async def _connect(self) -> None:
-        connection = await asyncpg.connect(self._url, timeout=self._probe_timeout * 2)
+        connection = await asyncpg.connect(
+            self._url,
+            timeout=self._probe_timeout * 2,
+            server_settings={"application_name": "umbra-grpc-listener"},
+        )
+        self._connection = connection
         self._lost = asyncio.Event()
         connection.add_termination_listener(self._on_terminated)
+        await connection.add_listener(self._probe_channel, self._on_echo)
         for channel in self._handlers:
             await connection.add_listener(channel, self._dispatch)
+        if not await self._hears_itself():
+            raise DeafConnection
         self.backend_pid = connection.get_server_pid()
-        self._connection = connection
 
     async def _watch(self) -> None:
-        """Returns when the connection is lost: closed, or failing its probe."""
+        """Returns when the connection is lost: closed, deaf, or not answering."""
         assert self._connection is not None
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), self._probe_interval)
                 return
             try:
-                await asyncio.wait_for(self._connection.execute("SELECT 1"), self._probe_timeout)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                _log.warning("listener probe failed: connection lost")
+                heard = await self._hears_itself()
+            except Exception as error:  # the probe could not be sent: proves nothing here
+                _log.info("listener probe not sent (%s)", type(error).__name__)
+                try:
+                    await asyncio.wait_for(
+                        self._connection.execute("SELECT 1"), self._probe_timeout
+                    )
+                except LOST:
+                    _log.warning("listener probe failed: connection lost")
+                    return
+                continue
+            if not heard:
+                _log.warning("listener probe NOTIFY did not come back: connection deaf or lost")
                 return
+
+    async def _hears_itself(self) -> bool:
+        """Sends a NOTIFY on the probe channel and waits `probe_timeout` for its echo."""
+        token = str(next(self._probe_tokens))
+        self._expected_echo = token
+        self._echoed.clear()
+        await asyncio.wait_for(self._notify(self._probe_channel, token), self._probe_timeout)
+        try:
+            await asyncio.wait_for(self._echoed.wait(), self._probe_timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _on_echo(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == self._expected_echo:
+            self._echoed.set()
 
     def _on_terminated(self, connection: Any) -> None:
         if not self._stopping:
@@ -151,6 +217,8 @@ class Listener:
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.remove_termination_listener(self._on_terminated)
         if connection is not None and not connection.is_closed():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), self._probe_timeout)

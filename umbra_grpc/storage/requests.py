@@ -2,16 +2,22 @@
 
 Each write is one statement, so an RPC costs a fixed, small number of round trips (SPEC 8)
 and either all of its rows are written or none:
-- `send` (SendRequest) calls `umbra_send_request` (a PL/pgSQL function, migration 0002),
-  whose statements each take their own snapshot. Its first takes a `FOR NO KEY UPDATE` lock
-  on the receiver's row, so senders racing one receiver queue there; its second re-checks
-  connected / pending / cap in a snapshot taken after the lock (I3) and, only when all clear,
-  writes the request, the receiver's notification, the audit row and the outbox row; then it
-  sends the NOTIFYs. The pending-pair unique index (I1) settles the one race the lock does
-  not cover (A->B and B->A at once).
+- `send` (SendRequest) calls `umbra_send_request` (a PL/pgSQL function, migration 0003),
+  whose statements each take their own snapshot. It reads the caller's opt-in, then the
+  target's flags, without locks, and stops at the first refusal (no oracle, no waiting:
+  SPEC 10.2). Only then does it take a `FOR NO KEY UPDATE` lock on the receiver's row, so
+  senders racing one receiver queue there; its last statement re-checks the flags and
+  connected / pending / resend cooldown / cap in a snapshot taken after the lock (I3) and,
+  only when all clear, writes the request, the receiver's notification, the audit row and
+  the outbox row; then it sends the NOTIFYs. The pending-pair unique index (I1) settles the
+  one race the lock does not cover (A->B and B->A at once).
 - `respond` and `cancel` are each one conditional UPDATE ... WHERE status = 'pending' with
   everything that follows hanging off its RETURNING (data-modifying CTEs), so a request
-  resolves at most once.
+  resolves at most once. A cancel also deletes the receiver's request notification and
+  marks the request's push `skipped` ("skipped: cancelled") while it is pending: a worker
+  claim in progress skips the locked row, and once the cancel commits no claim takes it.
+  A push already claimed is in flight and may still be delivered, once: its outcome write
+  is then refused (the row is no longer pending), so it is never retried.
 NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
 """
 
@@ -26,6 +32,8 @@ from umbra_grpc.storage.database import Conn, Query, Row
 REQUESTS_CHANNEL = "umbra_requests"
 OUTBOX_CHANNEL = "umbra_outbox"
 PENDING_PAIR_INDEX = "uq_connection_requests_pending_pair"
+# The outbox `last_error` of a push skipped because its request was cancelled.
+CANCELLED_PUSH = "skipped: cancelled"
 CONNECTION_PAIR = "uq_user_connections_pair"
 
 _SEARCH = Query(
@@ -48,7 +56,8 @@ async def search(conn: Conn, *, caller: int, handle: str) -> bool:
 
 _SEND = Query(
     "SELECT * FROM umbra_send_request(CAST(:caller AS bigint), CAST(:handle AS text),"
-    " CAST(:cap AS integer), CAST(:window AS interval), CAST(:ip AS inet))"
+    " CAST(:cap AS integer), CAST(:window AS interval), CAST(:cooldown AS interval),"
+    " CAST(:ip AS inet))"
 )
 
 
@@ -59,15 +68,20 @@ async def send(
     handle: str,
     cap: int,
     window: dt.timedelta,
+    cooldown: dt.timedelta,
     ip: str | None,
 ) -> Row | None:
     """Caller and target facts, and the new request's id and created_at when it was written.
 
-    None when the caller has no row. Nothing is written unless the target exists, is active,
-    is not the caller, both sides accept connections, and the flags (connected, pending,
-    recent >= cap) all clear: then `request_id` is set.
+    None when the caller has no row. When the caller does not accept connections, only the
+    caller's facts are set. Nothing is written unless the target exists, is active, is not
+    the caller, both sides accept connections, and the flags (connected, pending,
+    `resend_wait` seconds of cooldown left, recent >= cap) all clear: then `request_id` is
+    set.
     """
-    return await conn.fetchrow(_SEND, caller=caller, handle=handle, cap=cap, window=window, ip=ip)
+    return await conn.fetchrow(
+        _SEND, caller=caller, handle=handle, cap=cap, window=window, cooldown=cooldown, ip=ip
+    )
 
 
 _AUDIT_COLUMNS = "action, actor_id, target_id, detail, ip"
@@ -83,7 +97,7 @@ _CARD_FIELDS = ", ".join(SHAREABLE_FIELDS)
 _CARD_VALUES = ", ".join(_card_column(field) for field in SHAREABLE_FIELDS)
 
 _REQUEST_VIEW = """
-    SELECT r.id, r.status, r.created_at, r.resolved_at,
+    SELECT r.id, r.receiver_id, r.status, r.created_at, r.resolved_at,
            su.umbral_name AS sender_name, ss.preferred_name AS sender_preferred,
            ru.umbral_name AS receiver_name, rs.preferred_name AS receiver_preferred
     FROM {source} r
@@ -136,8 +150,8 @@ _RESPOND = Query(
         RETURNING id
     ),
     push AS (
-        INSERT INTO outbox (user_id, kind, display_name)
-        SELECT req.sender_id, 'request_accepted', me.display
+        INSERT INTO outbox (user_id, kind, display_name, request_id)
+        SELECT req.sender_id, 'request_accepted', me.display, req.id
         FROM req CROSS JOIN me WHERE req.status = 'accepted'
         RETURNING id
     ),
@@ -201,6 +215,18 @@ _CANCEL = Query(
                jsonb_build_object('request_id', req.id), CAST(:ip AS inet)
         FROM req RETURNING id
     ),
+    withdrawn AS (
+        DELETE FROM notifications n USING req
+        WHERE n.source_type = 'connection_request' AND n.source_id = req.id
+          AND n.user_id = req.receiver_id
+        RETURNING n.id
+    ),
+    unsent AS (
+        UPDATE outbox o
+        SET status = 'skipped', completed_at = now(), last_error = '{CANCELLED_PUSH}'
+        FROM req WHERE o.request_id = req.id AND o.status = 'pending'
+        RETURNING o.id
+    ),
     wake AS (
         SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
             'kind', 'cancelled', 'request_id', req.id, 'receiver_id', req.receiver_id,
@@ -208,7 +234,9 @@ _CANCEL = Query(
         FROM req
     ),
     view AS ({_REQUEST_VIEW.format(source="req")})
-    SELECT view.*, (SELECT count(*) FROM audit) + (SELECT count(*) FROM wake) AS side_rows
+    SELECT view.*,
+           (SELECT count(*) FROM audit) + (SELECT count(*) FROM withdrawn)
+           + (SELECT count(*) FROM unsent) + (SELECT count(*) FROM wake) AS side_rows
     FROM view
     """
 )

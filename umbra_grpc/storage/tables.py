@@ -163,6 +163,27 @@ class ConnectionRequest(Base):
             text("id DESC"),
             postgresql_where=text("status = 'pending'"),
         ),
+        # I3 counts a receiver's pending and cancelled requests within the window.
+        Index(
+            "ix_connection_requests_recent",
+            "receiver_id",
+            "created_at",
+            postgresql_where=text("status IN ('pending', 'cancelled')"),
+        ),
+        # The resend cooldown: this sender's latest cancel to this receiver.
+        Index(
+            "ix_connection_requests_cancelled",
+            "sender_id",
+            "receiver_id",
+            "resolved_at",
+            postgresql_where=text("status = 'cancelled'"),
+        ),
+        # Retention: resolved requests, oldest first.
+        Index(
+            "ix_connection_requests_resolved",
+            "resolved_at",
+            postgresql_where=text("status <> 'pending'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -235,6 +256,14 @@ class Notification(Base):
             text("id DESC"),
             postgresql_where=text("NOT read"),
         ),
+        # A request's notification, withdrawn when the request is cancelled.
+        Index(
+            "ix_notifications_request",
+            "source_id",
+            postgresql_where=text("source_type = 'connection_request'"),
+        ),
+        # Retention: read notifications, oldest first.
+        Index("ix_notifications_read", "created_at", postgresql_where=text("read")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -255,7 +284,10 @@ class AuditLog(Base):
     """One row per successful mutation, written in the mutation's transaction (I5)."""
 
     __tablename__ = "audit_log"
-    __table_args__ = (Index("ix_audit_log_actor", "actor_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_audit_log_actor", "actor_id", "created_at"),
+        Index("ix_audit_log_created_at", "created_at"),  # retention, oldest first
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     action: Mapped[str] = mapped_column(Text, nullable=False)
@@ -269,16 +301,31 @@ class AuditLog(Base):
 
 
 class Outbox(Base):
-    """A push notification waiting to be delivered (SPEC 6); never holds the ntfy token."""
+    """A push notification waiting to be delivered (SPEC 6); never holds the ntfy token.
+
+    `request_id` names the request a push is about, so that cancelling the request can skip
+    its push while it is unsent. It is a plain reference, not a foreign key: retention
+    deletes requests and pushes on their own schedules, and a foreign key would make every
+    deleted request probe the outbox.
+    """
 
     __tablename__ = "outbox"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'sent', 'skipped', 'failed')", name="status"),
         Index("ix_outbox_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_outbox_request", "request_id", postgresql_where=text("status = 'pending'")),
+        # Retention: completed rows by outcome, oldest first.
+        Index(
+            "ix_outbox_completed",
+            "status",
+            "completed_at",
+            postgresql_where=text("status IN ('sent', 'skipped', 'failed')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     user_id: Mapped[int] = _user_fk()
+    request_id: Mapped[int | None] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(Text, nullable=False)
     display_name: Mapped[str] = mapped_column(Text, nullable=False)
     status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'pending'"))

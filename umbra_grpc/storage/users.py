@@ -53,18 +53,33 @@ async def upsert(
     await conn.execute(_UPSERT, id=user_id, umbral_name=umbral_name, is_active=is_active, **values)
 
 
+# A token never follows its URL to another host: a new server URL written without a token
+# clears the stored one (compared with the old value in the same UPDATE, so no race).
+_FORGET_ON_NEW_URL = (
+    "ntfy_auth_token = CASE WHEN ntfy_server_url IS DISTINCT FROM :ntfy_server_url"
+    " THEN NULL ELSE ntfy_auth_token END"
+)
+
+
 def _update_settings(columns: frozenset[str]) -> Query:
     # Column names come from SETTINGS_COLUMNS (domain.accounts), never from a request, and
     # are checked against the table once more here.
     unknown = columns - _SETTINGS_COLUMNS
     if unknown:
         raise ValueError(f"not settings columns: {sorted(unknown)}")
-    assignments = ", ".join(f"{column} = :{column}" for column in sorted(columns))
-    return Query(f"UPDATE settings SET {assignments}, updated_at = now() WHERE user_id = :user_id")
+    assignments = [f"{column} = :{column}" for column in sorted(columns)]
+    if "ntfy_server_url" in columns and "ntfy_auth_token" not in columns:
+        assignments.append(_FORGET_ON_NEW_URL)
+    return Query(
+        f"UPDATE settings SET {', '.join(assignments)}, updated_at = now() WHERE user_id = :user_id"
+    )
 
 
 async def update_settings(conn: Conn, user_id: int, columns: Mapping[str, Any]) -> bool:
-    """Writes the given settings columns; False when the user does not exist."""
+    """Writes the given settings columns; False when the user does not exist.
+
+    A changed `ntfy_server_url` without `ntfy_auth_token` among the columns clears the token.
+    """
     query = _update_settings(frozenset(columns))
     return await conn.execute(query, user_id=user_id, **columns) == 1
 

@@ -120,7 +120,10 @@ class Settings(_message.Message):
     accept_connections: _builtins.bool
     """Whether the user can be found and sent requests, and may send them."""
     preferred_name: _builtins.str
-    """The name shown to others instead of the handle. Empty means unset."""
+    """The name shown to others instead of the handle. Empty means unset. Stored
+    in NFC; at most 100 characters; no control, bidi-formatting or
+    zero-width characters (TEXT_INVALID).
+    """
     @_builtins.property
     def sharing_defaults(self) -> Global___SharingDefaults:
         """What the user shares with every connection unless overridden."""
@@ -206,7 +209,7 @@ class NtfySettings(_message.Message):
     enabled: _builtins.bool
     """Master switch: nothing is pushed while false."""
     server_url: _builtins.str
-    """Base URL of the ntfy server, e.g. https://ntfy.sh."""
+    """Base URL of the ntfy server, e.g. https://ntfy.sh (see UpdateSettings)."""
     topic: _builtins.str
     """Topic to publish to."""
     auth_token: _builtins.str

@@ -28,7 +28,10 @@ if _version_not_supported:
 class AccountServiceStub:
     """AccountService is called by backend services (a bearer token carrying the
     `umbra.admin` scope) to keep the connections service's copy of users and
-    their settings up to date. End users never call it.
+    their settings up to date. End users never call it. The write RPCs are
+    rate-limited per backend service, generously (RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
     """
 
     def __init__(self, channel):
@@ -57,7 +60,10 @@ class AccountServiceStub:
 class AccountServiceServicer:
     """AccountService is called by backend services (a bearer token carrying the
     `umbra.admin` scope) to keep the connections service's copy of users and
-    their settings up to date. End users never call it.
+    their settings up to date. End users never call it. The write RPCs are
+    rate-limited per backend service, generously (RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
     """
 
     def UpsertUser(self, request, context):
@@ -81,6 +87,15 @@ class AccountServiceServicer:
     def UpdateSettings(self, request, context):
         """Updates the settings named in update_mask (an empty mask means every
         field). The ntfy auth token is write-only: it is stored, never returned.
+        A new ntfy server_url sent without a token clears the stored token.
+        INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+        userinfo, a query or a fragment, or its host is or resolves to a
+        loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+        address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
+        Errors: INVALID_ARGUMENT with reason TEXT_INVALID (preferred_name holds
+        control, bidi-formatting or zero-width characters, or is longer than 100
+        characters after NFC), FIELD_INVALID (other bad values), NOT_FOUND
+        USER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +130,10 @@ def add_AccountServiceServicer_to_server(servicer, server):
 class AccountService:
     """AccountService is called by backend services (a bearer token carrying the
     `umbra.admin` scope) to keep the connections service's copy of users and
-    their settings up to date. End users never call it.
+    their settings up to date. End users never call it. The write RPCs are
+    rate-limited per backend service, generously (RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
     """
 
     @staticmethod

@@ -29,7 +29,10 @@ GRPC_VERSION: str
 class AccountServiceStub:
     """AccountService is called by backend services (a bearer token carrying the
     `umbra.admin` scope) to keep the connections service's copy of users and
-    their settings up to date. End users never call it.
+    their settings up to date. End users never call it. The write RPCs are
+    rate-limited per backend service, generously (RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
     """
 
     @_typing.overload
@@ -48,13 +51,25 @@ class AccountServiceStub:
     UpdateSettings: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.UpdateSettingsRequest, _accounts_pb2.UpdateSettingsResponse]
     """Updates the settings named in update_mask (an empty mask means every
     field). The ntfy auth token is write-only: it is stored, never returned.
+    A new ntfy server_url sent without a token clears the stored token.
+    INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+    userinfo, a query or a fragment, or its host is or resolves to a
+    loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+    address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
+    Errors: INVALID_ARGUMENT with reason TEXT_INVALID (preferred_name holds
+    control, bidi-formatting or zero-width characters, or is longer than 100
+    characters after NFC), FIELD_INVALID (other bad values), NOT_FOUND
+    USER_NOT_FOUND.
     """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
     """AccountService is called by backend services (a bearer token carrying the
     `umbra.admin` scope) to keep the connections service's copy of users and
-    their settings up to date. End users never call it.
+    their settings up to date. End users never call it. The write RPCs are
+    rate-limited per backend service, generously (RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -70,12 +85,24 @@ class AccountServiceAsyncStub(AccountServiceStub):
     UpdateSettings: _aio.UnaryUnaryMultiCallable[_accounts_pb2.UpdateSettingsRequest, _accounts_pb2.UpdateSettingsResponse]  # type: ignore[assignment]
     """Updates the settings named in update_mask (an empty mask means every
     field). The ntfy auth token is write-only: it is stored, never returned.
+    A new ntfy server_url sent without a token clears the stored token.
+    INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+    userinfo, a query or a fragment, or its host is or resolves to a
+    loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+    address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
+    Errors: INVALID_ARGUMENT with reason TEXT_INVALID (preferred_name holds
+    control, bidi-formatting or zero-width characters, or is longer than 100
+    characters after NFC), FIELD_INVALID (other bad values), NOT_FOUND
+    USER_NOT_FOUND.
     """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """AccountService is called by backend services (a bearer token carrying the
     `umbra.admin` scope) to keep the connections service's copy of users and
-    their settings up to date. End users never call it.
+    their settings up to date. End users never call it. The write RPCs are
+    rate-limited per backend service, generously (RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
     """
 
     @_abc_1.abstractmethod
@@ -107,6 +134,15 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_accounts_pb2.UpdateSettingsResponse, _abc.Awaitable[_accounts_pb2.UpdateSettingsResponse]]:
         """Updates the settings named in update_mask (an empty mask means every
         field). The ntfy auth token is write-only: it is stored, never returned.
+        A new ntfy server_url sent without a token clears the stored token.
+        INVALID_ARGUMENT NTFY_URL_FORBIDDEN when server_url is not http(s), has
+        userinfo, a query or a fragment, or its host is or resolves to a
+        loopback, private, link-local, CGNAT, multicast, unspecified or reserved
+        address outside the server's UMBRA_NTFY_ALLOWED_NETWORKS.
+        Errors: INVALID_ARGUMENT with reason TEXT_INVALID (preferred_name holds
+        control, bidi-formatting or zero-width characters, or is longer than 100
+        characters after NFC), FIELD_INVALID (other bad values), NOT_FOUND
+        USER_NOT_FOUND.
         """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

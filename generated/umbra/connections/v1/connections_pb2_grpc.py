@@ -30,7 +30,12 @@ class ConnectionServiceStub:
     answer requests and see what their connections share with them. The caller
     is the user named by the bearer token's `sub`. Every error carries a
     google.rpc.ErrorInfo whose reason is named below (domain
-    `connections.umbra`).
+    `connections.umbra`). Any RPC may also end UNAVAILABLE STORAGE_UNAVAILABLE
+    (the database is unreachable) or UNAVAILABLE STORAGE_BUSY (a lock or
+    statement timeout, or a deadlock or serialization failure that outlasted
+    the retries): nothing was written, and the call may be retried. Search and
+    every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo.
     """
 
     def __init__(self, channel):
@@ -121,7 +126,12 @@ class ConnectionServiceServicer:
     answer requests and see what their connections share with them. The caller
     is the user named by the bearer token's `sub`. Every error carries a
     google.rpc.ErrorInfo whose reason is named below (domain
-    `connections.umbra`).
+    `connections.umbra`). Any RPC may also end UNAVAILABLE STORAGE_UNAVAILABLE
+    (the database is unreachable) or UNAVAILABLE STORAGE_BUSY (a lock or
+    statement timeout, or a deadlock or serialization failure that outlasted
+    the retries): nothing was written, and the call may be retried. Search and
+    every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo.
     """
 
     def Search(self, request, context):
@@ -136,11 +146,16 @@ class ConnectionServiceServicer:
 
     def SendRequest(self, request, context):
         """Sends a connection request to the user with the given handle.
-        NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not accepting: one
-        answer), INVALID_ARGUMENT SELF_REQUEST, FAILED_PRECONDITION
-        CONNECTIONS_DISABLED (caller not opted in), ALREADY_EXISTS
-        ALREADY_CONNECTED, ALREADY_EXISTS REQUEST_PENDING (either direction),
-        RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached).
+        FAILED_PRECONDITION CONNECTIONS_DISABLED when the caller has not opted
+        in, whatever the (well-formed) handle: checked before the target is
+        looked at. NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not
+        accepting: one answer, never waiting on the target's row lock),
+        INVALID_ARGUMENT SELF_REQUEST, ALREADY_EXISTS ALREADY_CONNECTED,
+        ALREADY_EXISTS REQUEST_PENDING (either direction), RESOURCE_EXHAUSTED
+        RESEND_TOO_SOON (the caller cancelled a request to this user less than
+        the resend cooldown ago; RetryInfo holds the time left),
+        RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
+        requests count until their window ends).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,7 +179,8 @@ class ConnectionServiceServicer:
         """Streams every pending incoming request (oldest first), then `synced`,
         then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
         when the client reads too slowly, UNAVAILABLE when the server loses its
-        event feed or shuts down, UNAUTHENTICATED when the token expires.
+        event feed or shuts down, UNAUTHENTICATED when the token expires,
+        PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,8 +198,11 @@ class ConnectionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRequest(self, request, context):
-        """Withdraws a pending request the caller sent. FAILED_PRECONDITION
-        REQUEST_NOT_PENDING as for Respond.
+        """Withdraws a pending request the caller sent: the receiver's request
+        notification is deleted and its push skipped if still unsent. The request
+        keeps its place in the receiver's cap until its window ends, and the
+        caller may not send to the same user again for the resend cooldown.
+        FAILED_PRECONDITION REQUEST_NOT_PENDING as for Respond.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,7 +231,8 @@ class ConnectionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSharingOverrides(self, request, context):
-        """Sets or clears what the caller shares with one connection.
+        """Sets or clears what the caller shares with one connection. A change that
+        leaves the overrides as they are writes nothing (no audit row).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -338,7 +358,12 @@ class ConnectionService:
     answer requests and see what their connections share with them. The caller
     is the user named by the bearer token's `sub`. Every error carries a
     google.rpc.ErrorInfo whose reason is named below (domain
-    `connections.umbra`).
+    `connections.umbra`). Any RPC may also end UNAVAILABLE STORAGE_UNAVAILABLE
+    (the database is unreachable) or UNAVAILABLE STORAGE_BUSY (a lock or
+    statement timeout, or a deadlock or serialization failure that outlasted
+    the retries): nothing was written, and the call may be retried. Search and
+    every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo.
     """
 
     @staticmethod

@@ -31,7 +31,12 @@ class ConnectionServiceStub:
     answer requests and see what their connections share with them. The caller
     is the user named by the bearer token's `sub`. Every error carries a
     google.rpc.ErrorInfo whose reason is named below (domain
-    `connections.umbra`).
+    `connections.umbra`). Any RPC may also end UNAVAILABLE STORAGE_UNAVAILABLE
+    (the database is unreachable) or UNAVAILABLE STORAGE_BUSY (a lock or
+    statement timeout, or a deadlock or serialization failure that outlasted
+    the retries): nothing was written, and the call may be retried. Search and
+    every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo.
     """
 
     @_typing.overload
@@ -46,11 +51,16 @@ class ConnectionServiceStub:
     """
     SendRequest: _grpc.UnaryUnaryMultiCallable[_connections_pb2.SendRequestRequest, _connections_pb2.SendRequestResponse]
     """Sends a connection request to the user with the given handle.
-    NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not accepting: one
-    answer), INVALID_ARGUMENT SELF_REQUEST, FAILED_PRECONDITION
-    CONNECTIONS_DISABLED (caller not opted in), ALREADY_EXISTS
-    ALREADY_CONNECTED, ALREADY_EXISTS REQUEST_PENDING (either direction),
-    RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached).
+    FAILED_PRECONDITION CONNECTIONS_DISABLED when the caller has not opted
+    in, whatever the (well-formed) handle: checked before the target is
+    looked at. NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not
+    accepting: one answer, never waiting on the target's row lock),
+    INVALID_ARGUMENT SELF_REQUEST, ALREADY_EXISTS ALREADY_CONNECTED,
+    ALREADY_EXISTS REQUEST_PENDING (either direction), RESOURCE_EXHAUSTED
+    RESEND_TOO_SOON (the caller cancelled a request to this user less than
+    the resend cooldown ago; RetryInfo holds the time left),
+    RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
+    requests count until their window ends).
     """
     ListIncomingRequests: _grpc.UnaryUnaryMultiCallable[_connections_pb2.ListIncomingRequestsRequest, _connections_pb2.ListIncomingRequestsResponse]
     """The caller's pending incoming requests, newest first."""
@@ -60,7 +70,8 @@ class ConnectionServiceStub:
     """Streams every pending incoming request (oldest first), then `synced`,
     then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
     when the client reads too slowly, UNAVAILABLE when the server loses its
-    event feed or shuts down, UNAUTHENTICATED when the token expires.
+    event feed or shuts down, UNAUTHENTICATED when the token expires,
+    PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
     """
     Respond: _grpc.UnaryUnaryMultiCallable[_connections_pb2.RespondRequest, _connections_pb2.RespondResponse]
     """Accepts or rejects a pending request sent to the caller.
@@ -70,8 +81,11 @@ class ConnectionServiceStub:
     sender has been deactivated (the request becomes rejected).
     """
     CancelRequest: _grpc.UnaryUnaryMultiCallable[_connections_pb2.CancelRequestRequest, _connections_pb2.CancelRequestResponse]
-    """Withdraws a pending request the caller sent. FAILED_PRECONDITION
-    REQUEST_NOT_PENDING as for Respond.
+    """Withdraws a pending request the caller sent: the receiver's request
+    notification is deleted and its push skipped if still unsent. The request
+    keeps its place in the receiver's cap until its window ends, and the
+    caller may not send to the same user again for the resend cooldown.
+    FAILED_PRECONDITION REQUEST_NOT_PENDING as for Respond.
     """
     ListConnections: _grpc.UnaryUnaryMultiCallable[_connections_pb2.ListConnectionsRequest, _connections_pb2.ListConnectionsResponse]
     """The caller's connections, newest first."""
@@ -82,7 +96,9 @@ class ConnectionServiceStub:
     GetSharedProfile: _grpc.UnaryUnaryMultiCallable[_connections_pb2.GetSharedProfileRequest, _connections_pb2.GetSharedProfileResponse]
     """What the other side of a connection shares with the caller."""
     UpdateSharingOverrides: _grpc.UnaryUnaryMultiCallable[_connections_pb2.UpdateSharingOverridesRequest, _connections_pb2.UpdateSharingOverridesResponse]
-    """Sets or clears what the caller shares with one connection."""
+    """Sets or clears what the caller shares with one connection. A change that
+    leaves the overrides as they are writes nothing (no audit row).
+    """
     RemoveConnection: _grpc.UnaryUnaryMultiCallable[_connections_pb2.RemoveConnectionRequest, _connections_pb2.RemoveConnectionResponse]
     """Removes a connection on both sides. Both contact cards stay, detached."""
     GetContact: _grpc.UnaryUnaryMultiCallable[_connections_pb2.GetContactRequest, _connections_pb2.GetContactResponse]
@@ -100,7 +116,12 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     answer requests and see what their connections share with them. The caller
     is the user named by the bearer token's `sub`. Every error carries a
     google.rpc.ErrorInfo whose reason is named below (domain
-    `connections.umbra`).
+    `connections.umbra`). Any RPC may also end UNAVAILABLE STORAGE_UNAVAILABLE
+    (the database is unreachable) or UNAVAILABLE STORAGE_BUSY (a lock or
+    statement timeout, or a deadlock or serialization failure that outlasted
+    the retries): nothing was written, and the call may be retried. Search and
+    every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -112,11 +133,16 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     """
     SendRequest: _aio.UnaryUnaryMultiCallable[_connections_pb2.SendRequestRequest, _connections_pb2.SendRequestResponse]  # type: ignore[assignment]
     """Sends a connection request to the user with the given handle.
-    NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not accepting: one
-    answer), INVALID_ARGUMENT SELF_REQUEST, FAILED_PRECONDITION
-    CONNECTIONS_DISABLED (caller not opted in), ALREADY_EXISTS
-    ALREADY_CONNECTED, ALREADY_EXISTS REQUEST_PENDING (either direction),
-    RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached).
+    FAILED_PRECONDITION CONNECTIONS_DISABLED when the caller has not opted
+    in, whatever the (well-formed) handle: checked before the target is
+    looked at. NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not
+    accepting: one answer, never waiting on the target's row lock),
+    INVALID_ARGUMENT SELF_REQUEST, ALREADY_EXISTS ALREADY_CONNECTED,
+    ALREADY_EXISTS REQUEST_PENDING (either direction), RESOURCE_EXHAUSTED
+    RESEND_TOO_SOON (the caller cancelled a request to this user less than
+    the resend cooldown ago; RetryInfo holds the time left),
+    RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
+    requests count until their window ends).
     """
     ListIncomingRequests: _aio.UnaryUnaryMultiCallable[_connections_pb2.ListIncomingRequestsRequest, _connections_pb2.ListIncomingRequestsResponse]  # type: ignore[assignment]
     """The caller's pending incoming requests, newest first."""
@@ -126,7 +152,8 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     """Streams every pending incoming request (oldest first), then `synced`,
     then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
     when the client reads too slowly, UNAVAILABLE when the server loses its
-    event feed or shuts down, UNAUTHENTICATED when the token expires.
+    event feed or shuts down, UNAUTHENTICATED when the token expires,
+    PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
     """
     Respond: _aio.UnaryUnaryMultiCallable[_connections_pb2.RespondRequest, _connections_pb2.RespondResponse]  # type: ignore[assignment]
     """Accepts or rejects a pending request sent to the caller.
@@ -136,8 +163,11 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     sender has been deactivated (the request becomes rejected).
     """
     CancelRequest: _aio.UnaryUnaryMultiCallable[_connections_pb2.CancelRequestRequest, _connections_pb2.CancelRequestResponse]  # type: ignore[assignment]
-    """Withdraws a pending request the caller sent. FAILED_PRECONDITION
-    REQUEST_NOT_PENDING as for Respond.
+    """Withdraws a pending request the caller sent: the receiver's request
+    notification is deleted and its push skipped if still unsent. The request
+    keeps its place in the receiver's cap until its window ends, and the
+    caller may not send to the same user again for the resend cooldown.
+    FAILED_PRECONDITION REQUEST_NOT_PENDING as for Respond.
     """
     ListConnections: _aio.UnaryUnaryMultiCallable[_connections_pb2.ListConnectionsRequest, _connections_pb2.ListConnectionsResponse]  # type: ignore[assignment]
     """The caller's connections, newest first."""
@@ -148,7 +178,9 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     GetSharedProfile: _aio.UnaryUnaryMultiCallable[_connections_pb2.GetSharedProfileRequest, _connections_pb2.GetSharedProfileResponse]  # type: ignore[assignment]
     """What the other side of a connection shares with the caller."""
     UpdateSharingOverrides: _aio.UnaryUnaryMultiCallable[_connections_pb2.UpdateSharingOverridesRequest, _connections_pb2.UpdateSharingOverridesResponse]  # type: ignore[assignment]
-    """Sets or clears what the caller shares with one connection."""
+    """Sets or clears what the caller shares with one connection. A change that
+    leaves the overrides as they are writes nothing (no audit row).
+    """
     RemoveConnection: _aio.UnaryUnaryMultiCallable[_connections_pb2.RemoveConnectionRequest, _connections_pb2.RemoveConnectionResponse]  # type: ignore[assignment]
     """Removes a connection on both sides. Both contact cards stay, detached."""
     GetContact: _aio.UnaryUnaryMultiCallable[_connections_pb2.GetContactRequest, _connections_pb2.GetContactResponse]  # type: ignore[assignment]
@@ -165,7 +197,12 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
     answer requests and see what their connections share with them. The caller
     is the user named by the bearer token's `sub`. Every error carries a
     google.rpc.ErrorInfo whose reason is named below (domain
-    `connections.umbra`).
+    `connections.umbra`). Any RPC may also end UNAVAILABLE STORAGE_UNAVAILABLE
+    (the database is unreachable) or UNAVAILABLE STORAGE_BUSY (a lock or
+    statement timeout, or a deadlock or serialization failure that outlasted
+    the retries): nothing was written, and the call may be retried. Search and
+    every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
+    RATE_LIMITED with a google.rpc.RetryInfo.
     """
 
     @_abc_1.abstractmethod
@@ -187,11 +224,16 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_connections_pb2.SendRequestResponse, _abc.Awaitable[_connections_pb2.SendRequestResponse]]:
         """Sends a connection request to the user with the given handle.
-        NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not accepting: one
-        answer), INVALID_ARGUMENT SELF_REQUEST, FAILED_PRECONDITION
-        CONNECTIONS_DISABLED (caller not opted in), ALREADY_EXISTS
-        ALREADY_CONNECTED, ALREADY_EXISTS REQUEST_PENDING (either direction),
-        RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached).
+        FAILED_PRECONDITION CONNECTIONS_DISABLED when the caller has not opted
+        in, whatever the (well-formed) handle: checked before the target is
+        looked at. NOT_FOUND USER_NOT_FOUND (nonexistent, inactive or not
+        accepting: one answer, never waiting on the target's row lock),
+        INVALID_ARGUMENT SELF_REQUEST, ALREADY_EXISTS ALREADY_CONNECTED,
+        ALREADY_EXISTS REQUEST_PENDING (either direction), RESOURCE_EXHAUSTED
+        RESEND_TOO_SOON (the caller cancelled a request to this user less than
+        the resend cooldown ago; RetryInfo holds the time left),
+        RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
+        requests count until their window ends).
         """
 
     @_abc_1.abstractmethod
@@ -219,7 +261,8 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams every pending incoming request (oldest first), then `synced`,
         then live events until the client hangs up. Ends RESOURCE_EXHAUSTED
         when the client reads too slowly, UNAVAILABLE when the server loses its
-        event feed or shuts down, UNAUTHENTICATED when the token expires.
+        event feed or shuts down, UNAUTHENTICATED when the token expires,
+        PERMISSION_DENIED PERMISSION_DENIED when the caller is deactivated.
         """
 
     @_abc_1.abstractmethod
@@ -241,8 +284,11 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _connections_pb2.CancelRequestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_connections_pb2.CancelRequestResponse, _abc.Awaitable[_connections_pb2.CancelRequestResponse]]:
-        """Withdraws a pending request the caller sent. FAILED_PRECONDITION
-        REQUEST_NOT_PENDING as for Respond.
+        """Withdraws a pending request the caller sent: the receiver's request
+        notification is deleted and its push skipped if still unsent. The request
+        keeps its place in the receiver's cap until its window ends, and the
+        caller may not send to the same user again for the resend cooldown.
+        FAILED_PRECONDITION REQUEST_NOT_PENDING as for Respond.
         """
 
     @_abc_1.abstractmethod
@@ -277,7 +323,9 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _connections_pb2.UpdateSharingOverridesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_connections_pb2.UpdateSharingOverridesResponse, _abc.Awaitable[_connections_pb2.UpdateSharingOverridesResponse]]:
-        """Sets or clears what the caller shares with one connection."""
+        """Sets or clears what the caller shares with one connection. A change that
+        leaves the overrides as they are writes nothing (no audit row).
+        """
 
     @_abc_1.abstractmethod
     def RemoveConnection(

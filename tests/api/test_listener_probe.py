@@ -1,0 +1,126 @@
+"""The LISTEN connection is proved to hear, not trusted: a self-NOTIFY probe (SPEC 5, 12).
+
+The listener goes through `UMBRA_LISTEN_DATABASE_URL`, here a proxy that can drop every
+notification on its way (`tests/pg_proxy.py`), as a transaction pooler does to LISTEN; the
+pool goes straight to the database. Events are sent through the module's other server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from tests.api.streams import Stub, ended_with, next_event, send, until_synced, watch
+from tests.api.test_metrics import value
+from tests.api.test_watch_processes import NOT_SERVING, SERVING, health_becomes
+from tests.conftest import NewUser, start_server, stop_server, test_config
+from tests.pg_proxy import NotificationDroppingProxy
+from umbra_grpc.embedded import free_port
+from umbra_grpc.server import Service
+from umbra_grpc.storage.database import Database
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+PROBE_SECONDS = 0.2
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def proxy(database_url: str) -> AsyncIterator[NotificationDroppingProxy]:
+    running = NotificationDroppingProxy(database_url)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def until(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within}s"
+        await asyncio.sleep(0.05)
+
+
+def serving_gauge(service: Service) -> float:
+    """What the metrics endpoint says load balancers should do (deploy/haproxy.cfg reads it)."""
+    url = f"http://{service.config.metrics_listen}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return value(reply.read().decode(), "umbra_serving")
+
+
+async def test_a_listener_that_hears_nothing_is_never_up(
+    database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
+) -> None:
+    proxy.deaf = True
+    config = test_config(
+        database_url,
+        listen_database_url=proxy.url,
+        listener_probe_seconds=PROBE_SECONDS,
+        metrics_listen=f"127.0.0.1:{free_port()}",
+    )
+    service = Service(config, Database.connect(config))
+    went_up: list[float] = []
+    service.listener.on_up(lambda: went_up.append(time.monotonic()))
+    await service.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    try:
+        # LISTEN went through, the probe's NOTIFY was dropped, and the listener tried again.
+        await until(lambda: proxy.connections >= 2 and proxy.dropped >= 1, within=30)
+        assert went_up == []
+        assert not service.listener.connected
+        await health_becomes(channel, NOT_SERVING, within=5)
+        assert serving_gauge(service) == 0
+
+        # The same route letting notifications through: up, serving, and events arrive on it.
+        proxy.deaf = False
+        await health_becomes(channel, SERVING, within=20)
+        assert serving_gauge(service) == 1
+        me, sender = await new_user(), await new_user()
+        call = watch(Stub(channel), me)
+        try:
+            await until_synced(call)
+            request = await send(connections, sender, me)
+            assert (await next_event(call)).received.id == request.id
+        finally:
+            call.cancel()
+    finally:
+        await channel.close()
+        await service.stop(0.5)
+
+
+async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
+    database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
+) -> None:
+    running = await start_server(
+        test_config(
+            database_url, listen_database_url=proxy.url, listener_probe_seconds=PROBE_SECONDS
+        )
+    )
+    try:
+        assert proxy.connections == 1  # the listener, and only it, goes through the proxy
+        stub = Stub(running.channel)
+        me, sender = await new_user(), await new_user()
+        call = watch(stub, me)
+        await until_synced(call)
+
+        proxy.deaf = True
+        assert await ended_with(call) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
+        await health_becomes(running.channel, NOT_SERVING, within=10)
+
+        proxy.deaf = False
+        await health_becomes(running.channel, SERVING, within=20)
+        assert proxy.connections >= 2
+        again = watch(stub, me)
+        try:
+            await until_synced(again)
+            request = await send(connections, sender, me)
+            assert (await next_event(again)).received.id == request.id
+        finally:
+            again.cancel()
+    finally:
+        await stop_server(running)

@@ -1,0 +1,89 @@
+"""A cap on the streams anyone may hold open without a token (SPEC 10.1).
+
+Health and reflection need no token, and their streaming methods (health `Watch`,
+reflection `ServerReflectionInfo`) stay open for as long as the client likes. Without a cap,
+an anonymous client could hold every slot of `maximum_concurrent_rpcs` and starve the
+authenticated callers. At most `limit` such streams are open per process
+(UMBRA_MAX_ANONYMOUS_STREAMS); one more is answered RESOURCE_EXHAUSTED with reason
+TOO_MANY_ANONYMOUS_STREAMS before its handler runs, and so ends at once instead of holding
+a slot. Unary health `Check` is not capped: it finishes by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Final, cast
+
+import grpc
+
+from umbra_grpc.interceptors.handlers import (
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    wrap_handler,
+)
+from umbra_grpc.rpc_errors import abort
+
+REASON: Final = "TOO_MANY_ANONYMOUS_STREAMS"
+MESSAGE: Final = "too many open health or reflection streams on this server; retry later"
+
+
+class AnonymousStreamLimit(grpc.aio.ServerInterceptor):
+    """Caps the open streaming calls to the methods under `public_prefixes`.
+
+    `open_streams` is how many are open now (the metrics endpoint reads it).
+    """
+
+    def __init__(self, limit: int, public_prefixes: tuple[str, ...]) -> None:
+        self._limit = limit
+        self._prefixes = public_prefixes
+        self.open_streams = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or not handler_call_details.method.startswith(self._prefixes)
+            or not (handler.request_streaming or handler.response_streaming)
+        ):
+            return handler
+
+        # Health's Watch writes through the context from a coroutine: wrapped as unary.
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
+            async def limited(request: Any, context: Context) -> Any:
+                await self._enter(context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self.open_streams -= 1
+
+            return limited
+
+        def stream(behavior: StreamBehavior) -> StreamBehavior:
+            async def limited(request: Any, context: Context) -> AsyncIterator[Any]:
+                await self._enter(context)
+                try:
+                    # wrap_handler hands streams over only when they are async generators.
+                    responses = cast(AsyncGenerator[Any, None], behavior(request, context))
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            yield response
+                finally:
+                    self.open_streams -= 1
+
+            return limited
+
+        return wrap_handler(handler, unary=unary, stream=stream)
+
+    async def _enter(self, context: Context) -> None:
+        """Takes a slot (no await between the check and the count), or ends the call."""
+        if self.open_streams >= self._limit:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, REASON, MESSAGE)
+        self.open_streams += 1
