@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from tests.conftest import Sql, start_server, stop_server, test_config
+from tests.conftest import Sql, start_server, stop_server
 from tests.outbox.recorder import NtfyRecorder
+from tests.outbox.support import add_pushes, add_user, config, wait_settled
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 POLL_SECONDS = 0.05
@@ -21,36 +22,27 @@ WATCH_SECONDS = 40 * POLL_SECONDS
 async def test_a_disabled_outbox_leaves_rows_pending_for_an_enabled_process(
     database_url: str, recorder: NtfyRecorder, sql: Sql
 ) -> None:
-    await sql.rows("INSERT INTO users (id, umbral_name) VALUES (1, 'pushed')")
-    await sql.rows(
-        "INSERT INTO settings (user_id, ntfy_enabled, ntfy_connections_enabled, "
-        "ntfy_server_url, ntfy_topic) VALUES (1, true, true, $1, 'switch')",
-        recorder.url,
-    )
-    await sql.rows(
-        "INSERT INTO outbox (user_id, kind, display_name) VALUES (1, 'request_received', 'x')"
-    )
-    settings = {"outbox_poll_seconds": POLL_SECONDS}
+    user = await add_user(sql, recorder)
+    [push] = await add_pushes(sql, user)
 
-    disabled = await start_server(test_config(database_url, outbox_enabled=False, **settings))
+    fast_polls = config(database_url).with_changes(outbox_poll_seconds=POLL_SECONDS)
+    disabled = await start_server(fast_polls.with_changes(outbox_enabled=False))
     try:
         await sql.rows("SELECT pg_notify('umbra_outbox', '')")
         deadline = time.monotonic() + WATCH_SECONDS
         while time.monotonic() < deadline:
-            [row] = await sql.rows("SELECT status, attempts FROM outbox WHERE user_id = 1")
+            [row] = await sql.rows("SELECT status, attempts FROM outbox WHERE id = $1", push)
             assert (row["status"], row["attempts"]) == ("pending", 0)
-            assert recorder.for_topic("switch") == []
+            assert recorder.for_topic(f"t{user}") == []
             await asyncio.sleep(POLL_SECONDS)
     finally:
         await stop_server(disabled)
 
     # The row was deliverable all along: a process with the worker on sends it.
-    enabled = await start_server(test_config(database_url, **settings))
+    enabled = await start_server(fast_polls)
     try:
-        await recorder.wait_for("switch", 1)
-        deadline = time.monotonic() + 10
-        while await sql.value("SELECT status FROM outbox WHERE user_id = 1") != "sent":
-            assert time.monotonic() < deadline, "the enabled worker never recorded the send"
-            await asyncio.sleep(POLL_SECONDS)
+        await recorder.wait_for(f"t{user}", 1)
+        await wait_settled(sql)
+        assert await sql.value("SELECT status FROM outbox WHERE id = $1", push) == "sent"
     finally:
         await stop_server(enabled)
