@@ -397,9 +397,8 @@ def watch(results: dict[str, Any]) -> list[str]:
         f" processes). Server RSS {rss['rss_mb_at_start']} MB at start,"
         f" {rss['rss_mb_before_idle']} MB before, **{rss['rss_mb']} MB** with them open"
         f" ({rss['kb_per_stream']} KB per stream); target <= 600 MB: {verdict(rss['pass'])}."
-        " The watch server runs with UMBRA_MAX_CONCURRENT_RPCS raised: at its default"
-        " (1,000) every open stream counts as a call in progress, so the 1,001st call of any"
-        " kind is refused RESOURCE_EXHAUSTED.",
+        " The watch server runs with UMBRA_WATCH_MAX_STREAMS raised above the streams"
+        " opened (streams count against that limit, not UMBRA_MAX_CONCURRENT_RPCS).",
         "",
     ]
 

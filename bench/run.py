@@ -792,12 +792,10 @@ class Bench:
         """Event latency with `watchers` open streams, then RSS with `idle_streams`."""
         log("watch")
         sizes = self.plan.sizes
-        # Every open stream is a call in progress: UMBRA_MAX_CONCURRENT_RPCS (default 1,000)
-        # would refuse the 1,001st call, stream or not.
+        # Watch streams count against their own limit (UMBRA_WATCH_MAX_STREAMS, 10,000 by
+        # default), not UMBRA_MAX_CONCURRENT_RPCS: room above the streams opened here.
         limit = str(sizes.idle_streams + 2_000)
-        server, target = await self.server(
-            "watch", UMBRA_MAX_CONCURRENT_RPCS=limit, UMBRA_WATCH_MAX_STREAMS=limit
-        )
+        server, target = await self.server("watch", UMBRA_WATCH_MAX_STREAMS=limit)
         try:
             rss_start = rss_bytes(server.pid)
             watchers = [pop.WATCHERS_FROM + n for n in range(sizes.watchers)]

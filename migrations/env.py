@@ -18,11 +18,13 @@ from typing import Any
 
 import asyncpg
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from umbra_grpc.storage.database import plain_url
+from umbra_grpc.storage.migrate import MIGRATION_LOCK_KEY
 from umbra_grpc.storage.tables import Base
 
 config = context.config
@@ -37,6 +39,9 @@ def _do_run_migrations(connection: Connection) -> None:
         compare_server_default=True,
     )
     with context.begin_transaction():
+        # Before Alembic reads the current version: replicas starting together queue here,
+        # and each later one sees the version the first committed (READ COMMITTED).
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

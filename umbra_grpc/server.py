@@ -1,8 +1,8 @@
 """Composition root: builds the server. The ONE place the interceptor order is written down.
 
 Outermost first: access log (and error hygiene) -> tracing (only when on) -> anonymous
-stream cap -> auth -> rate limit -> timing floor -> servicer. Health and reflection are
-registered beside the two services and need no token.
+stream cap -> concurrency cap -> auth -> rate limit -> timing floor -> servicer. Health and
+reflection are registered beside the two services and need no token.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from umbra_grpc.domain.watch import RequestFeed, Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
 from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.concurrency import ConcurrencyLimitInterceptor
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
 from umbra_grpc.metrics import Metrics
@@ -146,6 +147,7 @@ class Service:
                 # the access-log line gets its trace id. Absent when tracing is off.
                 *([tracing.interceptor()] if tracing is not None else []),
                 self.anonymous_streams,
+                ConcurrencyLimitInterceptor(config.max_concurrent_rpcs),
                 AuthInterceptor(
                     TokenVerifier.from_config(config),
                     self.active_users.is_active,
@@ -155,10 +157,12 @@ class Service:
                 timing_floor,
             ],
             options=server_options(config),
-            # An open watch stream is a call in progress too: without room for them, 1,000
-            # idle watchers would make every other call RESOURCE_EXHAUSTED. The same holds
-            # for the (capped) anonymous health and reflection streams.
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs
+            # grpc's own cap counts every call, streams included, and refuses without an
+            # ErrorInfo: a backstop only. Unary calls are held to their cap by
+            # ConcurrencyLimitInterceptor, watch streams to theirs by the feed, anonymous
+            # streams to theirs by AnonymousStreamLimit; the room past all three (one more
+            # unary cap's worth) is for calls being refused by them at that moment.
+            maximum_concurrent_rpcs=2 * config.max_concurrent_rpcs
             + config.watch_max_streams
             + config.max_anonymous_streams,
         )
@@ -323,15 +327,12 @@ class Service:
         return self.server.add_secure_port(config.listen, credentials)
 
     async def start(self) -> None:
-        """Starts serving; health turns SERVING once the database answers and is migrated."""
+        """Starts serving; once the database answers and is migrated, the push worker, the
+        retention job and the expiry sweeper start and health turns SERVING."""
         await self._set_health(serving=False)
         if self.tracing is not None:
             self.tracing.start()
         await self.listener.start()
-        if self.config.outbox_enabled:
-            await self.outbox.start()
-        self.retention.start()
-        self.expiry.start()
         await self.server.start()
         if self.config.metrics_listen:
             port = self.metrics.serve(self.config.metrics_listen)
@@ -359,11 +360,25 @@ class Service:
 
     async def _watch_database(self) -> None:
         migrated = False
+        said_why = False
         serving: bool | None = None
         while True:
             ok = await self.db.ping()
             if ok and not migrated:
                 migrated = await self._is_migrated()
+                if migrated:
+                    # Started once their tables exist (UMBRA_MIGRATE=off may start us early).
+                    if self.config.outbox_enabled:
+                        await self.outbox.start()
+                    self.retention.start()
+                    self.expiry.start()
+                if not migrated and not said_why:
+                    said_why = True
+                    _log.warning(
+                        "the database schema is not at revision %s, which this code needs: "
+                        "NOT_SERVING until `umbra-grpc migrate` has run",
+                        migrate.head_revision(),
+                    )
             now_serving = ok and migrated and self.listener.connected
             if ok:
                 with contextlib.suppress(Exception):

@@ -140,10 +140,12 @@ class TokenVerifier:
             self._by_algorithm.setdefault(algorithm_for(key), []).append(key)
         for entry in jwks:
             if algorithm_for(entry.key) != entry.algorithm:
-                raise ValueError(f"JWKS key {entry.kid!r} does not fit {entry.algorithm}")
+                raise ValueError(
+                    f"UMBRA_JWT_JWKS_FILE: key {entry.kid!r} does not fit {entry.algorithm}"
+                )
             if entry.kid is not None:
                 if entry.kid in self._by_kid:
-                    raise ValueError(f"JWKS key id {entry.kid!r} appears twice")
+                    raise ValueError(f"UMBRA_JWT_JWKS_FILE: key id {entry.kid!r} appears twice")
                 self._by_kid[entry.kid] = entry
             self._by_algorithm.setdefault(entry.algorithm, []).append(entry.key)
         self._issuer = issuer

@@ -1,6 +1,10 @@
 """Alembic, driven from code: `serve` and `migrate` upgrade to head; tests go up, down, up.
 
 Alembic's environment runs its own event loop, so async callers run these in a thread.
+Every run (by hand too) first takes the transaction-scoped advisory lock
+`MIGRATION_LOCK_KEY` in the transaction that migrates (`migrations/env.py`): replicas that
+start together on an empty database queue on it, the first migrates, and the others then
+read the version it committed and find nothing to do (SPEC 10.12).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from alembic.script import ScriptDirectory
 from umbra_grpc.storage.database import Conn, Query
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+# pg_advisory_xact_lock's key for migrations; other advisory locks of the service use others.
+MIGRATION_LOCK_KEY = 0x756D_6272_615F_6D67  # "umbra_mg"
 
 
 def alembic_config(url: str) -> AlembicConfig:
