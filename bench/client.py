@@ -27,7 +27,6 @@ from umbra_grpc.tokens import mint_token
 
 WATCH_METHOD = "/umbra.connections.v1.ConnectionService/WatchIncomingRequests"
 SEND_METHOD = "/umbra.connections.v1.ConnectionService/SendRequest"
-SEARCH_METHOD = "/umbra.connections.v1.ConnectionService/Search"
 CALL_TIMEOUT = 30.0
 OPENING_AT_ONCE = 200
 
@@ -313,15 +312,18 @@ def spin(seconds: float) -> None:
 
 
 async def floor(job: dict[str, Any]) -> None:
-    """Interleaved Search samples of each class; "control" spins before its call.
+    """Interleaved samples of each class; "control" spins before its call.
 
-    Open loop: one call every `interval` seconds whatever the answers, so that answers (all
-    held to the same floor) come back evenly spaced instead of in bursts that queue behind
-    each other in the client and the server; queueing jitter would hide a 0.2 ms difference.
+    A class is [caller id, request bytes, method, the status code it answers with]; a call
+    that answers otherwise is counted in `errors` and not sampled. Open loop: one call every
+    `interval` seconds whatever the answers, so that answers (all held to the same floor)
+    come back evenly spaced instead of in bursts that queue behind each other in the client
+    and the server; queueing jitter would hide a 0.2 ms difference.
     """
     tokens = Tokens(job["secret"])
     classes = {
-        name: (int(uid), base64.b64decode(raw)) for name, (uid, raw) in job["classes"].items()
+        name: (int(uid), base64.b64decode(raw), method, expected)
+        for name, (uid, raw, method, expected) in job["classes"].items()
     }
     control = job["control"]  # {"like": class name, "spin": seconds}
     names = [*classes, "control"]
@@ -332,27 +334,31 @@ async def floor(job: dict[str, Any]) -> None:
         rng.shuffle(triple)
         order.extend(triple)
     ch = channel(job["target"])
-    call = ch.unary_unary(SEARCH_METHOD)
+    calls = {method: ch.unary_unary(method) for _, _, method, _ in classes.values()}
     samples: dict[str, list[int]] = {name: [] for name in names}
     errors: Counter[str] = Counter()
     try:
         await asyncio.wait_for(ch.channel_ready(), 30)
-        for uid, _ in classes.values():
+        for uid, _, _, _ in classes.values():
             tokens(uid)
         emit({"ready": True})
         await read_line()
 
         async def one(name: str) -> None:
-            uid, request = classes[control["like"] if name == "control" else name]
+            uid, request, method, expected = classes[control["like"] if name == "control" else name]
             begin = time.perf_counter()
             if name == "control":
                 spin(control["spin"])
             try:
-                await call(request, metadata=tokens(uid), timeout=CALL_TIMEOUT)
+                await calls[method](request, metadata=tokens(uid), timeout=CALL_TIMEOUT)
+                code = "OK"
             except grpc.aio.AioRpcError as error:
-                errors[code_name(error)] += 1
+                code = code_name(error)
+            elapsed = int((time.perf_counter() - begin) * 1e9)
+            if code != expected:
+                errors[f"{name}:{code}"] += 1
                 return
-            samples[name].append(int((time.perf_counter() - begin) * 1e9))
+            samples[name].append(elapsed)
 
         interval = job["interval"]
         origin = time.perf_counter()

@@ -14,13 +14,18 @@ request accepted by the Respond phase never meets a pair the SendRequest phase u
 | responder senders | 6001.. | |
 | removers | 7001..7256 | connections to `remover partners` (RemoveConnection) |
 | remover partners | 8001.. | |
-| floor callers | 9001..9016 | Search callers of the timing-floor test |
+| floor callers | 9001..9016 | callers of the timing-floor tests; 9003 blocks 9002 |
 | watch senders | 9101..9300 | SendRequest callers of the watch test |
 | pages | 9501, 9502 | `small_list` and `large_list` notifications |
+| blockers | 9601..9856 | BlockUser callers |
 | receivers | 100001.. | fresh SendRequest receivers (5 requests each: the pending cap) |
 | watchers | 200001.. | WatchIncomingRequests callers |
+| block targets | 300001.. | one pending request each to a blocker (BlockUser sweeps it) |
 
-Every user is active, accepts requests and shares email, phone and company. The seeded
+Every user is active, accepts requests and shares email, phone and company. Rows go in with
+`session_replication_role = replica` (the seed is consistent by construction): triggers off,
+so the pair guard of migration 0004 does not take one advisory lock per seeded request and
+connection in one transaction (tens of thousands would exhaust the lock table). The seeded
 database is a template: each server of a run gets its own copy (`CREATE DATABASE ...
 TEMPLATE`), so that one server's outbox worker never delivers another's rows and every
 server has all the requests and connections to consume.
@@ -52,6 +57,13 @@ FLOOR_CALLERS = range(9001, 9017)
 WATCH_SENDERS = range(9101, 9301)
 SMALL_PAGES_USER = 9501
 LARGE_PAGES_USER = 9502
+BLOCKERS = range(9601, 9601 + POOL)
+BLOCK_TARGETS_FROM = 300_001
+# The timing-floor cast of the block comparisons: FLOOR_BLOCKER blocks FLOOR_BLOCKED;
+# FLOOR_BLOCKING_CALLER blocks FLOOR_BLOCK_TARGET (an existing handle) again and again.
+FLOOR_BLOCKED, FLOOR_BLOCKER = 9002, 9003
+FLOOR_BLOCKING_CALLER, FLOOR_BLOCK_TARGET = 9004, 9005
+RELATIONSHIP_HANDLES = 20  # per GetRelationships call: a screenful of a list
 RECEIVERS_FROM = 100_001
 WATCHERS_FROM = 200_001
 PENDING_CAP = 5
@@ -76,6 +88,7 @@ class Sizes:
     idle_streams: int  # streams open for the RSS figure (5 per user, after the watchers')
     small_list: int
     large_list: int
+    blocks: int  # BlockUser items (each sweeps a pending request)
 
     @property
     def receivers(self) -> int:
@@ -175,11 +188,27 @@ async def _notifications(conn: asyncpg.Connection, user_id: int, count: int) -> 
     )
 
 
+async def _block_requests(conn: asyncpg.Connection, count: int) -> None:
+    """A pending request from each block target to a blocker (round robin)."""
+    await conn.execute(
+        """
+        INSERT INTO connection_requests (sender_id, receiver_id, created_at)
+        SELECT $1 + g, $2 + g % $3, now() - g * interval '1 ms'
+        FROM generate_series(0, $4 - 1) AS g
+        """,
+        BLOCK_TARGETS_FROM,
+        BLOCKERS.start,
+        len(BLOCKERS),
+        count,
+    )
+
+
 async def seed(url: str, sizes: Sizes) -> dict[str, float]:
     """Creates everything but the large list in one go; returns seconds per step."""
     timings: dict[str, float] = {}
     conn = await asyncpg.connect(url)
     try:
+        await conn.execute("SET session_replication_role = replica")  # see the docstring
         responder_senders = math.ceil(sizes.responds / POOL)
         remover_partners = math.ceil(sizes.removes / POOL)
 
@@ -204,6 +233,8 @@ async def seed(url: str, sizes: Sizes) -> dict[str, float]:
                 (SMALL_PAGES_USER, 2),
                 (RECEIVERS_FROM, sizes.receivers),
                 (WATCHERS_FROM, sizes.watchers + sizes.idle_users),
+                (BLOCKERS.start, len(BLOCKERS)),
+                (BLOCK_TARGETS_FROM, sizes.blocks),
             ):
                 await _users(conn, first, count)
 
@@ -219,6 +250,15 @@ async def seed(url: str, sizes: Sizes) -> dict[str, float]:
             _connected(conn, REMOVERS, REMOVER_PARTNERS_FROM, remover_partners),
         )
         await step("small_list", _notifications(conn, SMALL_PAGES_USER, sizes.small_list))
+        await step("block_requests", _block_requests(conn, sizes.blocks))
+        await step(
+            "floor_block",
+            conn.execute(
+                "INSERT INTO user_blocks (blocker_id, blocked_id) VALUES ($1, $2)",
+                FLOOR_BLOCKER,
+                FLOOR_BLOCKED,
+            ),
+        )
         await step("analyze", conn.execute("VACUUM ANALYZE"))
     finally:
         await conn.close()
@@ -230,6 +270,7 @@ async def seed_large_list(url: str, sizes: Sizes) -> float:
     started = time.perf_counter()
     conn = await asyncpg.connect(url)
     try:
+        await conn.execute("SET session_replication_role = replica")
         await _notifications(conn, LARGE_PAGES_USER, sizes.large_list)
         await conn.execute("VACUUM ANALYZE notifications")
     finally:
@@ -328,4 +369,31 @@ async def plans(url: str, sizes: Sizes) -> dict[str, list[Item]]:
             )
             for row in _interleaved(list(removable), "user_id")
         ],
+        "GetRelationships": [
+            (
+                uid,
+                pb.GetRelationshipsRequest(
+                    umbral_names=relationship_handles(n)
+                ).SerializeToString(),
+            )
+            for n, uid in enumerate(LISTERS)
+        ],
+        "BlockUser": [
+            (
+                BLOCKERS[n % len(BLOCKERS)],
+                pb.BlockUserRequest(umbral_name=handle(BLOCK_TARGETS_FROM + n)).SerializeToString(),
+            )
+            for n in range(sizes.blocks)
+        ],
     }
+
+
+def relationship_handles(n: int) -> list[str]:
+    """What a lister asks about: connected, incoming pending, nothing between, nobody."""
+    quarter = RELATIONSHIP_HANDLES // 4
+    return [
+        *(handle(PARTNERS_FROM + k) for k in range(quarter)),
+        *(handle(LIST_SENDERS_FROM + k) for k in range(quarter)),
+        *(handle(CALLERS.start + (n + k) % len(CALLERS)) for k in range(quarter)),
+        *(f"nobody{n:03d}x{k:03d}" for k in range(quarter)),
+    ]

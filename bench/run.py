@@ -10,7 +10,9 @@
 3. Statements per RPC, read from the server's `StatementCounter` through a bench-only RPC.
 4. Watch: commit-to-client latency with 1,000 open streams; RSS with 10,000 idle streams.
 5. Pagination: first page of a 1,000-row list against a page deep in a 1,000,000-row list.
-6. Timing floor: KS test of found vs not-found Search, with a 0.2 ms positive control.
+6. Timing floor: KS tests, each with a 0.2 ms positive control: found vs not-found Search;
+   BlockUser of an existing vs a nonexistent handle; a blocked user's Search and
+   SendRequest aimed at their blocker vs at a nonexistent handle (SPEC 11).
 7. `umbra-grpc serve --workers N` at N = 1 and 2.
 8. Results to bench/results/latest.json and docs/PERFORMANCE.md (`bench.report`).
 
@@ -73,8 +75,11 @@ TARGETS: dict[str, tuple[int, float]] = {
     "ListConnections": (1, 0.35),
     "GetSharedProfile": (1, 0.45),
     "RemoveConnection": (3, 0.30),
+    # SPEC 11
+    "GetRelationships": (1, 0.35),
+    "BlockUser": (3, 0.30),
 }
-CONSUMED = {"SendRequest", "Respond", "RemoveConnection"}
+CONSUMED = {"SendRequest", "Respond", "RemoveConnection", "BlockUser"}
 ONE_IN_FLIGHT_P50_MS = 1.0
 ONE_IN_FLIGHT_P99_MS = 2.0
 WATCH_P99_MS = 20.0
@@ -117,6 +122,7 @@ FULL = Plan(
         idle_streams=10_000,
         small_list=1_000,
         large_list=1_000_000,
+        blocks=24_000,
     ),
     duration=2.5,
     warmup_calls=256,
@@ -139,6 +145,7 @@ SMOKE = Plan(
         idle_streams=200,
         small_list=1_000,
         large_list=20_000,
+        blocks=3_000,
     ),
     duration=0.3,
     warmup_calls=16,
@@ -891,57 +898,90 @@ class Bench:
             await self.stop_server(server)
 
     async def floor_section(self) -> None:
-        """KS test of found vs not-found Search under the default floors, with a control."""
-        from scipy.stats import ks_2samp
-
+        """KS tests under the default floors, each pair of answers with its own control:
+        Search found vs not found (SPEC 8), and SPEC 11's no-oracle pairs: BlockUser of an
+        existing vs a nonexistent handle, and a blocked user's Search and SendRequest
+        aimed at their blocker vs at a handle nobody has."""
         log("timing floor")
         server, target = await self.server("floors", UMBRA_TIMING_FLOORS="default")
-        caller = pop.FLOOR_CALLERS[0]
-        found = pb.SearchRequest(umbral_name=pop.handle(pop.PARTNERS_FROM)).SerializeToString()
-        missing = pb.SearchRequest(umbral_name=pop.NOT_FOUND_HANDLE).SerializeToString()
-        job = {
-            "kind": "floor",
-            "target": target,
-            "secret": self.secret,
-            "classes": {
-                "found": [caller, base64.b64encode(found).decode()],
-                "not_found": [caller, base64.b64encode(missing).decode()],
-            },
-            "control": {"like": "found", "spin": CONTROL_SPIN_S},
-            "samples": self.plan.floor_samples,
-            "interval": FLOOR_INTERVAL_S,
+
+        def search(handle: str) -> bytes:
+            return pb.SearchRequest(umbral_name=handle).SerializeToString()
+
+        nobody = pop.NOT_FOUND_HANDLE
+        # label: (caller, method, expected code, first class, second class)
+        pairs = {
+            "Search: found vs not found": (
+                pop.FLOOR_CALLERS[0],
+                "Search",
+                "OK",
+                search(pop.handle(pop.PARTNERS_FROM)),
+                search(nobody),
+            ),
+            "BlockUser: existing vs nonexistent handle": (
+                pop.FLOOR_BLOCKING_CALLER,
+                "BlockUser",
+                "OK",
+                pb.BlockUserRequest(
+                    umbral_name=pop.handle(pop.FLOOR_BLOCK_TARGET)
+                ).SerializeToString(),
+                pb.BlockUserRequest(umbral_name=nobody).SerializeToString(),
+            ),
+            "blocked user's Search: blocker vs nonexistent": (
+                pop.FLOOR_BLOCKED,
+                "Search",
+                "OK",
+                search(pop.handle(pop.FLOOR_BLOCKER)),
+                search(nobody),
+            ),
+            "blocked user's SendRequest: blocker vs nonexistent": (
+                pop.FLOOR_BLOCKED,
+                "SendRequest",
+                "NOT_FOUND",
+                pb.SendRequestRequest(
+                    umbral_name=pop.handle(pop.FLOOR_BLOCKER)
+                ).SerializeToString(),
+                pb.SendRequestRequest(umbral_name=nobody).SerializeToString(),
+            ),
         }
+        comparisons: dict[str, Any] = {}
+        errors: dict[str, int] = {}
         try:
-            async with self.client_processes([job]) as started:
-                ((client, _),) = started
-                await client.go()
-                reply = await client.result()
+            for label, (caller, method, code, first, second) in pairs.items():
+                log(f"timing floor: {label}")
+                job = {
+                    "kind": "floor",
+                    "target": target,
+                    "secret": self.secret,
+                    "classes": {
+                        "first": [caller, base64.b64encode(first).decode(), SERVICE + method, code],
+                        "second": [
+                            caller,
+                            base64.b64encode(second).decode(),
+                            SERVICE + method,
+                            code,
+                        ],
+                    },
+                    "control": {"like": "first", "spin": CONTROL_SPIN_S},
+                    "samples": self.plan.floor_samples,
+                    "interval": FLOOR_INTERVAL_S,
+                }
+                async with self.client_processes([job]) as started:
+                    ((client, _),) = started
+                    await client.go()
+                    reply = await client.result()
+                for name, count in reply["errors"].items():
+                    errors[f"{label} {name}"] = count
+                comparisons[label] = ks_comparison(reply["samples_ns"])
         finally:
             await self.stop_server(server)
-        samples = {name: [v / 1e3 for v in values] for name, values in reply["samples_ns"].items()}
-        real = ks_2samp(samples["found"], samples["not_found"])
-        control = ks_2samp(samples["control"], samples["not_found"])
-        shifted = ks_2samp(
-            [v + CONTROL_SPIN_S * 1e6 for v in samples["found"]], samples["not_found"]
-        )
         self.results["timing_floor"] = {
-            "floors": "default (Search 50 ms on every outcome)",
-            "samples_per_class": {name: len(values) for name, values in samples.items()},
-            "latency": {name: latency_summary(values) for name, values in samples.items()},
-            "errors": reply["errors"],
-            "found_vs_not_found": {"ks": round(float(real.statistic), 4), "p": float(real.pvalue)},
-            "control_spin_vs_not_found": {
-                "ks": round(float(control.statistic), 4),
-                "p": float(control.pvalue),
-                "how": "a 0.2 ms busy spin inside the measured time of found-class calls",
-            },
-            "control_shift_vs_not_found": {
-                "ks": round(float(shifted.statistic), 4),
-                "p": float(shifted.pvalue),
-                "how": "0.2 ms added to the measured found latencies",
-            },
+            "floors": "default (Search, BlockUser, UnblockUser, GetRelationships 50 ms on every"
+            " outcome; SendRequest 50 ms on NOT_FOUND)",
+            "comparisons": comparisons,
+            "errors": errors,
             "alpha": KS_ALPHA,
-            "pass": bool(real.pvalue >= KS_ALPHA and control.pvalue < KS_ALPHA),
+            "pass": all(entry["pass"] for entry in comparisons.values()),
         }
 
     async def workers_section(self) -> None:
@@ -992,6 +1032,33 @@ class Bench:
             log(f"profile {method}")
             profiles[method] = await profile_phase(self, target, pid, method)
         self.results["profile"] = profiles
+
+
+def ks_comparison(samples_ns: dict[str, list[int]]) -> dict[str, Any]:
+    """Two classes (`first`, `second`) that must not be told apart, and the control (`first`
+    with a 0.2 ms spin) that must be: two-sample KS tests on the latencies."""
+    from scipy.stats import ks_2samp
+
+    samples = {name: [v / 1e3 for v in values] for name, values in samples_ns.items()}
+    real = ks_2samp(samples["first"], samples["second"])
+    control = ks_2samp(samples["control"], samples["second"])
+    shifted = ks_2samp([v + CONTROL_SPIN_S * 1e6 for v in samples["first"]], samples["second"])
+    return {
+        "samples_per_class": {name: len(values) for name, values in samples.items()},
+        "latency": {name: latency_summary(values) for name, values in samples.items()},
+        "first_vs_second": {"ks": round(float(real.statistic), 4), "p": float(real.pvalue)},
+        "control_spin_vs_second": {
+            "ks": round(float(control.statistic), 4),
+            "p": float(control.pvalue),
+            "how": "a 0.2 ms busy spin inside the measured time of first-class calls",
+        },
+        "control_shift_vs_second": {
+            "ks": round(float(shifted.statistic), 4),
+            "p": float(shifted.pvalue),
+            "how": "0.2 ms added to the measured first-class latencies",
+        },
+        "pass": bool(real.pvalue >= KS_ALPHA and control.pvalue < KS_ALPHA),
+    }
 
 
 def uvloop_summary(rpcs: dict[str, Any], echo_rps: float, uv_echo_rps: float) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The invariants of SPEC 2 (I1-I5), checked by SQL against the rows a scenario left behind.
+"""The invariants of SPEC 2 (I1-I5) and SPEC 11's block rule, checked by SQL against the rows a
+scenario left behind.
 
 Each check is an async function taking an asyncpg connection and returning its violations as
 sentences that name the rows (an empty list when it holds); `check_all` runs them all. They
@@ -34,11 +35,20 @@ import asyncpg
 
 Violations = list[str]
 
-# The audit action that records each way a request leaves pending, and who may do it.
-RESOLUTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "accepted": (("connection.accepted",), "receiver"),
-    "rejected": (("connection.rejected", "connection.rejected_sender_inactive"), "receiver"),
-    "cancelled": (("connection.request_cancelled",), "sender"),
+# The audit actions that record each way a request leaves pending, each with who may do it
+# (None: the service itself, no actor: expiry).
+RESOLUTIONS: dict[str, dict[str, str | None]] = {
+    "accepted": {"connection.accepted": "receiver"},
+    "rejected": {
+        "connection.rejected": "receiver",
+        "connection.rejected_sender_inactive": "receiver",
+    },
+    "cancelled": {
+        "connection.request_cancelled": "sender",
+        # The receiver blocked the sender (SPEC 11).
+        "connection.request_cancelled_by_receiver": "receiver",
+    },
+    "expired": {"connection.request_expired": None},
 }
 SENT = "connection.request_sent"
 REMOVED = "connection.removed"
@@ -220,6 +230,27 @@ async def i4_resolution_and_accept_rows(conn: asyncpg.Connection) -> Violations:
     return found
 
 
+async def blocked_pairs_hold_nothing(conn: asyncpg.Connection) -> Violations:
+    """SPEC 11: a blocked pair holds no pending request and no connection."""
+    rows = await conn.fetch(
+        """
+        SELECT k.blocker_id, k.blocked_id FROM user_blocks k
+        WHERE EXISTS (SELECT 1 FROM connection_requests r WHERE r.status = 'pending'
+                      AND least(r.sender_id, r.receiver_id) = least(k.blocker_id, k.blocked_id)
+                      AND greatest(r.sender_id, r.receiver_id)
+                          = greatest(k.blocker_id, k.blocked_id))
+           OR EXISTS (SELECT 1 FROM user_connections c
+                      WHERE (c.user_id, c.connected_user_id)
+                            IN ((k.blocker_id, k.blocked_id), (k.blocked_id, k.blocker_id)))
+        """
+    )
+    return [
+        f"blocks: user {row['blocker_id']} blocks user {row['blocked_id']}, yet the two have a"
+        " pending request or a connection"
+        for row in rows
+    ]
+
+
 async def i5_mutations_are_audited(conn: asyncpg.Connection) -> Violations:
     """I5: request sent, resolved and connection removed each have their audit row."""
     found: Violations = []
@@ -246,7 +277,7 @@ async def i5_mutations_are_audited(conn: asyncpg.Connection) -> Violations:
                 f"{row['rows'] or 0} {SENT} audit rows, expected one by its sender for its "
                 f"receiver (actor {row['actor_id']}, target {row['target_id']})"
             )
-    resolutions = sorted({action for actions, _ in RESOLUTIONS.values() for action in actions})
+    resolutions = sorted({action for actions in RESOLUTIONS.values() for action in actions})
     rows = await conn.fetch(
         """
         SELECT r.id, r.status, r.sender_id, r.receiver_id,
@@ -300,11 +331,14 @@ def _resolution_violations(row: asyncpg.Record) -> Violations:
         return [f"I5: {where} has resolution audit rows {actions}"] if actions else []
     if row["status"] not in RESOLUTIONS:
         return [f"I5: {where}: no rule for status {row['status']!r}"]
-    allowed, party = RESOLUTIONS[row["status"]]
+    allowed = RESOLUTIONS[row["status"]]
     if len(actions) != 1 or actions[0] not in allowed:
-        return [f"I5: {where} has resolution audit rows {actions}, expected one of {allowed}"]
-    if actors[0] != row[f"{party}_id"]:
-        return [f"I5: {where} was resolved by user {actors[0]}, not its {party}"]
+        return [
+            f"I5: {where} has resolution audit rows {actions}, expected one of {sorted(allowed)}"
+        ]
+    party = allowed[actions[0]]
+    if actors[0] != (None if party is None else row[f"{party}_id"]):
+        return [f"I5: {where} was resolved by user {actors[0]}, not its {party or 'service'}"]
     return []
 
 
@@ -321,6 +355,7 @@ async def check_all(
         lambda c: i3_pending_cap_per_window(c, cap=cap, window=window),
         i4_resolution_and_accept_rows,
         i5_mutations_are_audited,
+        blocked_pairs_hold_nothing,
     ]
     found: Violations = []
     for check in checks:

@@ -76,6 +76,8 @@ class Config:
     pending_cap: int = 5
     pending_window_seconds: float = 600.0
     resend_cooldown_seconds: float = 3600.0
+    request_ttl_seconds: float = 2_592_000.0
+    expiry_sweep_seconds: float = 60.0
     listener_probe_seconds: float = 2.0
     watch_heartbeat_seconds: float = 15.0
     watch_queue_size: int = 64
@@ -166,6 +168,8 @@ class Config:
             resend_cooldown_seconds=env.number(
                 "UMBRA_RESEND_COOLDOWN_SECONDS", cls.resend_cooldown_seconds
             ),
+            request_ttl_seconds=env.number("UMBRA_REQUEST_TTL_SECONDS", cls.request_ttl_seconds),
+            expiry_sweep_seconds=env.number("UMBRA_EXPIRY_SWEEP_SECONDS", cls.expiry_sweep_seconds),
             listener_probe_seconds=env.number(
                 "UMBRA_LISTENER_PROBE_SECONDS", cls.listener_probe_seconds
             ),
@@ -245,6 +249,11 @@ class Config:
                 ) from None
         _check_jwt_keys(self)
         _check_tls(self)
+        # A request must outlive the cap's window, or expiring would free cap places.
+        if self.request_ttl_seconds < self.pending_window_seconds:
+            raise ConfigError(
+                "UMBRA_REQUEST_TTL_SECONDS must be at least UMBRA_PENDING_WINDOW_SECONDS"
+            )
 
     @property
     def listener_url(self) -> str | None:
@@ -280,6 +289,8 @@ RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "UMBRA_PENDING_CAP": (1, 1000),
         "UMBRA_PENDING_WINDOW_SECONDS": (1, 2_592_000),
         "UMBRA_RESEND_COOLDOWN_SECONDS": (0, 31_536_000),
+        "UMBRA_REQUEST_TTL_SECONDS": (60, 315_360_000),
+        "UMBRA_EXPIRY_SWEEP_SECONDS": (0, 86_400),
         "UMBRA_LISTENER_PROBE_SECONDS": (0.1, 300),
         "UMBRA_WATCH_HEARTBEAT_SECONDS": (0.1, 3600),
         "UMBRA_WATCH_QUEUE_SIZE": (1, 100_000),

@@ -26,6 +26,20 @@ def error_status(
     retry_after: float | None = None,
 ) -> grpc.Status:
     """A status with an `ErrorInfo(reason, domain)` and, when given, a `RetryInfo`."""
+    status = error_status_proto(code, reason, message, metadata=metadata, retry_after=retry_after)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+def error_status_proto(
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    *,
+    metadata: dict[str, str] | None = None,
+    retry_after: float | None = None,
+) -> status_pb2.Status:
+    """The `google.rpc.Status` of `error_status` (what an idempotency key keeps)."""
     details = [
         _pack(
             error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
@@ -36,9 +50,7 @@ def error_status(
         nanos = min(int((retry_after - seconds) * 1e9), 999_999_999)
         delay = duration_pb2.Duration(seconds=seconds, nanos=nanos)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=_CODE_NUMBERS[code], message=message, details=details)
-    result: grpc.Status = rpc_status.to_status(status)
-    return result
+    return status_pb2.Status(code=_CODE_NUMBERS[code], message=message, details=details)
 
 
 async def abort(

@@ -28,8 +28,11 @@ from umbra_grpc.destinations import Destinations, Resolver, system_resolver
 from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.domain.connections import Connections
+from umbra_grpc.domain.expiry import ExpirySweeper
+from umbra_grpc.domain.idempotency import IdempotentWrites
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.pages import PageTokens
+from umbra_grpc.domain.relationships import Relationships
 from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.retention import Retention, RetentionPolicy
 from umbra_grpc.domain.watch import RequestFeed, Watching
@@ -165,13 +168,16 @@ class Service:
         )
         accounts = Accounts(db, self.active_users.forget, destinations)
         pages = PageTokens(page_token_key(config))
+        ttl = dt.timedelta(seconds=config.request_ttl_seconds)
         requests = Requests(
             db,
             pages,
             cap=config.pending_cap,
             window=dt.timedelta(seconds=config.pending_window_seconds),
             cooldown=dt.timedelta(seconds=config.resend_cooldown_seconds),
+            ttl=ttl,
         )
+        writes = IdempotentWrites(db)
         notifications = Notifications(db, pages)
         self.feed = RequestFeed(
             db,
@@ -184,12 +190,21 @@ class Service:
             self.feed,
             heartbeat=config.watch_heartbeat_seconds,
             write_timeout=config.watch_write_timeout_seconds,
+            ttl=ttl,
         )
         accounts_pb2_grpc.add_AccountServiceServicer_to_server(
-            AccountServicer(accounts, trusted), self.server
+            AccountServicer(accounts, writes, trusted), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-            ConnectionServicer(requests, Connections(db, pages), notifications, watching, trusted),
+            ConnectionServicer(
+                requests,
+                Connections(db, pages),
+                notifications,
+                watching,
+                Relationships(db, pages, ttl=ttl),
+                writes,
+                trusted,
+            ),
             self.server,
         )
         for add, servicer in extra_servicers:
@@ -229,6 +244,7 @@ class Service:
         self.retention = Retention(
             db, RetentionPolicy.from_config(config), interval=config.retention_interval_seconds
         )
+        self.expiry = ExpirySweeper(db, ttl=ttl, interval=config.expiry_sweep_seconds)
         self._register_metrics(rate_limit, timing_floor)
 
     def _user_changed(self, payload: str) -> None:
@@ -311,8 +327,8 @@ class Service:
         return self.server.add_secure_port(config.listen, credentials)
 
     async def start(self) -> None:
-        """Starts serving; once the database answers and is migrated, the push worker and
-        the retention job start and health turns SERVING."""
+        """Starts serving; once the database answers and is migrated, the push worker, the
+        retention job and the expiry sweeper start and health turns SERVING."""
         await self._set_health(serving=False)
         if self.tracing is not None:
             self.tracing.start()
@@ -335,6 +351,7 @@ class Service:
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.outbox.stop()
         await self.retention.stop()
+        await self.expiry.stop()
         await self.listener.stop()
         self.metrics.stop()
         await self.db.dispose()
@@ -354,6 +371,7 @@ class Service:
                     if self.config.outbox_enabled:
                         await self.outbox.start()
                     self.retention.start()
+                    self.expiry.start()
                 if not migrated and not said_why:
                     said_why = True
                     _log.warning(

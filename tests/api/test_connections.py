@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
+from tests.api.statements import rpc_statements
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser, separate_channel
 from tests.rich import error_reason, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
@@ -538,7 +539,7 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
     async def count(call) -> int:
         server.statements.reset()
         await call
-        return server.statements.count
+        return rpc_statements(server)
 
     assert await count(connections.ListConnections(pb.ListConnectionsRequest(), metadata=a.md)) == 1
     assert (

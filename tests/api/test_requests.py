@@ -6,6 +6,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from tests.api.statements import rpc_statements
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser
 from tests.rich import error_reason, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2
@@ -569,7 +570,7 @@ async def test_statement_budget(connections, new_user: NewUser, server: RunningS
     async def count(call) -> int:
         server.statements.reset()
         await call
-        return server.statements.count
+        return rpc_statements(server)
 
     assert (
         await count(connections.Search(pb.SearchRequest(umbral_name=b.handle), metadata=a.md)) == 1

@@ -81,9 +81,9 @@ async def test_reads_are_retried_on_unavailable(scripted: ScriptedServer) -> Non
     assert len(scripted.script.seen("Search")) == 3
 
 
-async def test_writes_are_not_retried_by_default(scripted: ScriptedServer) -> None:
+async def test_writes_are_not_retried_when_switched_off(scripted: ScriptedServer) -> None:
     scripted.script.unavailable_first = 1
-    async with UmbraClient(scripted.target, "t") as client:
+    async with UmbraClient(scripted.target, "t", write_retries=False) as client:
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await client.send_request(umbral_name="bob")
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -92,9 +92,11 @@ async def test_writes_are_not_retried_by_default(scripted: ScriptedServer) -> No
     assert uuid.UUID(attempt[IDEMPOTENCY_KEY_HEADER])
 
 
-async def test_write_retries_send_one_key_per_call(scripted: ScriptedServer) -> None:
+async def test_writes_are_retried_by_default_under_one_key_per_call(
+    scripted: ScriptedServer,
+) -> None:
     scripted.script.unavailable_first = 2
-    async with UmbraClient(scripted.target, "t", write_retries=True) as client:
+    async with UmbraClient(scripted.target, "t") as client:
         reply = await client.send_request(umbral_name="bob")
         assert reply.request.receiver_umbral_name == "bob"
         await client.send_request(umbral_name="bob")

@@ -50,6 +50,8 @@ TABLES = {
     "persons",
     "notifications",
     "outbox",
+    "user_blocks",
+    "idempotency_keys",
 }
 
 

@@ -102,6 +102,10 @@ async def test_describe_shows_the_rpcs(server: RunningServer) -> None:
         "ListConnections",
         "GetSharedProfile",
         "RemoveConnection",
+        "BlockUser",
+        "UnblockUser",
+        "ListBlockedUsers",
+        "GetRelationships",
     ):
         assert f"rpc {rpc} (" in result.stdout, rpc
     assert "returns ( stream .umbra.connections.v1.WatchIncomingRequestsResponse )" in (
@@ -109,30 +113,35 @@ async def test_describe_shows_the_rpcs(server: RunningServer) -> None:
     )
 
 
-async def test_admin_creates_users_and_a_user_searches(server: RunningServer) -> None:
+async def opted_in_user(server: RunningServer, user_id: int, handle: str) -> None:
+    """Creates the user through AccountService, accepting connections."""
     admin = admin_token()
+    created = await call(
+        server,
+        admin,
+        f"{ACCOUNT_SERVICE}/UpsertUser",
+        {"user": {"id": user_id, "umbral_name": handle, "is_active": True}},
+    )
+    assert created.code == 0, created.stderr
+    assert json.loads(created.stdout)["user"]["umbral_name"] == handle
+    opted_in = await call(
+        server,
+        admin,
+        f"{ACCOUNT_SERVICE}/UpdateSettings",
+        {
+            "user_id": user_id,
+            "settings": {"accept_connections": True},
+            # grpcurl 1.8 wants a FieldMask as an object, not JSON's "a,b" string form.
+            "update_mask": {"paths": ["accept_connections"]},
+        },
+    )
+    assert opted_in.code == 0, opted_in.stderr
+    assert json.loads(opted_in.stdout)["settings"]["accept_connections"] is True
+
+
+async def test_admin_creates_users_and_a_user_searches(server: RunningServer) -> None:
     for user_id, handle in ((501, "grpcurl.alice"), (502, "grpcurl.bob")):
-        created = await call(
-            server,
-            admin,
-            f"{ACCOUNT_SERVICE}/UpsertUser",
-            {"user": {"id": user_id, "umbral_name": handle, "is_active": True}},
-        )
-        assert created.code == 0, created.stderr
-        assert json.loads(created.stdout)["user"]["umbral_name"] == handle
-        opted_in = await call(
-            server,
-            admin,
-            f"{ACCOUNT_SERVICE}/UpdateSettings",
-            {
-                "user_id": user_id,
-                "settings": {"accept_connections": True},
-                # grpcurl 1.8 wants a FieldMask as an object, not JSON's "a,b" string form.
-                "update_mask": {"paths": ["accept_connections"]},
-            },
-        )
-        assert opted_in.code == 0, opted_in.stderr
-        assert json.loads(opted_in.stdout)["settings"]["accept_connections"] is True
+        await opted_in_user(server, user_id, handle)
 
     found = await call(
         server, user_token(501), f"{CONNECTION_SERVICE}/Search", {"umbral_name": "GRPCURL.BOB"}
@@ -153,3 +162,67 @@ async def test_health_check_needs_no_token(server: RunningServer) -> None:
         result = await call(server, None, "grpc.health.v1.Health/Check", {"service": service})
         assert result.code == 0, result.stderr
         assert json.loads(result.stdout) == {"status": "SERVING"}
+
+
+async def test_block_and_relationships_through_grpcurl(server: RunningServer) -> None:
+    for user_id, handle in ((511, "grpcurl.carol"), (512, "grpcurl.dave")):
+        await opted_in_user(server, user_id, handle)
+    carol, dave = user_token(511), user_token(512)
+
+    described = await grpcurl(
+        "-plaintext", server.target, "describe", f"{CONNECTION_SERVICE}.GetRelationships"
+    )
+    assert described.code == 0, described.stderr
+    assert "GetRelationshipsResponse" in described.stdout
+
+    sent = await call(
+        server,
+        dave,
+        f"{CONNECTION_SERVICE}/SendRequest",
+        {"umbral_name": "grpcurl.carol", "message": "hello from grpcurl"},
+    )
+    assert sent.code == 0, sent.stderr
+    states = await call(
+        server,
+        carol,
+        f"{CONNECTION_SERVICE}/GetRelationships",
+        {"umbral_names": ["grpcurl.dave", "nobody.here"]},
+    )
+    assert states.code == 0, states.stderr
+    assert json.loads(states.stdout) == {
+        "relationships": [
+            {"umbral_name": "grpcurl.dave", "state": "RELATIONSHIP_STATE_INCOMING_PENDING"},
+            {"umbral_name": "nobody.here", "state": "RELATIONSHIP_STATE_NONE"},
+        ]
+    }
+
+    # A retried block with an idempotency key answers the same, as the first.
+    for _ in range(2):
+        blocked = await grpcurl(
+            "-plaintext",
+            "-max-time",
+            "20",
+            *bearer(carol),
+            "-H",
+            "idempotency-key: grpcurl-block-1",
+            "-d",
+            json.dumps({"umbral_name": "GRPCURL.DAVE"}),
+            server.target,
+            f"{CONNECTION_SERVICE}/BlockUser",
+        )
+        assert blocked.code == 0, blocked.stderr
+        assert json.loads(blocked.stdout) == {}
+    after = await call(
+        server, carol, f"{CONNECTION_SERVICE}/GetRelationships", {"umbral_names": ["grpcurl.dave"]}
+    )
+    assert json.loads(after.stdout)["relationships"][0]["state"] == "RELATIONSHIP_STATE_BLOCKED"
+    # Dave is never told: to him Carol is nobody.
+    refused = await call(
+        server, dave, f"{CONNECTION_SERVICE}/SendRequest", {"umbral_name": "grpcurl.carol"}
+    )
+    assert refused.code != 0
+    assert "Code: NotFound" in refused.stderr and "USER_NOT_FOUND" in refused.stderr
+    listed = await call(server, carol, f"{CONNECTION_SERVICE}/ListBlockedUsers", {})
+    assert [user["umbral_name"] for user in json.loads(listed.stdout)["blocked_users"]] == [
+        "grpcurl.dave"
+    ]

@@ -115,6 +115,13 @@ async def database_agrees(database_url: str, record: Record) -> list[str]:
             await conn.fetch("SELECT status, count(*) FROM connection_requests GROUP BY status")
         )
         audits = dict(await conn.fetch("SELECT action, count(*) FROM audit_log GROUP BY action"))
+        # What BlockUser swept away (SPEC 11), by audit action.
+        by_blocks = dict(
+            await conn.fetch(
+                "SELECT action, count(*) FROM audit_log WHERE detail->>'reason' = 'block'"
+                " GROUP BY action"
+            )
+        )
     finally:
         await conn.close()
     accepted = pb.ConnectionRequest.STATUS_ACCEPTED
@@ -129,10 +136,15 @@ async def database_agrees(database_url: str, record: Record) -> list[str]:
             counts.get("rejected", 0),
             record.statuses[("Respond", rejected)] + record.reasons[("Respond", "SENDER_INACTIVE")],
         ),
-        "cancelled = CancelRequest OK": (counts.get("cancelled", 0), record.ok("CancelRequest")),
-        "connection.removed audits = RemoveConnection OK": (
+        "cancelled = CancelRequest OK + cancelled by blocks": (
+            counts.get("cancelled", 0),
+            record.ok("CancelRequest")
+            + by_blocks.get("connection.request_cancelled", 0)
+            + by_blocks.get("connection.request_cancelled_by_receiver", 0),
+        ),
+        "connection.removed audits = RemoveConnection OK + removed by blocks": (
             audits.get("connection.removed", 0),
-            record.ok("RemoveConnection"),
+            record.ok("RemoveConnection") + by_blocks.get("connection.removed", 0),
         ),
         "account.user_upserted audits = UpsertUser OK": (
             audits.get("account.user_upserted", 0),

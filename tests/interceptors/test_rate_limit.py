@@ -268,6 +268,8 @@ def test_parse_default_and_off() -> None:
         "UpdateSharingOverrides": BucketSpec(burst=30, interval=2.0),
         "RemoveConnection": BucketSpec(burst=10, interval=6.0),
         "MarkNotificationsRead": BucketSpec(burst=30, interval=1.0),
+        "BlockUser": BucketSpec(burst=10, interval=6.0),
+        "UnblockUser": BucketSpec(burst=10, interval=6.0),
         "UpsertUser": BucketSpec(burst=1000, interval=0.001),
         "UpdateSettings": BucketSpec(burst=1000, interval=0.001),
     }

@@ -342,6 +342,9 @@ def test_parse_default_and_off() -> None:
     assert parse_timing_floors("default") == (
         FloorRule("Search", 0.050),
         FloorRule("SendRequest", 0.050, grpc.StatusCode.NOT_FOUND),
+        FloorRule("BlockUser", 0.050),
+        FloorRule("UnblockUser", 0.050),
+        FloorRule("GetRelationships", 0.050),
     )
     assert parse_timing_floors(" Default ") == DEFAULT_TIMING_FLOORS
     assert parse_timing_floors("off") == ()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ async def test_a_claim_while_the_cancel_is_uncommitted_skips_the_row(
     async def cancel_and_hold(conn: Conn) -> None:
         # The cancel's own statement, then its transaction stays open until told.
         row = await request_store.cancel(
-            conn, caller=cast.sender.id, request_id=request_id, ip=None
+            conn, caller=cast.sender.id, request_id=request_id, ttl=dt.timedelta(days=30), ip=None
         )
         assert row is not None
         cancelled.set()

@@ -52,6 +52,8 @@ def test_up_down_up_and_no_drift(empty_database: str) -> None:
         "notifications",
         "audit_log",
         "outbox",
+        "user_blocks",
+        "idempotency_keys",
     }
     assert tables(empty_database) == expected
     migrate.check(empty_database)  # `alembic check`: autogenerate finds nothing to do

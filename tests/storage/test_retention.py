@@ -157,6 +157,7 @@ async def test_prune_deletes_what_aged_and_keeps_the_rest(
         "notifications_read": 1,
         "requests_resolved": 2,
         "audit_log": 1,
+        "idempotency_keys": 0,
     }
     outbox = await conn.fetch("SELECT display_name FROM outbox ORDER BY id")
     assert [row[0] for row in outbox] == [

@@ -27,6 +27,7 @@ on_session_loop = pytest.mark.asyncio(loop_scope="session")
 CAP = 3
 WINDOW = dt.timedelta(minutes=10)
 COOLDOWN = dt.timedelta(hours=1)
+TTL = dt.timedelta(days=30)
 FUNCTION = "umbra_send_request"
 _ids = itertools.count(5000)
 
@@ -35,7 +36,9 @@ _ids = itertools.count(5000)
 async def requests(database_url: str) -> AsyncIterator[Requests]:
     db = Database.connect(test_config(database_url))
     try:
-        yield Requests(db, PageTokens(b"k" * 32), cap=CAP, window=WINDOW, cooldown=COOLDOWN)
+        yield Requests(
+            db, PageTokens(b"k" * 32), cap=CAP, window=WINDOW, cooldown=COOLDOWN, ttl=TTL
+        )
     finally:
         await db.dispose()
 
@@ -93,7 +96,7 @@ async def test_the_cap_is_counted_after_the_lock(
 ) -> None:
     receiver = await new_user(other)
     for _ in range(CAP - 1):
-        await requests.send(await new_user(other), f"user{receiver}", None)
+        await requests.send(await new_user(other), f"user{receiver}", "", None)
     late = await new_user(other)
     async with other.transaction():
         # A racing sender has locked the receiver and written the last request the cap allows.
@@ -106,7 +109,7 @@ async def test_the_cap_is_counted_after_the_lock(
             COOLDOWN,
         )
         assert written is not None and written["request_id"] is not None
-        sent = asyncio.create_task(requests.send(late, f"user{receiver}", None))
+        sent = asyncio.create_task(requests.send(late, f"user{receiver}", "", None))
         await wait_until_blocked(database_url)
     # Had the count's snapshot been taken before the lock, it would miss that request.
     with pytest.raises(TooManyPending):
@@ -134,7 +137,7 @@ async def test_crossed_requests_meet_at_the_pending_pair_index(
             WINDOW,
             COOLDOWN,
         )
-        sent = asyncio.create_task(requests.send(b, f"user{a}", None))
+        sent = asyncio.create_task(requests.send(b, f"user{a}", "", None))
         await wait_until_blocked(database_url)
     with pytest.raises(RequestPending) as caught:
         await sent
@@ -156,7 +159,7 @@ async def test_an_empty_preferred_name_falls_back_to_the_handle(
     requests: Requests, other: asyncpg.Connection
 ) -> None:
     sender, receiver = await new_user(other, preferred_name=""), await new_user(other)
-    request = await requests.send(sender, f"user{receiver}", None)
+    request = await requests.send(sender, f"user{receiver}", "", None)
     message = await other.fetchval(
         "SELECT message FROM notifications WHERE source_id = $1", request.id
     )

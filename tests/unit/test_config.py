@@ -99,7 +99,9 @@ def test_both_ends_of_a_range_are_accepted(name: str) -> None:
 
 
 def _consistent(name: str, bound: float) -> dict[str, str]:
-    """Other variables a bound needs to be valid with (retry base <= cap)."""
+    """Other variables a bound needs to be valid with (retry base <= cap, window <= TTL)."""
+    if name == "UMBRA_REQUEST_TTL_SECONDS":
+        return {"UMBRA_PENDING_WINDOW_SECONDS": plain(min(bound, 600)).replace(",", "")}
     if name == "UMBRA_OUTBOX_RETRY_BASE_SECONDS":
         return {"UMBRA_OUTBOX_RETRY_CAP_SECONDS": plain(max(bound, 30)).replace(",", "")}
     if name == "UMBRA_OUTBOX_RETRY_CAP_SECONDS":

@@ -57,6 +57,7 @@ def row(request_id: int, receiver: int = ME, status: str = "pending") -> Row:
         "receiver_preferred": None,
         "created_at": dt.datetime(2025, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=request_id),
         "resolved_at": None,
+        "message": None,
     }
 
 
@@ -121,7 +122,9 @@ def make_feed(
 
 
 def make_watching(db: FakeDatabase, feed: RequestFeed, *, heartbeat: float = 0.1) -> Watching:
-    return Watching(db, feed, heartbeat=heartbeat, write_timeout=WAIT)  # type: ignore[arg-type]
+    return Watching(  # type: ignore[arg-type]
+        db, feed, heartbeat=heartbeat, write_timeout=WAIT, ttl=dt.timedelta(days=30)
+    )
 
 
 async def settle() -> None:

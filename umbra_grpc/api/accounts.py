@@ -8,9 +8,11 @@ from typing import Any
 import grpc
 
 from umbra_grpc.api import caller, convert
+from umbra_grpc.api.idempotency import idempotent
 from umbra_grpc.api.status import maps_errors
 from umbra_grpc.domain.accounts import Accounts, Actor
 from umbra_grpc.domain.errors import InvalidField
+from umbra_grpc.domain.idempotency import IdempotentWrites
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
 from umbra_grpc.peer import Network
 
@@ -18,13 +20,21 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
-    """Backend services keep users and settings current (admin scope, checked by auth)."""
+    """Backend services keep users and settings current (admin scope, checked by auth).
+    UpsertUser and UpdateSettings honour an `idempotency-key` header."""
 
-    def __init__(self, accounts: Accounts, trusted_proxies: Sequence[Network]) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        idempotent_writes: IdempotentWrites,
+        trusted_proxies: Sequence[Network],
+    ) -> None:
         self._accounts = accounts
+        self.idempotent_writes = idempotent_writes
         self._trusted_proxies = trusted_proxies
 
     @maps_errors
+    @idempotent(accounts_pb2.UpsertUserResponse)
     async def UpsertUser(
         self, request: accounts_pb2.UpsertUserRequest, context: Context
     ) -> accounts_pb2.UpsertUserResponse:
@@ -49,6 +59,7 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         return accounts_pb2.GetUserResponse(user=convert.user_to_pb(user))
 
     @maps_errors
+    @idempotent(accounts_pb2.UpdateSettingsResponse)
     async def UpdateSettings(
         self, request: accounts_pb2.UpdateSettingsRequest, context: Context
     ) -> accounts_pb2.UpdateSettingsResponse:

@@ -8,10 +8,13 @@ from typing import Any
 import grpc
 
 from umbra_grpc.api import caller, convert
+from umbra_grpc.api.idempotency import idempotent
 from umbra_grpc.api.status import maps_errors
 from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.errors import InvalidField
+from umbra_grpc.domain.idempotency import IdempotentWrites
 from umbra_grpc.domain.notifications import Notifications
+from umbra_grpc.domain.relationships import Relationships
 from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.watch import Watching
 from umbra_grpc.pb import connections_pb2 as pb
@@ -23,7 +26,8 @@ _ACTIONS = {pb.RespondRequest.ACTION_ACCEPT: True, pb.RespondRequest.ACTION_REJE
 
 
 class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
-    """The end users' API; the caller is the token's user (checked by auth)."""
+    """The end users' API; the caller is the token's user (checked by auth). Every write RPC
+    honours an `idempotency-key` header (`umbra_grpc.api.idempotency`)."""
 
     def __init__(
         self,
@@ -31,12 +35,16 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         connections: Connections,
         notifications: Notifications,
         watching: Watching,
+        relationships: Relationships,
+        idempotent_writes: IdempotentWrites,
         trusted_proxies: Sequence[Network],
     ) -> None:
         self._requests = requests
         self._connections = connections
         self._notifications = notifications
         self._watching = watching
+        self._relationships = relationships
+        self.idempotent_writes = idempotent_writes
         self._trusted_proxies = trusted_proxies
 
     @maps_errors
@@ -46,11 +54,14 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return pb.SearchResponse(found=found)
 
     @maps_errors
+    @idempotent(pb.SendRequestResponse)
     async def SendRequest(
         self, request: pb.SendRequestRequest, context: Context
     ) -> pb.SendRequestResponse:
         """Sends a connection request to the user with the given handle."""
-        sent = await self._requests.send(caller.user_id(), request.umbral_name, self._ip(context))
+        sent = await self._requests.send(
+            caller.user_id(), request.umbral_name, request.message, self._ip(context)
+        )
         response = pb.SendRequestResponse()
         convert.fill_request(response.request, sent)
         return response
@@ -100,6 +111,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
                 await stream.send(context.write, convert.watch_item_to_pb(item))
 
     @maps_errors
+    @idempotent(pb.RespondResponse)
     async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:
         """Accepts or rejects a pending request sent to the caller."""
         accept = _ACTIONS.get(request.action)
@@ -115,6 +127,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return response
 
     @maps_errors
+    @idempotent(pb.CancelRequestResponse)
     async def CancelRequest(
         self, request: pb.CancelRequestRequest, context: Context
     ) -> pb.CancelRequestResponse:
@@ -158,6 +171,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return pb.GetSharedProfileResponse(profile=convert.shared_profile_to_pb(profile))
 
     @maps_errors
+    @idempotent(pb.UpdateSharingOverridesResponse)
     async def UpdateSharingOverrides(
         self, request: pb.UpdateSharingOverridesRequest, context: Context
     ) -> pb.UpdateSharingOverridesResponse:
@@ -169,6 +183,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return pb.UpdateSharingOverridesResponse(overrides=convert.overrides_to_pb(overrides))
 
     @maps_errors
+    @idempotent(pb.RemoveConnectionResponse)
     async def RemoveConnection(
         self, request: pb.RemoveConnectionRequest, context: Context
     ) -> pb.RemoveConnectionResponse:
@@ -201,6 +216,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return response
 
     @maps_errors
+    @idempotent(pb.MarkNotificationsReadResponse)
     async def MarkNotificationsRead(
         self, request: pb.MarkNotificationsReadRequest, context: Context
     ) -> pb.MarkNotificationsReadResponse:
@@ -209,6 +225,47 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), list(request.notification_ids), self._ip(context)
         )
         return pb.MarkNotificationsReadResponse(updated_count=updated)
+
+    @maps_errors
+    @idempotent(pb.BlockUserResponse)
+    async def BlockUser(
+        self, request: pb.BlockUserRequest, context: Context
+    ) -> pb.BlockUserResponse:
+        """Blocks a handle: the same answer whether or not anyone has it."""
+        await self._relationships.block(caller.user_id(), request.umbral_name, self._ip(context))
+        return pb.BlockUserResponse()
+
+    @maps_errors
+    @idempotent(pb.UnblockUserResponse)
+    async def UnblockUser(
+        self, request: pb.UnblockUserRequest, context: Context
+    ) -> pb.UnblockUserResponse:
+        """Lifts the caller's block of a handle, if any."""
+        await self._relationships.unblock(caller.user_id(), request.umbral_name, self._ip(context))
+        return pb.UnblockUserResponse()
+
+    @maps_errors
+    async def ListBlockedUsers(
+        self, request: pb.ListBlockedUsersRequest, context: Context
+    ) -> pb.ListBlockedUsersResponse:
+        """The users the caller blocks, newest block first."""
+        page = await self._relationships.blocked(
+            caller.user_id(), size=request.page_size, token=request.page_token
+        )
+        response = pb.ListBlockedUsersResponse(next_page_token=page.next_page_token)
+        for item in page.blocked_users:
+            convert.fill_blocked_user(response.blocked_users.add(), item)
+        return response
+
+    @maps_errors
+    async def GetRelationships(
+        self, request: pb.GetRelationshipsRequest, context: Context
+    ) -> pb.GetRelationshipsResponse:
+        """The caller's relationship with each handle, in the order asked."""
+        states = await self._relationships.states(caller.user_id(), request.umbral_names)
+        return pb.GetRelationshipsResponse(
+            relationships=[convert.relationship_to_pb(item) for item in states]
+        )
 
     def _ip(self, context: Context) -> str | None:
         return caller.client_ip(context, self._trusted_proxies)

@@ -17,6 +17,7 @@ from umbra_grpc.domain.models import (
     UserSettings,
 )
 from umbra_grpc.domain.notifications import ContactView, NotificationView
+from umbra_grpc.domain.relationships import BlockedUserView, Relationship
 from umbra_grpc.domain.requests import RequestView
 from umbra_grpc.domain.watch import Heartbeat, Synced, WatchItem
 from umbra_grpc.pb import accounts_pb2, connections_pb2
@@ -108,6 +109,14 @@ _REQUEST_STATUS = {
     "accepted": connections_pb2.ConnectionRequest.STATUS_ACCEPTED,
     "rejected": connections_pb2.ConnectionRequest.STATUS_REJECTED,
     "cancelled": connections_pb2.ConnectionRequest.STATUS_CANCELLED,
+    "expired": connections_pb2.ConnectionRequest.STATUS_EXPIRED,
+}
+_RELATIONSHIP_STATE = {
+    "none": connections_pb2.RELATIONSHIP_STATE_NONE,
+    "connected": connections_pb2.RELATIONSHIP_STATE_CONNECTED,
+    "outgoing_pending": connections_pb2.RELATIONSHIP_STATE_OUTGOING_PENDING,
+    "incoming_pending": connections_pb2.RELATIONSHIP_STATE_INCOMING_PENDING,
+    "blocked": connections_pb2.RELATIONSHIP_STATE_BLOCKED,
 }
 
 
@@ -133,7 +142,8 @@ def set_time(stamp: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
 
 
 def fill_request(message: connections_pb2.ConnectionRequest, request: RequestView) -> None:
-    """A connection request; resolve_time stays unset while pending."""
+    """A connection request; resolve_time stays unset while pending, the note empty in the
+    sender's views."""
     message.id = request.id
     message.sender_umbral_name = request.sender_name
     message.sender_preferred_name = request.sender_preferred or ""
@@ -143,6 +153,22 @@ def fill_request(message: connections_pb2.ConnectionRequest, request: RequestVie
     set_time(message.create_time, request.create_time)
     if request.resolve_time is not None:
         set_time(message.resolve_time, request.resolve_time)
+    if request.message is not None:
+        message.message = request.message
+
+
+def fill_blocked_user(message: connections_pb2.BlockedUser, blocked: BlockedUserView) -> None:
+    """A user the caller blocks."""
+    message.umbral_name = blocked.umbral_name
+    message.preferred_name = blocked.preferred_name or ""
+    set_time(message.create_time, blocked.create_time)
+
+
+def relationship_to_pb(relationship: Relationship) -> connections_pb2.Relationship:
+    """How the caller stands with one handle."""
+    return connections_pb2.Relationship(
+        umbral_name=relationship.umbral_name, state=_RELATIONSHIP_STATE[relationship.state]
+    )
 
 
 def fill_connection(message: connections_pb2.Connection, connection: ConnectionView) -> None:

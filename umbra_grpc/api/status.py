@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
 from umbra_grpc.domain import errors
-from umbra_grpc.rpc_errors import error_status
+from umbra_grpc.rpc_errors import error_status, error_status_proto
 from umbra_grpc.storage.database import StorageBusy, StorageUnavailable
 
 S = TypeVar("S")
@@ -36,13 +38,24 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
 }
 
 
+def domain_status_proto(error: errors.DomainError) -> status_pb2.Status:
+    """The `google.rpc.Status` for a domain error."""
+    code = next(
+        (STATUS_CODES[kind] for kind in type(error).__mro__ if kind in STATUS_CODES),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    return error_status_proto(code, error.reason, error.message, retry_after=error.retry_after)
+
+
 def domain_status(error: errors.DomainError) -> grpc.Status:
     """The rich status for a domain error."""
-    for kind in type(error).__mro__:
-        code = STATUS_CODES.get(kind)
-        if code is not None:
-            return error_status(code, error.reason, error.message, retry_after=error.retry_after)
-    return error_status(grpc.StatusCode.FAILED_PRECONDITION, error.reason, error.message)
+    return status_from_proto(domain_status_proto(error))
+
+
+def status_from_proto(status: status_pb2.Status) -> grpc.Status:
+    """The status to abort a call with, from its `google.rpc.Status`."""
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def unavailable_status(error: StorageUnavailable) -> grpc.Status:

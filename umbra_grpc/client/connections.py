@@ -55,12 +55,12 @@ class UmbraClient:
     When OpenTelemetry is installed, the current trace context goes with each call (W3C
     `traceparent` metadata), so the server's spans join the caller's trace.
 
-    Retries (by the channel's service config, within the deadline): reads are retried on
+    Retries (by the channel's service config, within the deadline): calls are retried on
     UNAVAILABLE, up to `retry_attempts` attempts. Every write carries an `idempotency-key`
-    header (a fresh uuid per call, the same on gRPC's retries of it), but writes are retried
-    only with `write_retries=True`: that is safe only against a server that honours the key
-    (SPEC 11), which this one does not yet, so it is off by default. `max_backoff` caps the
-    channel's reconnect backoff and `watch_incoming()`'s.
+    header (a fresh uuid per call, the same on gRPC's retries of it), which the server honours
+    (SPEC 11): a retried write is answered with the first attempt's outcome and never writes
+    twice. `write_retries=False` retries reads only (for a server that does not honour
+    keys). `max_backoff` caps the channel's reconnect backoff and `watch_incoming()`'s.
     """
 
     # One line per unary RPC; tests/client/test_client.py fails when ConnectionService has
@@ -83,6 +83,10 @@ class UmbraClient:
     mark_notifications_read = write(
         pb.MarkNotificationsReadRequest, pb.MarkNotificationsReadResponse
     )
+    block_user = write(pb.BlockUserRequest, pb.BlockUserResponse)
+    unblock_user = write(pb.UnblockUserRequest, pb.UnblockUserResponse)
+    list_blocked_users = read(pb.ListBlockedUsersRequest, pb.ListBlockedUsersResponse)
+    get_relationships = read(pb.GetRelationshipsRequest, pb.GetRelationshipsResponse)
 
     def __init__(
         self,
@@ -91,7 +95,7 @@ class UmbraClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
-        write_retries: bool = False,
+        write_retries: bool = True,
         retry_attempts: int = 4,
         max_backoff: float = 10.0,
         channel_options: Sequence[tuple[str, Any]] = (),
@@ -130,7 +134,7 @@ class UmbraClient:
     ) -> Self:
         """This client (same channel) with another deadline (None: none) and, for ONE write,
         a key of the caller's: retrying that write with the same key (after a crash, say) is then
-        answered by a key-honouring server with the first outcome.
+        answered by the server with the first outcome, for 24 hours.
 
         Close the original client, not the copy: both hold one channel.
         """

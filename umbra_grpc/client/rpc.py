@@ -6,10 +6,10 @@ Each unary RPC of ConnectionService is one `Rpc` descriptor on `UmbraClient`, ma
 their types, and returns the response type, so mypy checks every call. The RPC's name is the
 request class's name less `Request` (AIP naming, enforced by buf lint).
 
-Reads are retried on UNAVAILABLE by the channel itself (the service config below); writes
-only when the client is told that write retries are safe (`write_retries=True`): every write
+Calls are retried on UNAVAILABLE by the channel itself (the service config below); writes
+unless the client is told that write retries are unsafe (`write_retries=False`): every write
 carries an `idempotency-key` header, the same on each of gRPC's own retries of that call,
-which a server honouring keys (SPEC 11) uses to answer a retry with the first outcome.
+which the server (SPEC 11) uses to answer a retry with the first outcome.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def read(request: Callable[P, Message], response: type[R]) -> Rpc[P, R]:
 
 
 def write(request: Callable[P, Message], response: type[R]) -> Rpc[P, R]:
-    """An RPC that changes something: sent with an idempotency key, retried only when asked."""
+    """An RPC that changes something: sent with an idempotency key, retried under it."""
     return Rpc(request, response, write=True)
 
 

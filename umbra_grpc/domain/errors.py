@@ -7,7 +7,10 @@
     │   ├── NtfyUrlForbidden         NTFY_URL_FORBIDDEN (SSRF rule, SPEC 10.4)
     │   ├── InvalidText              TEXT_INVALID (control, bidi or zero-width characters,
     │   │                            or too long after NFC; which field says the message)
-    │   └── SelfRequest              SELF_REQUEST
+    │   ├── SelfRequest              SELF_REQUEST
+    │   ├── SelfBlock                SELF_BLOCK
+    │   ├── IdempotencyKeyInvalid    IDEMPOTENCY_KEY_INVALID (the idempotency-key header)
+    │   └── IdempotencyKeyReused     IDEMPOTENCY_KEY_REUSED (same key, different request)
     ├── NotFound                     the thing does not exist *for this caller*
     │   ├── UserNotFound             USER_NOT_FOUND
     │   ├── ConnectionNotFound       CONNECTION_NOT_FOUND
@@ -19,7 +22,8 @@
     ├── FailedPrecondition
     │   ├── ConnectionsDisabled      CONNECTIONS_DISABLED
     │   ├── RequestNotPending        REQUEST_NOT_PENDING
-    │   └── SenderInactive           SENDER_INACTIVE
+    │   ├── SenderInactive           SENDER_INACTIVE
+    │   └── UserBlocked              USER_BLOCKED
     ├── ResourceExhausted
     │   ├── TooManyPending           TOO_MANY_PENDING
     │   ├── ResendTooSoon            RESEND_TOO_SOON (with the seconds left: RetryInfo)
@@ -106,6 +110,29 @@ class SelfRequest(InvalidArgument):
     default_message = "you cannot send a connection request to yourself"
 
 
+class SelfBlock(InvalidArgument):
+    """A user asked to block themselves."""
+
+    reason = "SELF_BLOCK"
+    default_message = "you cannot block yourself"
+
+
+class IdempotencyKeyInvalid(InvalidArgument):
+    """The idempotency-key header is not 1-64 characters of A-Z a-z 0-9 _ -, or is repeated."""
+
+    reason = "IDEMPOTENCY_KEY_INVALID"
+    default_message = (
+        "the idempotency-key header must be sent once, as 1-64 characters of A-Z a-z 0-9 _ -"
+    )
+
+
+class IdempotencyKeyReused(InvalidArgument):
+    """The idempotency key was used for a different request to the same method."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+    default_message = "this idempotency key was used for a different request within 24 hours"
+
+
 class NotFound(DomainError):
     """The thing does not exist, or is not the caller's (one answer for both)."""
 
@@ -185,6 +212,13 @@ class SenderInactive(FailedPrecondition):
 
     reason = "SENDER_INACTIVE"
     default_message = "the sender's account is no longer active; the request was rejected"
+
+
+class UserBlocked(FailedPrecondition):
+    """The caller blocks the user they tried to send a request to."""
+
+    reason = "USER_BLOCKED"
+    default_message = "you block this user; unblock them before sending a request"
 
 
 class ResourceExhausted(DomainError):

@@ -1,10 +1,13 @@
 """Connection request rules: search, send, list, respond, cancel.
 
 The rules are the router's (SPEC 3.1), with its races closed by the database (see
-`umbra_grpc.storage.requests`). Each method is one statement (SPEC 8 budgets): Search and the
-lists as autocommit reads; SendRequest (one call of a database function that locks, checks
-and writes), Respond and CancelRequest in BEGIN ... COMMIT, 3 on the wire, so that a call
-cancelled while its statement waits on a lock rolls back (see `Database.transaction`).
+`umbra_grpc.storage.requests`), and SPEC 11's: blocks (a user who blocks the caller is,
+to the caller, nobody), expiry after `ttl` (compared at read time by every query), and
+the sender's note, which only the receiver's views carry. Each method is one statement
+(SPEC 8 budgets): Search and the lists as autocommit reads; SendRequest (one call of a
+database function that locks, checks and writes), Respond and CancelRequest in BEGIN ...
+COMMIT, 3 on the wire, so that a call cancelled while its statement waits on a lock rolls
+back (see `Database.transaction`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from umbra_grpc.domain.errors import (
     SelfRequest,
     SenderInactive,
     TooManyPending,
+    UserBlocked,
     UserNotFound,
 )
 from umbra_grpc.domain.handles import normalize_handle
 from umbra_grpc.domain.models import ConnectionView
 from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.text import clean_text
 from umbra_grpc.storage import requests as store
 from umbra_grpc.storage.database import Database, Row
 
 DEFAULT_PAGE_SIZE = 20
+MAX_MESSAGE = 280
 
 
 class RequestView(NamedTuple):
@@ -49,6 +55,8 @@ class RequestView(NamedTuple):
     receiver_preferred: str | None
     create_time: dt.datetime
     resolve_time: dt.datetime | None
+    message: str | None
+    """The sender's note: set only in views whose caller is the receiver."""
 
     @classmethod
     def from_row(cls, row: Row) -> RequestView:
@@ -62,6 +70,7 @@ class RequestView(NamedTuple):
             row["receiver_preferred"],
             row["created_at"],
             row["resolved_at"],
+            row["message"],
         )
 
 
@@ -84,22 +93,28 @@ class Requests:
         cap: int,
         window: dt.timedelta,
         cooldown: dt.timedelta,
+        ttl: dt.timedelta,
     ) -> None:
         self._db = db
         self._pages = pages
         self._cap = cap
         self._window = window
         self._cooldown = cooldown
+        self._ttl = ttl
 
     async def search(self, caller: int, umbral_name: str) -> bool:
         """Whether `caller` could send a request to `umbral_name` (one answer for all refusals)."""
         handle = normalize_handle(umbral_name)
         return await self._db.read(lambda conn: store.search(conn, caller=caller, handle=handle))
 
-    async def send(self, caller: int, umbral_name: str, ip: str | None) -> RequestView:
+    async def send(
+        self, caller: int, umbral_name: str, message: str, ip: str | None
+    ) -> RequestView:
         """Sends a request; refusals in the router's order (SPEC 3.1), except that a caller
-        who has not opted in hears only that, whatever the handle (SPEC 10.2)."""
+        who has not opted in hears only that, whatever the handle (SPEC 10.2). A user who
+        blocks the caller is not found; one the caller blocks is USER_BLOCKED (SPEC 11)."""
         handle = normalize_handle(umbral_name)
+        note = clean_text(message, "message", limit=MAX_MESSAGE) if message else None
 
         # The database writes only when every check below would pass; it returns the facts
         # so that the refusal is chosen here.
@@ -111,6 +126,8 @@ class Requests:
                 cap=self._cap,
                 window=self._window,
                 cooldown=self._cooldown,
+                ttl=self._ttl,
+                note=note,
                 ip=ip,
             ),
             constraint_errors={
@@ -128,6 +145,8 @@ class Requests:
             raise SelfRequest
         if not facts["target_accepts"]:
             raise UserNotFound
+        if facts["blocked"]:
+            raise UserBlocked
         if facts["connected"]:
             raise AlreadyConnected
         if facts["pending"]:
@@ -145,6 +164,7 @@ class Requests:
             receiver_preferred=facts["target_preferred"],
             create_time=facts["request_created_at"],
             resolve_time=None,
+            message=None,  # the sender's view
         )
 
     async def pending(self, caller: int, *, incoming: bool, size: int, token: str) -> RequestPage:
@@ -154,7 +174,7 @@ class Requests:
         after = self._pages.decode(token, scope, caller)
         rows = await self._db.read(
             lambda conn: store.pending_page(
-                conn, caller=caller, incoming=incoming, after=after, limit=limit + 1
+                conn, caller=caller, incoming=incoming, ttl=self._ttl, after=after, limit=limit + 1
             )
         )
         views = [RequestView.from_row(row) for row in rows[:limit]]
@@ -171,7 +191,7 @@ class Requests:
         check_id(request_id, "request_id")
         row = await self._db.transaction(
             lambda conn: store.respond(
-                conn, caller=caller, request_id=request_id, accept=accept, ip=ip
+                conn, caller=caller, request_id=request_id, accept=accept, ttl=self._ttl, ip=ip
             ),
             constraint_errors={store.CONNECTION_PAIR: AlreadyConnected},
         )
@@ -200,7 +220,9 @@ class Requests:
         """
         check_id(request_id, "request_id")
         row = await self._db.transaction(
-            lambda conn: store.cancel(conn, caller=caller, request_id=request_id, ip=ip)
+            lambda conn: store.cancel(
+                conn, caller=caller, request_id=request_id, ttl=self._ttl, ip=ip
+            )
         )
         if row is None:
             raise RequestNotPending

@@ -8,15 +8,15 @@ and the index behind each).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
 
 from umbra_grpc.config import Config
+from umbra_grpc.domain.periodic import Periodic
+from umbra_grpc.storage import idempotency
 from umbra_grpc.storage import retention as store
-from umbra_grpc.storage.database import DATABASE_ERRORS, Database
+from umbra_grpc.storage.database import Database
 
 _log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RetentionPolicy:
         )
 
     def ages(self) -> dict[str, dt.timedelta]:
-        """How old a row of each rule must be to go."""
+        """How old a row of each rule must be to go (idempotency keys: their 24 hours)."""
         days = {
             "outbox_done": self.outbox_days,
             "outbox_failed": self.outbox_failed_days,
@@ -56,7 +56,11 @@ class RetentionPolicy:
             "requests_resolved": self.requests_days,
             "audit_log": self.audit_days,
         }
-        return {rule: dt.timedelta(days=days[rule]) for rule in store.RULES}
+        fixed = {"idempotency_keys": idempotency.LIFETIME}
+        return {
+            rule: fixed[rule] if rule in fixed else dt.timedelta(days=days[rule])
+            for rule in store.RULES
+        }
 
 
 class Retention:
@@ -65,8 +69,7 @@ class Retention:
     def __init__(self, db: Database, policy: RetentionPolicy, *, interval: float = 0.0) -> None:
         self._db = db
         self._policy = policy
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("retention", self._run_once, interval)
 
     async def prune(self) -> Report | None:
         """One run; None when another replica holds the lock (nothing was deleted)."""
@@ -85,31 +88,15 @@ class Retention:
 
     def start(self) -> None:
         """Runs `prune` now and then every `interval` seconds, until `stop`."""
-        if self._task is None and self._interval > 0:
-            self._task = asyncio.create_task(self._run(), name="retention")
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stops the periodic runs (a run in progress is cut short; its lock goes with it)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                report = await self.prune()
-            except Exception as error:  # the database is away, or a bug: try again later
-                _log.warning(
-                    "retention run failed (%s); next in %.0fs",
-                    type(error).__name__,
-                    self._interval,
-                    exc_info=not isinstance(error, DATABASE_ERRORS),
-                )
-            else:
-                if report is None:
-                    _log.info("retention run skipped: another process holds the lock")
-                elif any(report.values()):
-                    _log.info("retention run deleted rows", extra=report)
-            await asyncio.sleep(self._interval)
+    async def _run_once(self) -> None:
+        report = await self.prune()
+        if report is None:
+            _log.info("retention run skipped: another process holds the lock")
+        elif any(report.values()):
+            _log.info("retention run deleted rows", extra=report)

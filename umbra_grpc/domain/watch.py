@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import logging
 import time
@@ -290,12 +291,14 @@ class Watching:
         *,
         heartbeat: float,
         write_timeout: float,
+        ttl: dt.timedelta,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db
         self._feed = feed
         self._heartbeat = heartbeat
         self._write_timeout = write_timeout
+        self._ttl = ttl
         self._clock = clock
 
     @contextlib.asynccontextmanager
@@ -309,6 +312,7 @@ class Watching:
                 subscription,
                 heartbeat=self._heartbeat,
                 write_timeout=self._write_timeout,
+                ttl=self._ttl,
                 clock=self._clock,
             )
         finally:
@@ -326,6 +330,7 @@ class Stream:
         *,
         heartbeat: float,
         write_timeout: float,
+        ttl: dt.timedelta,
         clock: Callable[[], float],
     ) -> None:
         self._db = db
@@ -333,12 +338,14 @@ class Stream:
         self._subscription = subscription
         self._heartbeat = heartbeat
         self._write_timeout = write_timeout
+        self._ttl = ttl
         self._clock = clock
 
     async def items(self, expires_at: float) -> AsyncIterator[WatchItem]:
-        """Snapshot (oldest first), `synced`, then live events and heartbeats."""
+        """Snapshot (oldest first; expired requests left out), `synced`, then live events
+        and heartbeats."""
         rows = await self._db.read(
-            lambda conn: store.pending_for_receiver(conn, caller=self._caller)
+            lambda conn: store.pending_for_receiver(conn, caller=self._caller, ttl=self._ttl)
         )
         in_snapshot: set[int] = set()
         for row in rows:

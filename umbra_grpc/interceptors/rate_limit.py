@@ -26,7 +26,9 @@ audit log, notifications or outbox without bound (SPEC 10.9).
 - SendRequest: burst 10, one token back every 30 seconds (10/30s); CancelRequest the same,
   since each cancel withdraws a request (and its notification) someone was shown.
 - Respond, UpdateSharingOverrides: 30/2s (a user working through a list of requests or
-  connections); RemoveConnection: 10/6s; MarkNotificationsRead: 30/1s.
+  connections); RemoveConnection: 10/6s; MarkNotificationsRead: 30/1s; BlockUser and
+  UnblockUser: 10/6s (each block may remove a connection and cancel requests; a tight
+  block/unblock loop would churn someone's requests).
 - UpsertUser, UpdateSettings: 1000/1ms, i.e. a burst of 1,000 and 1,000 a second
   sustained, per backend service (the token's `sub`): a backend speaks for all its users
   under one subject, so these are generous and only stop a runaway loop.
@@ -89,6 +91,8 @@ DEFAULT_RATE_LIMITS: Mapping[str, BucketSpec] = MappingProxyType(
         "UpdateSharingOverrides": BucketSpec(burst=30, interval=2.0),
         "RemoveConnection": BucketSpec(burst=10, interval=6.0),
         "MarkNotificationsRead": BucketSpec(burst=30, interval=1.0),
+        "BlockUser": BucketSpec(burst=10, interval=6.0),
+        "UnblockUser": BucketSpec(burst=10, interval=6.0),
         "UpsertUser": BucketSpec(burst=1000, interval=0.001),
         "UpdateSettings": BucketSpec(burst=1000, interval=0.001),
     }

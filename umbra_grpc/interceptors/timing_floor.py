@@ -28,7 +28,9 @@ method) and logged as warnings.
 
 `UMBRA_TIMING_FLOORS` (parsed by `parse_timing_floors`):
 
-- ``default``: Search 50 ms on every outcome; SendRequest 50 ms when the outcome is NOT_FOUND.
+- ``default``: Search 50 ms on every outcome; SendRequest 50 ms when the outcome is NOT_FOUND;
+  BlockUser, UnblockUser and GetRelationships 50 ms on every outcome (they answer alike
+  whether or not a handle exists, and must take alike too).
 - ``off``: no floors.
 - a comma list of ``Method[:STATUS]=DURATION``, e.g.
   ``Search=50ms,SendRequest:NOT_FOUND=50ms,GetUser=2.5ms``. DURATION is a non-negative
@@ -76,6 +78,10 @@ class FloorRule:
 DEFAULT_TIMING_FLOORS: tuple[FloorRule, ...] = (
     FloorRule("Search", 0.050),
     FloorRule("SendRequest", 0.050, grpc.StatusCode.NOT_FOUND),
+    # SPEC 11: no existence oracle in blocks or relationship states.
+    FloorRule("BlockUser", 0.050),
+    FloorRule("UnblockUser", 0.050),
+    FloorRule("GetRelationships", 0.050),
 )
 
 # Outcome codes of a behaviour that raised something other than AbortError.

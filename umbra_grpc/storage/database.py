@@ -15,6 +15,12 @@ once into asyncpg's `$n` form); the service layer opens the unit of work:
   a lock released meanwhile lets the statement commit after the client gave up (seen in CI);
 - `Database.read(work)` runs single-statement reads in autocommit, so a read costs exactly one
   statement on the wire (no BEGIN/COMMIT around it);
+- `Database.enclosing(work)` is a transaction that every `transaction` started inside `work`
+  (in the same task) joins instead of opening its own: their statements run on its
+  connection, between its BEGIN and COMMIT, and its retries run all of them again. The
+  idempotency keys use it to record an RPC's outcome in the transaction of its write. A
+  joined unit of work that raises marks the connection `aborted`: the enclosing transaction
+  must then roll back, as the joined one would have on its own;
 - `Database.background()` lends a connection to work that is not an RPC's (probes, the
   outbox worker, the watch feed): autocommit, and never counted.
 
@@ -43,6 +49,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import asyncpg
@@ -127,11 +134,13 @@ class Query:
 class Conn:
     """A pooled connection lent to one unit of work; every statement goes through it."""
 
-    __slots__ = ("_observe", "raw")
+    __slots__ = ("_observe", "aborted", "raw")
 
     def __init__(self, raw: Any, observe: Observer | None) -> None:
         self.raw = raw
         self._observe = observe
+        self.aborted = False
+        """A unit of work that joined this connection's enclosing transaction raised."""
 
     def seen(self, sql: str) -> None:
         """Tells the observer a statement is going out (the units of work call it for
@@ -165,6 +174,10 @@ class Conn:
 
 
 Work = Callable[[Conn], Awaitable[T]]
+ConstraintErrors = Mapping[str, Callable[[], Exception]]
+
+# The connection of the `Database.enclosing` transaction the current task runs in, if any.
+_enclosing: ContextVar[Conn | None] = ContextVar("umbra_enclosing_transaction", default=None)
 
 
 class StatementCounter:
@@ -308,39 +321,42 @@ class Database:
         """Runs `work` in one transaction (BEGIN ... COMMIT), for several statements.
 
         Retried on serialization failures and deadlocks; a violation of a constraint named in
-        `constraint_errors` raises that domain error.
+        `constraint_errors` raises that domain error. Inside `enclosing`, `work` joins the
+        enclosing transaction instead (which retries it, with everything else it holds).
         """
+        joined = _enclosing.get()
+        if joined is not None:
+            try:
+                return await _mapped(work, joined, constraint_errors)
+            except BaseException:
+                joined.aborted = True
+                raise
+        return await self._attempts(
+            _in_transaction(lambda conn: _mapped(work, conn, constraint_errors))
+        )
 
-        async def in_transaction(conn: Conn) -> T:
-            conn.seen("BEGIN")
-            async with conn.raw.transaction():
-                try:
-                    result = await work(conn)
-                except BaseException:
-                    conn.seen("ROLLBACK")
-                    raise
-                conn.seen("COMMIT")
-            return result
+    async def enclosing(self, work: Work[T]) -> T:
+        """Runs `work` in one transaction that every `transaction` inside it joins."""
 
-        return await self._attempts(in_transaction, constraint_errors)
+        async def with_joiners(conn: Conn) -> T:
+            token = _enclosing.set(conn)
+            try:
+                return await work(conn)
+            finally:
+                _enclosing.reset(token)
+
+        return await self._attempts(_in_transaction(with_joiners))
 
     async def read(self, work: Work[T]) -> T:
         """Runs `work` in autocommit: for single-statement reads."""
-        return await self._attempts(work, {})
+        return await self._attempts(work)
 
-    async def _attempts(
-        self, work: Work[T], constraint_errors: Mapping[str, Callable[[], Exception]]
-    ) -> T:
+    async def _attempts(self, work: Work[T]) -> T:
         observe = self._fan_out(self._observers)
         for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._lent() as raw:
                     return await work(Conn(raw, observe))
-            except asyncpg.IntegrityConstraintViolationError as error:
-                factory = constraint_errors.get(constraint_name(error) or "")
-                if factory is None:
-                    raise
-                raise factory() from error
             except asyncpg.PostgresError as error:
                 if sqlstate(error) in RETRYABLE_SQLSTATES and attempt < TRANSACTION_ATTEMPTS:
                     _log.info("transaction retried", extra={"sqlstate": sqlstate(error)})
@@ -393,6 +409,35 @@ class Database:
             await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
         except TimeoutError:
             pool.terminate()
+
+
+def _in_transaction(work: Work[T]) -> Work[T]:
+    """`work` between BEGIN and COMMIT (ROLLBACK when it raises or is cancelled)."""
+
+    async def in_transaction(conn: Conn) -> T:
+        conn.seen("BEGIN")
+        async with conn.raw.transaction():
+            try:
+                result = await work(conn)
+            except BaseException:
+                conn.seen("ROLLBACK")
+                raise
+            conn.seen("COMMIT")
+        return result
+
+    return in_transaction
+
+
+async def _mapped(work: Work[T], conn: Conn, constraint_errors: ConstraintErrors) -> T:
+    """`work(conn)`, with a violation of a constraint named in `constraint_errors` raised as
+    that domain error."""
+    try:
+        return await work(conn)
+    except asyncpg.IntegrityConstraintViolationError as error:
+        factory = constraint_errors.get(constraint_name(error) or "")
+        if factory is None:
+            raise
+        raise factory() from error
 
 
 def async_url(url: str) -> str:

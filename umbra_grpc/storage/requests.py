@@ -13,11 +13,17 @@ and either all of its rows are written or none:
   one race the lock does not cover (A->B and B->A at once).
 - `respond` and `cancel` are each one conditional UPDATE ... WHERE status = 'pending' with
   everything that follows hanging off its RETURNING (data-modifying CTEs), so a request
-  resolves at most once. A cancel also deletes the receiver's request notification and
-  marks the request's push `skipped` ("skipped: cancelled") while it is pending: a worker
-  claim in progress skips the locked row, and once the cancel commits no claim takes it.
-  A push already claimed is in flight and may still be delivered, once: its outcome write
-  is then refused (the row is no longer pending), so it is never retried.
+  resolves at most once. An answer marks the receiver's request notification read. A cancel
+  deletes it and marks the request's push `skipped` ("skipped: cancelled") while it is
+  pending: a worker claim in progress skips the locked row, and once the cancel commits no
+  claim takes it. A push already claimed is in flight and may still be delivered, once: its
+  outcome write is then refused (the row is no longer pending), so it is never retried.
+Expiry (SPEC 11) is exact at read time: a pending request older than the TTL (`:ttl`) is left
+out of the lists and the watch snapshot and cannot be answered or cancelled, whether or not
+the sweeper (`umbra_grpc.storage.expiry`) has marked it `expired` yet; `umbra_send_request`
+expires the pair's stale request itself before writing a new one.
+The sender's note (`message`) is read only by queries whose caller is the receiver; the
+sender's views get NULL in its place.
 NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
 """
 
@@ -44,20 +50,23 @@ _SEARCH = Query(
         SELECT 1 FROM users u JOIN settings s ON s.user_id = u.id
         WHERE lower(u.umbral_name) = :handle AND u.id <> :caller
           AND u.is_active AND s.accept_connections
+          AND NOT EXISTS (SELECT 1 FROM user_blocks k
+                          WHERE (k.blocker_id, k.blocked_id) IN ((u.id, :caller), (:caller, u.id)))
     ) AS found
     """
 )
 
 
 async def search(conn: Conn, *, caller: int, handle: str) -> bool:
-    """Whether `caller` (opted in) could send a request to the active, accepting `handle`."""
+    """Whether `caller` (opted in) could send a request to the active, accepting `handle`
+    (neither of the two blocking the other)."""
     return bool(await conn.fetchval(_SEARCH, caller=caller, handle=handle))
 
 
 _SEND = Query(
     "SELECT * FROM umbra_send_request(CAST(:caller AS bigint), CAST(:handle AS text),"
     " CAST(:cap AS integer), CAST(:window AS interval), CAST(:cooldown AS interval),"
-    " CAST(:ip AS inet))"
+    " CAST(:ip AS inet), CAST(:ttl AS interval), CAST(:note AS text))"
 )
 
 
@@ -69,18 +78,29 @@ async def send(
     cap: int,
     window: dt.timedelta,
     cooldown: dt.timedelta,
+    ttl: dt.timedelta,
+    note: str | None,
     ip: str | None,
 ) -> Row | None:
     """Caller and target facts, and the new request's id and created_at when it was written.
 
     None when the caller has no row. When the caller does not accept connections, only the
-    caller's facts are set. Nothing is written unless the target exists, is active, is not
-    the caller, both sides accept connections, and the flags (connected, pending,
-    `resend_wait` seconds of cooldown left, recent >= cap) all clear: then `request_id` is
-    set.
+    caller's facts are set; when the target blocks the caller, no target facts are (exactly
+    as for a handle nobody has). Nothing is written unless the target exists, is active, is
+    not the caller, both sides accept connections, and the flags (blocked, connected,
+    pending, `resend_wait` seconds of cooldown left, recent >= cap) all clear: then
+    `request_id` is set.
     """
     return await conn.fetchrow(
-        _SEND, caller=caller, handle=handle, cap=cap, window=window, cooldown=cooldown, ip=ip
+        _SEND,
+        caller=caller,
+        handle=handle,
+        cap=cap,
+        window=window,
+        cooldown=cooldown,
+        ttl=ttl,
+        note=note,
+        ip=ip,
     )
 
 
@@ -96,10 +116,12 @@ def _card_column(field: str) -> str:
 _CARD_FIELDS = ", ".join(SHAREABLE_FIELDS)
 _CARD_VALUES = ", ".join(_card_column(field) for field in SHAREABLE_FIELDS)
 
+# `{message}`: `r.message` where the caller is the receiver, else NULL (the sender's views).
 _REQUEST_VIEW = """
     SELECT r.id, r.receiver_id, r.status, r.created_at, r.resolved_at,
            su.umbral_name AS sender_name, ss.preferred_name AS sender_preferred,
-           ru.umbral_name AS receiver_name, rs.preferred_name AS receiver_preferred
+           ru.umbral_name AS receiver_name, rs.preferred_name AS receiver_preferred,
+           {message} AS message
     FROM {source} r
     JOIN users su ON su.id = r.sender_id JOIN settings ss ON ss.user_id = r.sender_id
     JOIN users ru ON ru.id = r.receiver_id JOIN settings rs ON rs.user_id = r.receiver_id
@@ -121,7 +143,15 @@ _RESPOND = Query(
             END,
             resolved_at = now()
         WHERE r.id = :request_id AND r.receiver_id = :caller AND r.status = 'pending'
-        RETURNING r.id, r.sender_id, r.receiver_id, r.status, r.created_at, r.resolved_at
+          AND r.created_at > now() - CAST(:ttl AS interval)
+        RETURNING r.id, r.sender_id, r.receiver_id, r.status, r.created_at, r.resolved_at,
+                  r.message
+    ),
+    seen AS (
+        UPDATE notifications n SET read = true FROM req
+        WHERE n.source_type = 'connection_request' AND n.source_id = req.id
+          AND n.user_id = req.receiver_id AND NOT n.read
+        RETURNING n.id
     ),
     cards AS (
         INSERT INTO persons (owner_user_id, linked_user_id, is_umbral_contact, display_name,
@@ -174,11 +204,12 @@ _RESPOND = Query(
         UNION ALL
         SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM push
     ),
-    view AS ({_REQUEST_VIEW.format(source="req")})
+    view AS ({_REQUEST_VIEW.format(source="req", message="r.message")})
     SELECT view.*, links.id AS connection_id, links.connected_user_id, links.person_id,
            links.created_at AS connection_created_at,
            (SELECT count(*) FROM note) + (SELECT count(*) FROM push)
-           + (SELECT count(*) FROM audit) + (SELECT count(*) FROM wake) AS side_rows
+           + (SELECT count(*) FROM audit) + (SELECT count(*) FROM wake)
+           + (SELECT count(*) FROM seen) AS side_rows
     FROM view LEFT JOIN links ON links.user_id = :caller
     """
 )
@@ -190,14 +221,17 @@ async def respond(
     caller: int,
     request_id: int,
     accept: bool,
+    ttl: dt.timedelta,
     ip: str | None,
 ) -> Row | None:
-    """Resolves a pending request sent to `caller`; None when there is none to resolve."""
+    """Resolves a pending, unexpired request sent to `caller` and marks its notification
+    read; None when there is none to resolve."""
     return await conn.fetchrow(
         _RESPOND,
         caller=caller,
         request_id=request_id,
         action="accept" if accept else "reject",
+        ttl=ttl,
         ip=ip,
     )
 
@@ -207,6 +241,7 @@ _CANCEL = Query(
     WITH req AS (
         UPDATE connection_requests r SET status = 'cancelled', resolved_at = now()
         WHERE r.id = :request_id AND r.sender_id = :caller AND r.status = 'pending'
+          AND r.created_at > now() - CAST(:ttl AS interval)
         RETURNING r.id, r.sender_id, r.receiver_id, r.status, r.created_at, r.resolved_at
     ),
     audit AS (
@@ -233,7 +268,7 @@ _CANCEL = Query(
             'sender_id', req.sender_id)::text)
         FROM req
     ),
-    view AS ({_REQUEST_VIEW.format(source="req")})
+    view AS ({_REQUEST_VIEW.format(source="req", message="NULL::text")})
     SELECT view.*,
            (SELECT count(*) FROM audit) + (SELECT count(*) FROM withdrawn)
            + (SELECT count(*) FROM unsent) + (SELECT count(*) FROM wake) AS side_rows
@@ -242,17 +277,23 @@ _CANCEL = Query(
 )
 
 
-async def cancel(conn: Conn, *, caller: int, request_id: int, ip: str | None) -> Row | None:
-    """Cancels a pending request `caller` sent; None when there is none to cancel."""
-    return await conn.fetchrow(_CANCEL, caller=caller, request_id=request_id, ip=ip)
+async def cancel(
+    conn: Conn, *, caller: int, request_id: int, ttl: dt.timedelta, ip: str | None
+) -> Row | None:
+    """Cancels a pending, unexpired request `caller` sent; None when there is none to cancel."""
+    return await conn.fetchrow(_CANCEL, caller=caller, request_id=request_id, ttl=ttl, ip=ip)
 
 
-def _pages(side: str) -> dict[bool, Query]:
+# Unexpired: the TTL is compared at read time, so no replica shows a request past it.
+_FRESH = "r.status = 'pending' AND r.created_at > now() - CAST(:ttl AS interval)"
+
+
+def _pages(side: str, message: str) -> dict[bool, Query]:
     return keyset.statements(
         lambda cursor: (
-            _REQUEST_VIEW.format(source="connection_requests")
+            _REQUEST_VIEW.format(source="connection_requests", message=message)
             + f"""
-    WHERE r.{side} = :caller AND r.status = 'pending' {cursor}
+    WHERE r.{side} = :caller AND {_FRESH} {cursor}
     ORDER BY r.created_at DESC, r.id DESC
     LIMIT :limit
     """
@@ -262,7 +303,7 @@ def _pages(side: str) -> dict[bool, Query]:
 
 
 # Served by the (receiver|sender, created_at DESC, id DESC) partial indexes on pending rows.
-_PAGES = {True: _pages("receiver_id"), False: _pages("sender_id")}
+_PAGES = {True: _pages("receiver_id", "r.message"), False: _pages("sender_id", "NULL::text")}
 
 
 async def pending_page(
@@ -270,32 +311,38 @@ async def pending_page(
     *,
     caller: int,
     incoming: bool,
+    ttl: dt.timedelta,
     after: keyset.Cursor | None,
     limit: int,
 ) -> list[Row]:
-    """Pending requests to (incoming) or from `caller`, newest first, after a keyset cursor."""
-    return await keyset.page(conn, _PAGES[incoming], after=after, limit=limit, caller=caller)
+    """Unexpired pending requests to (incoming) or from `caller`, newest first, after a
+    keyset cursor; the note only on incoming ones."""
+    return await keyset.page(
+        conn, _PAGES[incoming], after=after, limit=limit, caller=caller, ttl=ttl
+    )
 
 
 SNAPSHOT_LIMIT = 1000
 
 _SNAPSHOT = Query(
-    _REQUEST_VIEW.format(source="connection_requests")
-    + """
-    WHERE r.receiver_id = :caller AND r.status = 'pending'
+    _REQUEST_VIEW.format(source="connection_requests", message="r.message")
+    + f"""
+    WHERE r.receiver_id = :caller AND {_FRESH}
     ORDER BY r.created_at, r.id
     LIMIT :limit
     """
 )
 
 
-async def pending_for_receiver(conn: Conn, *, caller: int) -> list[Row]:
-    """Every pending request to `caller`, oldest first (a watch stream's snapshot)."""
-    return await conn.fetch(_SNAPSHOT, caller=caller, limit=SNAPSHOT_LIMIT)
+async def pending_for_receiver(conn: Conn, *, caller: int, ttl: dt.timedelta) -> list[Row]:
+    """Every unexpired pending request to `caller`, oldest first (a watch stream's snapshot)."""
+    return await conn.fetch(_SNAPSHOT, caller=caller, ttl=ttl, limit=SNAPSHOT_LIMIT)
 
 
+# Events go to the receiver only (the feed reads who that is from the row), so the note too.
 _BY_IDS = Query(
-    _REQUEST_VIEW.format(source="connection_requests") + " WHERE r.id = ANY(CAST(:ids AS bigint[]))"
+    _REQUEST_VIEW.format(source="connection_requests", message="r.message")
+    + " WHERE r.id = ANY(CAST(:ids AS bigint[]))"
 )
 
 

@@ -13,6 +13,8 @@ run instead of being waited for. Every rule's batch is found through an index (m
     requests_resolved   connection_requests: not pending;       ix_connection_requests_resolved
                         resolved_at
     audit_log           audit_log: all; created_at              ix_audit_log_created_at
+    idempotency_keys    idempotency_keys: all; created_at       ix_idempotency_keys_created_at
+                        (after 24 hours: `storage.idempotency.LIFETIME`)
 
 Pending outbox rows, unread notifications and pending requests are never deleted here.
 
@@ -34,23 +36,30 @@ BATCH_SIZE = 1000
 DAY = dt.timedelta(days=1)
 
 _AGED = "< now() - CAST(:age AS interval)"
+_ID = "id"
+# rule: (table, which rows have aged, the table's key)
 _RULES = {
-    "outbox_done": ("outbox", f"status IN ('sent', 'skipped') AND completed_at {_AGED}"),
-    "outbox_failed": ("outbox", f"status = 'failed' AND completed_at {_AGED}"),
-    "notifications_read": ("notifications", f"read AND created_at {_AGED}"),
-    "requests_resolved": ("connection_requests", f"status <> 'pending' AND resolved_at {_AGED}"),
-    "audit_log": ("audit_log", f"created_at {_AGED}"),
+    "outbox_done": ("outbox", f"status IN ('sent', 'skipped') AND completed_at {_AGED}", _ID),
+    "outbox_failed": ("outbox", f"status = 'failed' AND completed_at {_AGED}", _ID),
+    "notifications_read": ("notifications", f"read AND created_at {_AGED}", _ID),
+    "requests_resolved": (
+        "connection_requests",
+        f"status <> 'pending' AND resolved_at {_AGED}",
+        _ID,
+    ),
+    "audit_log": ("audit_log", f"created_at {_AGED}", _ID),
+    "idempotency_keys": ("idempotency_keys", f"created_at {_AGED}", "caller, method, key"),
 }
 RULES = tuple(_RULES)
 STATEMENTS = {
     rule: Query(
         f"""
-        DELETE FROM {table} WHERE id IN (
-            SELECT id FROM {table} WHERE {aged} LIMIT :batch FOR UPDATE SKIP LOCKED
+        DELETE FROM {table} WHERE ({key}) IN (
+            SELECT {key} FROM {table} WHERE {aged} LIMIT :batch FOR UPDATE SKIP LOCKED
         )
         """
     )
-    for rule, (table, aged) in _RULES.items()
+    for rule, (table, aged, key) in _RULES.items()
 }
 
 
@@ -64,15 +73,15 @@ _UNLOCK = Query("SELECT pg_advisory_unlock(CAST(:key AS bigint))")
 
 
 @contextlib.asynccontextmanager
-async def exclusive(conn: Conn) -> AsyncIterator[bool]:
-    """Holds the retention lock on `conn` while the block runs; yields False (and holds
-    nothing) when another session has it.
+async def exclusive(conn: Conn, key: int = LOCK_KEY) -> AsyncIterator[bool]:
+    """Holds the advisory lock `key` (the retention lock unless told) on `conn` while the
+    block runs; yields False (and holds nothing) when another session has it.
 
     A session lock outlives anything that goes wrong in the block: when the block fails, the
     connection is closed instead of handed back to the pool still holding it (the server
     drops a session's locks when the session ends).
     """
-    if not await conn.fetchval(_TRY_LOCK, key=LOCK_KEY):
+    if not await conn.fetchval(_TRY_LOCK, key=key):
         yield False
         return
     try:
@@ -80,4 +89,4 @@ async def exclusive(conn: Conn) -> AsyncIterator[bool]:
     except BaseException:
         conn.raw.terminate()
         raise
-    await conn.fetchval(_UNLOCK, key=LOCK_KEY)
+    await conn.fetchval(_UNLOCK, key=key)

@@ -11,6 +11,11 @@ Invariants held by PostgreSQL, not by Python (SPEC 2):
   `fk_user_connections_reverse` makes every row A->B need its mirror B->A at commit.
 - I4: `ck_connection_requests_resolved_at`: a request leaves pending exactly when resolved_at
   is set; resolving is a conditional UPDATE on status = 'pending'.
+- Blocks (SPEC 11): a blocked pair never holds a pending request or a connection. Triggers
+  of migration 0004 (`umbra_guard_pair`) take a lock on the unordered pair whenever a block,
+  a pending request or a connection row is inserted, and then look, in a snapshot taken
+  after the lock, for what the other two kinds would clash with: a clash raises a
+  serialization failure, and the unit of work runs the whole RPC again.
 - handles are stored lower-cased (`ck_users_umbral_name_format`) and unique case-insensitively
   (`uq_users_umbral_name_lower`).
 Every timestamp is `timestamptz`, written by the database clock.
@@ -32,6 +37,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Text,
     UniqueConstraint,
@@ -49,7 +55,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-REQUEST_STATUSES = ("pending", "accepted", "rejected", "cancelled")
+REQUEST_STATUSES = ("pending", "accepted", "rejected", "cancelled", "expired")
+MAX_REQUEST_MESSAGE = 280
 OUTBOX_STATUSES = ("pending", "sent", "skipped", "failed")
 SHAREABLE_FIELDS = ("email", "phone", "mobile", "address", "company", "job_title", "birthday")
 
@@ -138,9 +145,10 @@ class ConnectionRequest(Base):
     __tablename__ = "connection_requests"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('pending', 'accepted', 'rejected', 'cancelled')", name="status"
+            "status IN ('pending', 'accepted', 'rejected', 'cancelled', 'expired')", name="status"
         ),
         CheckConstraint("sender_id <> receiver_id", name="not_self"),
+        CheckConstraint(f"char_length(message) <= {MAX_REQUEST_MESSAGE}", name="message_length"),
         CheckConstraint("(status = 'pending') = (resolved_at IS NULL)", name="resolved_at"),
         Index(
             "uq_connection_requests_pending_pair",
@@ -184,6 +192,12 @@ class ConnectionRequest(Base):
             "resolved_at",
             postgresql_where=text("status <> 'pending'"),
         ),
+        # The expiry sweeper: pending requests, oldest first.
+        Index(
+            "ix_connection_requests_pending_age",
+            "created_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -192,6 +206,50 @@ class ConnectionRequest(Base):
     status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'pending'"))
     created_at: Mapped[dt.datetime] = _created()
     resolved_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The sender's note: shown to the receiver only.
+    message: Mapped[str | None] = mapped_column(Text)
+    # Cancelled because its receiver blocked its sender: to the sender it must look like a
+    # silent reject, so it neither starts the resend cooldown nor counts toward the cap.
+    cancelled_by_receiver: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+
+
+class UserBlock(Base):
+    """`blocker_id` blocks `blocked_id`; no pending request or connection may join them."""
+
+    __tablename__ = "user_blocks"
+    __table_args__ = (
+        UniqueConstraint("blocker_id", "blocked_id", name="uq_user_blocks_pair"),
+        CheckConstraint("blocker_id <> blocked_id", name="not_self"),
+        Index("ix_user_blocks_listing", "blocker_id", text("created_at DESC"), text("id DESC")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    blocker_id: Mapped[int] = _user_fk()
+    blocked_id: Mapped[int] = _user_fk()
+    created_at: Mapped[dt.datetime] = _created()
+
+
+class IdempotencyKey(Base):
+    """The outcome of a write RPC called with an `idempotency-key` header (SPEC 11).
+
+    Keyed by the caller (the token's `sub`), the method and the key. `fingerprint` is the
+    SHA-256 of the request, `ok` says whether `outcome` is the serialized response or a
+    serialized `google.rpc.Status`. Written in the transaction of the write it records;
+    honoured for 24 hours, then pruned by the retention job.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    caller: Mapped[str] = mapped_column(Text, primary_key=True)
+    method: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    outcome: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[dt.datetime] = _created()
 
 
 class Person(Base):

@@ -31,7 +31,11 @@ class AccountServiceStub:
     their settings up to date. End users never call it. The write RPCs are
     rate-limited per backend service, generously (RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
-    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried. UpsertUser and
+    UpdateSettings honour an `idempotency-key` request header as
+    ConnectionService's write RPCs do (keys are per backend service, i.e. per
+    token `sub`): INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED.
     """
 
     def __init__(self, channel):
@@ -63,7 +67,11 @@ class AccountServiceServicer:
     their settings up to date. End users never call it. The write RPCs are
     rate-limited per backend service, generously (RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
-    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried. UpsertUser and
+    UpdateSettings honour an `idempotency-key` request header as
+    ConnectionService's write RPCs do (keys are per backend service, i.e. per
+    token `sub`): INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED.
     """
 
     def UpsertUser(self, request, context):
@@ -133,7 +141,11 @@ class AccountService:
     their settings up to date. End users never call it. The write RPCs are
     rate-limited per backend service, generously (RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
-    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried. UpsertUser and
+    UpdateSettings honour an `idempotency-key` request header as
+    ConnectionService's write RPCs do (keys are per backend service, i.e. per
+    token `sub`): INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED.
     """
 
     @staticmethod

@@ -32,7 +32,11 @@ class AccountServiceStub:
     their settings up to date. End users never call it. The write RPCs are
     rate-limited per backend service, generously (RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
-    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried. UpsertUser and
+    UpdateSettings honour an `idempotency-key` request header as
+    ConnectionService's write RPCs do (keys are per backend service, i.e. per
+    token `sub`): INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED.
     """
 
     @_typing.overload
@@ -69,7 +73,11 @@ class AccountServiceAsyncStub(AccountServiceStub):
     their settings up to date. End users never call it. The write RPCs are
     rate-limited per backend service, generously (RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
-    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried. UpsertUser and
+    UpdateSettings honour an `idempotency-key` request header as
+    ConnectionService's write RPCs do (keys are per backend service, i.e. per
+    token `sub`): INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -102,7 +110,11 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     their settings up to date. End users never call it. The write RPCs are
     rate-limited per backend service, generously (RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo); any RPC may end UNAVAILABLE
-    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried.
+    STORAGE_UNAVAILABLE or STORAGE_BUSY, which may be retried. UpsertUser and
+    UpdateSettings honour an `idempotency-key` request header as
+    ConnectionService's write RPCs do (keys are per backend service, i.e. per
+    token `sub`): INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED.
     """
 
     @_abc_1.abstractmethod

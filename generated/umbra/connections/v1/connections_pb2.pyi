@@ -21,6 +21,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RelationshipState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RelationshipStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RelationshipState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RELATIONSHIP_STATE_UNSPECIFIED: _RelationshipState.ValueType  # 0
+    """Never used."""
+    RELATIONSHIP_STATE_NONE: _RelationshipState.ValueType  # 1
+    """Nothing between the two, or nothing the caller may know of."""
+    RELATIONSHIP_STATE_CONNECTED: _RelationshipState.ValueType  # 2
+    """The two are connected."""
+    RELATIONSHIP_STATE_OUTGOING_PENDING: _RelationshipState.ValueType  # 3
+    """The caller sent a request that is pending."""
+    RELATIONSHIP_STATE_INCOMING_PENDING: _RelationshipState.ValueType  # 4
+    """The other user sent the caller a request that is pending."""
+    RELATIONSHIP_STATE_BLOCKED: _RelationshipState.ValueType  # 5
+    """The caller blocks the other user."""
+
+class RelationshipState(_RelationshipState, metaclass=_RelationshipStateEnumTypeWrapper):
+    """How the caller stands with another user."""
+
+RELATIONSHIP_STATE_UNSPECIFIED: RelationshipState.ValueType  # 0
+"""Never used."""
+RELATIONSHIP_STATE_NONE: RelationshipState.ValueType  # 1
+"""Nothing between the two, or nothing the caller may know of."""
+RELATIONSHIP_STATE_CONNECTED: RelationshipState.ValueType  # 2
+"""The two are connected."""
+RELATIONSHIP_STATE_OUTGOING_PENDING: RelationshipState.ValueType  # 3
+"""The caller sent a request that is pending."""
+RELATIONSHIP_STATE_INCOMING_PENDING: RelationshipState.ValueType  # 4
+"""The other user sent the caller a request that is pending."""
+RELATIONSHIP_STATE_BLOCKED: RelationshipState.ValueType  # 5
+"""The caller blocks the other user."""
+Global___RelationshipState: _TypeAlias = RelationshipState  # noqa: Y015
+
 @_typing.final
 class ConnectionRequest(_message.Message):
     """A connection request between two users."""
@@ -42,7 +78,9 @@ class ConnectionRequest(_message.Message):
         STATUS_REJECTED: ConnectionRequest._Status.ValueType  # 3
         """The receiver rejected it (or accepted after the sender was deactivated)."""
         STATUS_CANCELLED: ConnectionRequest._Status.ValueType  # 4
-        """The sender withdrew it."""
+        """The sender withdrew it, or one of the two blocked the other."""
+        STATUS_EXPIRED: ConnectionRequest._Status.ValueType  # 5
+        """Nobody answered it within the request TTL (UMBRA_REQUEST_TTL_SECONDS)."""
 
     class Status(_Status, metaclass=_StatusEnumTypeWrapper):
         """Where a request stands."""
@@ -56,7 +94,9 @@ class ConnectionRequest(_message.Message):
     STATUS_REJECTED: ConnectionRequest.Status.ValueType  # 3
     """The receiver rejected it (or accepted after the sender was deactivated)."""
     STATUS_CANCELLED: ConnectionRequest.Status.ValueType  # 4
-    """The sender withdrew it."""
+    """The sender withdrew it, or one of the two blocked the other."""
+    STATUS_EXPIRED: ConnectionRequest.Status.ValueType  # 5
+    """Nobody answered it within the request TTL (UMBRA_REQUEST_TTL_SECONDS)."""
 
     ID_FIELD_NUMBER: _builtins.int
     SENDER_UMBRAL_NAME_FIELD_NUMBER: _builtins.int
@@ -66,6 +106,7 @@ class ConnectionRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Request id."""
     sender_umbral_name: _builtins.str
@@ -78,13 +119,20 @@ class ConnectionRequest(_message.Message):
     """Receiver's preferred name; empty when unset."""
     status: Global___ConnectionRequest.Status.ValueType
     """Current status."""
+    message: _builtins.str
+    """The sender's note. Shown to the receiver only: set in the receiver's
+    views (ListIncomingRequests, WatchIncomingRequests, Respond), empty in
+    the sender's (SendRequest, ListOutgoingRequests, CancelRequest).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was sent."""
 
     @_builtins.property
     def resolve_time(self) -> _timestamp_pb2.Timestamp:
-        """When it left pending; unset while pending."""
+        """When it left pending; unset while pending. For an expired request, the
+        moment its TTL ran out.
+        """
 
     def __init__(
         self,
@@ -97,10 +145,11 @@ class ConnectionRequest(_message.Message):
         status: Global___ConnectionRequest.Status.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resolve_time", b"resolve_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "receiver_preferred_name", b"receiver_preferred_name", "receiver_umbral_name", b"receiver_umbral_name", "resolve_time", b"resolve_time", "sender_preferred_name", b"sender_preferred_name", "sender_umbral_name", b"sender_umbral_name", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "message", b"message", "receiver_preferred_name", b"receiver_preferred_name", "receiver_umbral_name", b"receiver_umbral_name", "resolve_time", b"resolve_time", "sender_preferred_name", b"sender_preferred_name", "sender_umbral_name", b"sender_umbral_name", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,16 +585,23 @@ class SendRequestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UMBRAL_NAME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     umbral_name: _builtins.str
     """Handle of the user to connect with (any letter case)."""
+    message: _builtins.str
+    """An optional note for the receiver, at most 280 characters after NFC, with
+    no control, bidi-formatting or zero-width characters. Only the receiver
+    ever sees it (never the push notification).
+    """
     def __init__(
         self,
         *,
         umbral_name: _builtins.str = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["umbral_name", b"umbral_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "umbral_name", b"umbral_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -751,11 +807,13 @@ class WatchIncomingRequestsResponse(_message.Message):
 
     @_builtins.property
     def cancelled(self) -> Global___ConnectionRequest:
-        """The sender withdrew a request."""
+        """The sender withdrew a request (or a block between the two cancelled it)."""
 
     @_builtins.property
     def resolved(self) -> Global___ConnectionRequest:
-        """The caller answered a request (perhaps from another device)."""
+        """The caller answered a request (perhaps from another device), or it
+        expired (status STATUS_EXPIRED).
+        """
 
     @_builtins.property
     def synced(self) -> Global___WatchIncomingRequestsResponse.Synced:
@@ -1310,3 +1368,245 @@ class MarkNotificationsReadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MarkNotificationsReadResponse: _TypeAlias = MarkNotificationsReadResponse  # noqa: Y015
+
+@_typing.final
+class BlockUserRequest(_message.Message):
+    """Request for BlockUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UMBRAL_NAME_FIELD_NUMBER: _builtins.int
+    umbral_name: _builtins.str
+    """Handle of the user to block (any letter case)."""
+    def __init__(
+        self,
+        *,
+        umbral_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["umbral_name", b"umbral_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockUserRequest: _TypeAlias = BlockUserRequest  # noqa: Y015
+
+@_typing.final
+class BlockUserResponse(_message.Message):
+    """Response for BlockUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockUserResponse: _TypeAlias = BlockUserResponse  # noqa: Y015
+
+@_typing.final
+class UnblockUserRequest(_message.Message):
+    """Request for UnblockUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UMBRAL_NAME_FIELD_NUMBER: _builtins.int
+    umbral_name: _builtins.str
+    """Handle of the user to unblock (any letter case)."""
+    def __init__(
+        self,
+        *,
+        umbral_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["umbral_name", b"umbral_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockUserRequest: _TypeAlias = UnblockUserRequest  # noqa: Y015
+
+@_typing.final
+class UnblockUserResponse(_message.Message):
+    """Response for UnblockUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockUserResponse: _TypeAlias = UnblockUserResponse  # noqa: Y015
+
+@_typing.final
+class BlockedUser(_message.Message):
+    """A user the caller blocks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UMBRAL_NAME_FIELD_NUMBER: _builtins.int
+    PREFERRED_NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    umbral_name: _builtins.str
+    """The blocked user's handle."""
+    preferred_name: _builtins.str
+    """The blocked user's preferred name; empty when unset."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the caller blocked them."""
+
+    def __init__(
+        self,
+        *,
+        umbral_name: _builtins.str = ...,
+        preferred_name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "preferred_name", b"preferred_name", "umbral_name", b"umbral_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockedUser: _TypeAlias = BlockedUser  # noqa: Y015
+
+@_typing.final
+class ListBlockedUsersRequest(_message.Message):
+    """Request for ListBlockedUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, larger than 100 means 100, negative is
+    INVALID_ARGUMENT).
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBlockedUsersRequest: _TypeAlias = ListBlockedUsersRequest  # noqa: Y015
+
+@_typing.final
+class ListBlockedUsersResponse(_message.Message):
+    """Response for ListBlockedUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKED_USERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def blocked_users(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockedUser]:
+        """Blocked users, newest block first."""
+
+    def __init__(
+        self,
+        *,
+        blocked_users: _abc.Iterable[Global___BlockedUser] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_users", b"blocked_users", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBlockedUsersResponse: _TypeAlias = ListBlockedUsersResponse  # noqa: Y015
+
+@_typing.final
+class Relationship(_message.Message):
+    """The caller's relationship with one handle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UMBRAL_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    umbral_name: _builtins.str
+    """The handle asked about, lower-cased."""
+    state: Global___RelationshipState.ValueType
+    """How the caller stands with that user."""
+    def __init__(
+        self,
+        *,
+        umbral_name: _builtins.str = ...,
+        state: Global___RelationshipState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "umbral_name", b"umbral_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Relationship: _TypeAlias = Relationship  # noqa: Y015
+
+@_typing.final
+class GetRelationshipsRequest(_message.Message):
+    """Request for GetRelationships."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UMBRAL_NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def umbral_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Handles to look up (any letter case), at most 100; repeats are answered
+        each time.
+        """
+
+    def __init__(
+        self,
+        *,
+        umbral_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["umbral_names", b"umbral_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRelationshipsRequest: _TypeAlias = GetRelationshipsRequest  # noqa: Y015
+
+@_typing.final
+class GetRelationshipsResponse(_message.Message):
+    """Response for GetRelationships."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELATIONSHIPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def relationships(self) -> _containers.RepeatedCompositeFieldContainer[Global___Relationship]:
+        """One per handle asked, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        relationships: _abc.Iterable[Global___Relationship] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relationships", b"relationships"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRelationshipsResponse: _TypeAlias = GetRelationshipsResponse  # noqa: Y015

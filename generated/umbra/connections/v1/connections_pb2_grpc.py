@@ -36,6 +36,19 @@ class ConnectionServiceStub:
     the retries): nothing was written, and the call may be retried. Search and
     every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo.
+
+    Every write RPC (SendRequest, Respond, CancelRequest,
+    UpdateSharingOverrides, RemoveConnection, MarkNotificationsRead,
+    BlockUser, UnblockUser) honours an `idempotency-key` request header of 1-64
+    characters of A-Z a-z 0-9 _ -: a retry with the same key, by the same
+    caller, to the same method, within 24 hours gets the first call's outcome
+    (its response, or the error it ended with) and writes nothing; a retry that
+    arrives while the first call is still running waits for its outcome. Only
+    UNAVAILABLE, RATE_LIMITED and authentication failures are not kept (nothing
+    was decided: retry them). Errors: INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID
+    (the header is empty, too long, holds other characters or is sent twice),
+    INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED (the key was used for a different
+    request to the same method within 24 hours).
     """
 
     def __init__(self, channel):
@@ -119,6 +132,26 @@ class ConnectionServiceStub:
                 request_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.MarkNotificationsReadRequest.SerializeToString,
                 response_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.MarkNotificationsReadResponse.FromString,
                 _registered_method=True)
+        self.BlockUser = channel.unary_unary(
+                '/umbra.connections.v1.ConnectionService/BlockUser',
+                request_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.BlockUserRequest.SerializeToString,
+                response_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.BlockUserResponse.FromString,
+                _registered_method=True)
+        self.UnblockUser = channel.unary_unary(
+                '/umbra.connections.v1.ConnectionService/UnblockUser',
+                request_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.UnblockUserRequest.SerializeToString,
+                response_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.UnblockUserResponse.FromString,
+                _registered_method=True)
+        self.ListBlockedUsers = channel.unary_unary(
+                '/umbra.connections.v1.ConnectionService/ListBlockedUsers',
+                request_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.ListBlockedUsersRequest.SerializeToString,
+                response_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.ListBlockedUsersResponse.FromString,
+                _registered_method=True)
+        self.GetRelationships = channel.unary_unary(
+                '/umbra.connections.v1.ConnectionService/GetRelationships',
+                request_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.GetRelationshipsRequest.SerializeToString,
+                response_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.GetRelationshipsResponse.FromString,
+                _registered_method=True)
 
 
 class ConnectionServiceServicer:
@@ -132,13 +165,27 @@ class ConnectionServiceServicer:
     the retries): nothing was written, and the call may be retried. Search and
     every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo.
+
+    Every write RPC (SendRequest, Respond, CancelRequest,
+    UpdateSharingOverrides, RemoveConnection, MarkNotificationsRead,
+    BlockUser, UnblockUser) honours an `idempotency-key` request header of 1-64
+    characters of A-Z a-z 0-9 _ -: a retry with the same key, by the same
+    caller, to the same method, within 24 hours gets the first call's outcome
+    (its response, or the error it ended with) and writes nothing; a retry that
+    arrives while the first call is still running waits for its outcome. Only
+    UNAVAILABLE, RATE_LIMITED and authentication failures are not kept (nothing
+    was decided: retry them). Errors: INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID
+    (the header is empty, too long, holds other characters or is sent twice),
+    INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED (the key was used for a different
+    request to the same method within 24 hours).
     """
 
     def Search(self, request, context):
         """Tells whether a handle belongs to someone the caller can send a request
         to. found is false alike when the caller has not opted in, for the
-        caller's own handle, and for nonexistent, inactive or not-accepting
-        users. Held to a timing floor on every outcome.
+        caller's own handle, for nonexistent, inactive or not-accepting users,
+        and when either of the two blocks the other. Held to a timing floor on
+        every outcome.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +202,12 @@ class ConnectionServiceServicer:
         RESEND_TOO_SOON (the caller cancelled a request to this user less than
         the resend cooldown ago; RetryInfo holds the time left),
         RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
-        requests count until their window ends).
+        requests count until their window ends), FAILED_PRECONDITION
+        USER_BLOCKED (the caller blocks that user: UnblockUser first),
+        INVALID_ARGUMENT TEXT_INVALID (message holds control, bidi-formatting or
+        zero-width characters, or is longer than 280 characters after NFC). A
+        user who blocks the caller answers exactly as a nonexistent one:
+        NOT_FOUND USER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +319,56 @@ class ConnectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockUser(self, request, context):
+        """Blocks the user with the given handle. In one transaction: a connection
+        between the two is removed (silently, both contact cards detached, as
+        RemoveConnection), pending requests in both directions are cancelled
+        (watch streams told `cancelled`, request notifications deleted, unsent
+        pushes skipped) and the block is recorded. While it holds, the blocked
+        user is never told: to them the caller looks like a nonexistent handle
+        (Search found=false, SendRequest NOT_FOUND USER_NOT_FOUND,
+        GetRelationships NONE). The answer is the same, held to the Search
+        timing floor, whether or not the handle exists, and blocking again
+        changes nothing. INVALID_ARGUMENT HANDLE_INVALID (malformed handle),
+        INVALID_ARGUMENT SELF_BLOCK (the caller's own handle).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockUser(self, request, context):
+        """Lifts the caller's block of the user with the given handle, if any.
+        Restores nothing (no connection, no request). The same answer, held to
+        the Search timing floor, whether or not there was a block or a user.
+        INVALID_ARGUMENT HANDLE_INVALID (malformed handle).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBlockedUsers(self, request, context):
+        """The users the caller blocks, newest block first. A blocked user who is
+        inactive or does not accept connections is left out (the block still
+        holds): the list tells no more about who exists than Search does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRelationships(self, request, context):
+        """The caller's relationship with each of up to 100 handles, in one
+        statement, in the order asked. Unknown, inactive and blocked-by-them
+        handles, the caller's own, and handles with nothing between them and the
+        caller are all RELATIONSHIP_STATE_NONE, and a block by the caller shows
+        as BLOCKED only while the blocked user is active and accepts connections:
+        no existence oracle. Held to the Search timing floor.
+        INVALID_ARGUMENT HANDLE_INVALID (any malformed handle), FIELD_INVALID
+        (more than 100 handles).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConnectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +447,26 @@ def add_ConnectionServiceServicer_to_server(servicer, server):
                     request_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.MarkNotificationsReadRequest.FromString,
                     response_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.MarkNotificationsReadResponse.SerializeToString,
             ),
+            'BlockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockUser,
+                    request_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.BlockUserRequest.FromString,
+                    response_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.BlockUserResponse.SerializeToString,
+            ),
+            'UnblockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockUser,
+                    request_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.UnblockUserRequest.FromString,
+                    response_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.UnblockUserResponse.SerializeToString,
+            ),
+            'ListBlockedUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBlockedUsers,
+                    request_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.ListBlockedUsersRequest.FromString,
+                    response_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.ListBlockedUsersResponse.SerializeToString,
+            ),
+            'GetRelationships': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRelationships,
+                    request_deserializer=umbra_dot_connections_dot_v1_dot_connections__pb2.GetRelationshipsRequest.FromString,
+                    response_serializer=umbra_dot_connections_dot_v1_dot_connections__pb2.GetRelationshipsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'umbra.connections.v1.ConnectionService', rpc_method_handlers)
@@ -364,6 +486,19 @@ class ConnectionService:
     the retries): nothing was written, and the call may be retried. Search and
     every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo.
+
+    Every write RPC (SendRequest, Respond, CancelRequest,
+    UpdateSharingOverrides, RemoveConnection, MarkNotificationsRead,
+    BlockUser, UnblockUser) honours an `idempotency-key` request header of 1-64
+    characters of A-Z a-z 0-9 _ -: a retry with the same key, by the same
+    caller, to the same method, within 24 hours gets the first call's outcome
+    (its response, or the error it ended with) and writes nothing; a retry that
+    arrives while the first call is still running waits for its outcome. Only
+    UNAVAILABLE, RATE_LIMITED and authentication failures are not kept (nothing
+    was decided: retry them). Errors: INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID
+    (the header is empty, too long, holds other characters or is sent twice),
+    INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED (the key was used for a different
+    request to the same method within 24 hours).
     """
 
     @staticmethod
@@ -761,6 +896,114 @@ class ConnectionService:
             '/umbra.connections.v1.ConnectionService/MarkNotificationsRead',
             umbra_dot_connections_dot_v1_dot_connections__pb2.MarkNotificationsReadRequest.SerializeToString,
             umbra_dot_connections_dot_v1_dot_connections__pb2.MarkNotificationsReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/umbra.connections.v1.ConnectionService/BlockUser',
+            umbra_dot_connections_dot_v1_dot_connections__pb2.BlockUserRequest.SerializeToString,
+            umbra_dot_connections_dot_v1_dot_connections__pb2.BlockUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/umbra.connections.v1.ConnectionService/UnblockUser',
+            umbra_dot_connections_dot_v1_dot_connections__pb2.UnblockUserRequest.SerializeToString,
+            umbra_dot_connections_dot_v1_dot_connections__pb2.UnblockUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBlockedUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/umbra.connections.v1.ConnectionService/ListBlockedUsers',
+            umbra_dot_connections_dot_v1_dot_connections__pb2.ListBlockedUsersRequest.SerializeToString,
+            umbra_dot_connections_dot_v1_dot_connections__pb2.ListBlockedUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRelationships(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/umbra.connections.v1.ConnectionService/GetRelationships',
+            umbra_dot_connections_dot_v1_dot_connections__pb2.GetRelationshipsRequest.SerializeToString,
+            umbra_dot_connections_dot_v1_dot_connections__pb2.GetRelationshipsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,19 @@ class ConnectionServiceStub:
     the retries): nothing was written, and the call may be retried. Search and
     every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo.
+
+    Every write RPC (SendRequest, Respond, CancelRequest,
+    UpdateSharingOverrides, RemoveConnection, MarkNotificationsRead,
+    BlockUser, UnblockUser) honours an `idempotency-key` request header of 1-64
+    characters of A-Z a-z 0-9 _ -: a retry with the same key, by the same
+    caller, to the same method, within 24 hours gets the first call's outcome
+    (its response, or the error it ended with) and writes nothing; a retry that
+    arrives while the first call is still running waits for its outcome. Only
+    UNAVAILABLE, RATE_LIMITED and authentication failures are not kept (nothing
+    was decided: retry them). Errors: INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID
+    (the header is empty, too long, holds other characters or is sent twice),
+    INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED (the key was used for a different
+    request to the same method within 24 hours).
     """
 
     @_typing.overload
@@ -46,8 +59,9 @@ class ConnectionServiceStub:
     Search: _grpc.UnaryUnaryMultiCallable[_connections_pb2.SearchRequest, _connections_pb2.SearchResponse]
     """Tells whether a handle belongs to someone the caller can send a request
     to. found is false alike when the caller has not opted in, for the
-    caller's own handle, and for nonexistent, inactive or not-accepting
-    users. Held to a timing floor on every outcome.
+    caller's own handle, for nonexistent, inactive or not-accepting users,
+    and when either of the two blocks the other. Held to a timing floor on
+    every outcome.
     """
     SendRequest: _grpc.UnaryUnaryMultiCallable[_connections_pb2.SendRequestRequest, _connections_pb2.SendRequestResponse]
     """Sends a connection request to the user with the given handle.
@@ -60,7 +74,12 @@ class ConnectionServiceStub:
     RESEND_TOO_SOON (the caller cancelled a request to this user less than
     the resend cooldown ago; RetryInfo holds the time left),
     RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
-    requests count until their window ends).
+    requests count until their window ends), FAILED_PRECONDITION
+    USER_BLOCKED (the caller blocks that user: UnblockUser first),
+    INVALID_ARGUMENT TEXT_INVALID (message holds control, bidi-formatting or
+    zero-width characters, or is longer than 280 characters after NFC). A
+    user who blocks the caller answers exactly as a nonexistent one:
+    NOT_FOUND USER_NOT_FOUND.
     """
     ListIncomingRequests: _grpc.UnaryUnaryMultiCallable[_connections_pb2.ListIncomingRequestsRequest, _connections_pb2.ListIncomingRequestsResponse]
     """The caller's pending incoming requests, newest first."""
@@ -109,6 +128,40 @@ class ConnectionServiceStub:
     """The caller's in-app notifications, newest first."""
     MarkNotificationsRead: _grpc.UnaryUnaryMultiCallable[_connections_pb2.MarkNotificationsReadRequest, _connections_pb2.MarkNotificationsReadResponse]
     """Marks some of the caller's notifications read; others' ids are ignored."""
+    BlockUser: _grpc.UnaryUnaryMultiCallable[_connections_pb2.BlockUserRequest, _connections_pb2.BlockUserResponse]
+    """Blocks the user with the given handle. In one transaction: a connection
+    between the two is removed (silently, both contact cards detached, as
+    RemoveConnection), pending requests in both directions are cancelled
+    (watch streams told `cancelled`, request notifications deleted, unsent
+    pushes skipped) and the block is recorded. While it holds, the blocked
+    user is never told: to them the caller looks like a nonexistent handle
+    (Search found=false, SendRequest NOT_FOUND USER_NOT_FOUND,
+    GetRelationships NONE). The answer is the same, held to the Search
+    timing floor, whether or not the handle exists, and blocking again
+    changes nothing. INVALID_ARGUMENT HANDLE_INVALID (malformed handle),
+    INVALID_ARGUMENT SELF_BLOCK (the caller's own handle).
+    """
+    UnblockUser: _grpc.UnaryUnaryMultiCallable[_connections_pb2.UnblockUserRequest, _connections_pb2.UnblockUserResponse]
+    """Lifts the caller's block of the user with the given handle, if any.
+    Restores nothing (no connection, no request). The same answer, held to
+    the Search timing floor, whether or not there was a block or a user.
+    INVALID_ARGUMENT HANDLE_INVALID (malformed handle).
+    """
+    ListBlockedUsers: _grpc.UnaryUnaryMultiCallable[_connections_pb2.ListBlockedUsersRequest, _connections_pb2.ListBlockedUsersResponse]
+    """The users the caller blocks, newest block first. A blocked user who is
+    inactive or does not accept connections is left out (the block still
+    holds): the list tells no more about who exists than Search does.
+    """
+    GetRelationships: _grpc.UnaryUnaryMultiCallable[_connections_pb2.GetRelationshipsRequest, _connections_pb2.GetRelationshipsResponse]
+    """The caller's relationship with each of up to 100 handles, in one
+    statement, in the order asked. Unknown, inactive and blocked-by-them
+    handles, the caller's own, and handles with nothing between them and the
+    caller are all RELATIONSHIP_STATE_NONE, and a block by the caller shows
+    as BLOCKED only while the blocked user is active and accepts connections:
+    no existence oracle. Held to the Search timing floor.
+    INVALID_ARGUMENT HANDLE_INVALID (any malformed handle), FIELD_INVALID
+    (more than 100 handles).
+    """
 
 @_typing.type_check_only
 class ConnectionServiceAsyncStub(ConnectionServiceStub):
@@ -122,14 +175,28 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     the retries): nothing was written, and the call may be retried. Search and
     every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo.
+
+    Every write RPC (SendRequest, Respond, CancelRequest,
+    UpdateSharingOverrides, RemoveConnection, MarkNotificationsRead,
+    BlockUser, UnblockUser) honours an `idempotency-key` request header of 1-64
+    characters of A-Z a-z 0-9 _ -: a retry with the same key, by the same
+    caller, to the same method, within 24 hours gets the first call's outcome
+    (its response, or the error it ended with) and writes nothing; a retry that
+    arrives while the first call is still running waits for its outcome. Only
+    UNAVAILABLE, RATE_LIMITED and authentication failures are not kept (nothing
+    was decided: retry them). Errors: INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID
+    (the header is empty, too long, holds other characters or is sent twice),
+    INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED (the key was used for a different
+    request to the same method within 24 hours).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Search: _aio.UnaryUnaryMultiCallable[_connections_pb2.SearchRequest, _connections_pb2.SearchResponse]  # type: ignore[assignment]
     """Tells whether a handle belongs to someone the caller can send a request
     to. found is false alike when the caller has not opted in, for the
-    caller's own handle, and for nonexistent, inactive or not-accepting
-    users. Held to a timing floor on every outcome.
+    caller's own handle, for nonexistent, inactive or not-accepting users,
+    and when either of the two blocks the other. Held to a timing floor on
+    every outcome.
     """
     SendRequest: _aio.UnaryUnaryMultiCallable[_connections_pb2.SendRequestRequest, _connections_pb2.SendRequestResponse]  # type: ignore[assignment]
     """Sends a connection request to the user with the given handle.
@@ -142,7 +209,12 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     RESEND_TOO_SOON (the caller cancelled a request to this user less than
     the resend cooldown ago; RetryInfo holds the time left),
     RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
-    requests count until their window ends).
+    requests count until their window ends), FAILED_PRECONDITION
+    USER_BLOCKED (the caller blocks that user: UnblockUser first),
+    INVALID_ARGUMENT TEXT_INVALID (message holds control, bidi-formatting or
+    zero-width characters, or is longer than 280 characters after NFC). A
+    user who blocks the caller answers exactly as a nonexistent one:
+    NOT_FOUND USER_NOT_FOUND.
     """
     ListIncomingRequests: _aio.UnaryUnaryMultiCallable[_connections_pb2.ListIncomingRequestsRequest, _connections_pb2.ListIncomingRequestsResponse]  # type: ignore[assignment]
     """The caller's pending incoming requests, newest first."""
@@ -191,6 +263,40 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     """The caller's in-app notifications, newest first."""
     MarkNotificationsRead: _aio.UnaryUnaryMultiCallable[_connections_pb2.MarkNotificationsReadRequest, _connections_pb2.MarkNotificationsReadResponse]  # type: ignore[assignment]
     """Marks some of the caller's notifications read; others' ids are ignored."""
+    BlockUser: _aio.UnaryUnaryMultiCallable[_connections_pb2.BlockUserRequest, _connections_pb2.BlockUserResponse]  # type: ignore[assignment]
+    """Blocks the user with the given handle. In one transaction: a connection
+    between the two is removed (silently, both contact cards detached, as
+    RemoveConnection), pending requests in both directions are cancelled
+    (watch streams told `cancelled`, request notifications deleted, unsent
+    pushes skipped) and the block is recorded. While it holds, the blocked
+    user is never told: to them the caller looks like a nonexistent handle
+    (Search found=false, SendRequest NOT_FOUND USER_NOT_FOUND,
+    GetRelationships NONE). The answer is the same, held to the Search
+    timing floor, whether or not the handle exists, and blocking again
+    changes nothing. INVALID_ARGUMENT HANDLE_INVALID (malformed handle),
+    INVALID_ARGUMENT SELF_BLOCK (the caller's own handle).
+    """
+    UnblockUser: _aio.UnaryUnaryMultiCallable[_connections_pb2.UnblockUserRequest, _connections_pb2.UnblockUserResponse]  # type: ignore[assignment]
+    """Lifts the caller's block of the user with the given handle, if any.
+    Restores nothing (no connection, no request). The same answer, held to
+    the Search timing floor, whether or not there was a block or a user.
+    INVALID_ARGUMENT HANDLE_INVALID (malformed handle).
+    """
+    ListBlockedUsers: _aio.UnaryUnaryMultiCallable[_connections_pb2.ListBlockedUsersRequest, _connections_pb2.ListBlockedUsersResponse]  # type: ignore[assignment]
+    """The users the caller blocks, newest block first. A blocked user who is
+    inactive or does not accept connections is left out (the block still
+    holds): the list tells no more about who exists than Search does.
+    """
+    GetRelationships: _aio.UnaryUnaryMultiCallable[_connections_pb2.GetRelationshipsRequest, _connections_pb2.GetRelationshipsResponse]  # type: ignore[assignment]
+    """The caller's relationship with each of up to 100 handles, in one
+    statement, in the order asked. Unknown, inactive and blocked-by-them
+    handles, the caller's own, and handles with nothing between them and the
+    caller are all RELATIONSHIP_STATE_NONE, and a block by the caller shows
+    as BLOCKED only while the blocked user is active and accepts connections:
+    no existence oracle. Held to the Search timing floor.
+    INVALID_ARGUMENT HANDLE_INVALID (any malformed handle), FIELD_INVALID
+    (more than 100 handles).
+    """
 
 class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
     """ConnectionService lets people find each other by handle, ask to connect,
@@ -203,6 +309,19 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
     the retries): nothing was written, and the call may be retried. Search and
     every write RPC are rate-limited per caller: RESOURCE_EXHAUSTED
     RATE_LIMITED with a google.rpc.RetryInfo.
+
+    Every write RPC (SendRequest, Respond, CancelRequest,
+    UpdateSharingOverrides, RemoveConnection, MarkNotificationsRead,
+    BlockUser, UnblockUser) honours an `idempotency-key` request header of 1-64
+    characters of A-Z a-z 0-9 _ -: a retry with the same key, by the same
+    caller, to the same method, within 24 hours gets the first call's outcome
+    (its response, or the error it ended with) and writes nothing; a retry that
+    arrives while the first call is still running waits for its outcome. Only
+    UNAVAILABLE, RATE_LIMITED and authentication failures are not kept (nothing
+    was decided: retry them). Errors: INVALID_ARGUMENT IDEMPOTENCY_KEY_INVALID
+    (the header is empty, too long, holds other characters or is sent twice),
+    INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED (the key was used for a different
+    request to the same method within 24 hours).
     """
 
     @_abc_1.abstractmethod
@@ -213,8 +332,9 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_connections_pb2.SearchResponse, _abc.Awaitable[_connections_pb2.SearchResponse]]:
         """Tells whether a handle belongs to someone the caller can send a request
         to. found is false alike when the caller has not opted in, for the
-        caller's own handle, and for nonexistent, inactive or not-accepting
-        users. Held to a timing floor on every outcome.
+        caller's own handle, for nonexistent, inactive or not-accepting users,
+        and when either of the two blocks the other. Held to a timing floor on
+        every outcome.
         """
 
     @_abc_1.abstractmethod
@@ -233,7 +353,12 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         RESEND_TOO_SOON (the caller cancelled a request to this user less than
         the resend cooldown ago; RetryInfo holds the time left),
         RESOURCE_EXHAUSTED TOO_MANY_PENDING (receiver's cap reached; cancelled
-        requests count until their window ends).
+        requests count until their window ends), FAILED_PRECONDITION
+        USER_BLOCKED (the caller blocks that user: UnblockUser first),
+        INVALID_ARGUMENT TEXT_INVALID (message holds control, bidi-formatting or
+        zero-width characters, or is longer than 280 characters after NFC). A
+        user who blocks the caller answers exactly as a nonexistent one:
+        NOT_FOUND USER_NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -360,5 +485,63 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_connections_pb2.MarkNotificationsReadResponse, _abc.Awaitable[_connections_pb2.MarkNotificationsReadResponse]]:
         """Marks some of the caller's notifications read; others' ids are ignored."""
+
+    @_abc_1.abstractmethod
+    def BlockUser(
+        self,
+        request: _connections_pb2.BlockUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_connections_pb2.BlockUserResponse, _abc.Awaitable[_connections_pb2.BlockUserResponse]]:
+        """Blocks the user with the given handle. In one transaction: a connection
+        between the two is removed (silently, both contact cards detached, as
+        RemoveConnection), pending requests in both directions are cancelled
+        (watch streams told `cancelled`, request notifications deleted, unsent
+        pushes skipped) and the block is recorded. While it holds, the blocked
+        user is never told: to them the caller looks like a nonexistent handle
+        (Search found=false, SendRequest NOT_FOUND USER_NOT_FOUND,
+        GetRelationships NONE). The answer is the same, held to the Search
+        timing floor, whether or not the handle exists, and blocking again
+        changes nothing. INVALID_ARGUMENT HANDLE_INVALID (malformed handle),
+        INVALID_ARGUMENT SELF_BLOCK (the caller's own handle).
+        """
+
+    @_abc_1.abstractmethod
+    def UnblockUser(
+        self,
+        request: _connections_pb2.UnblockUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_connections_pb2.UnblockUserResponse, _abc.Awaitable[_connections_pb2.UnblockUserResponse]]:
+        """Lifts the caller's block of the user with the given handle, if any.
+        Restores nothing (no connection, no request). The same answer, held to
+        the Search timing floor, whether or not there was a block or a user.
+        INVALID_ARGUMENT HANDLE_INVALID (malformed handle).
+        """
+
+    @_abc_1.abstractmethod
+    def ListBlockedUsers(
+        self,
+        request: _connections_pb2.ListBlockedUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_connections_pb2.ListBlockedUsersResponse, _abc.Awaitable[_connections_pb2.ListBlockedUsersResponse]]:
+        """The users the caller blocks, newest block first. A blocked user who is
+        inactive or does not accept connections is left out (the block still
+        holds): the list tells no more about who exists than Search does.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRelationships(
+        self,
+        request: _connections_pb2.GetRelationshipsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_connections_pb2.GetRelationshipsResponse, _abc.Awaitable[_connections_pb2.GetRelationshipsResponse]]:
+        """The caller's relationship with each of up to 100 handles, in one
+        statement, in the order asked. Unknown, inactive and blocked-by-them
+        handles, the caller's own, and handles with nothing between them and the
+        caller are all RELATIONSHIP_STATE_NONE, and a block by the caller shows
+        as BLOCKED only while the blocked user is active and accepts connections:
+        no existence oracle. Held to the Search timing floor.
+        INVALID_ARGUMENT HANDLE_INVALID (any malformed handle), FIELD_INVALID
+        (more than 100 handles).
+        """
 
 def add_ConnectionServiceServicer_to_server(servicer: ConnectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
