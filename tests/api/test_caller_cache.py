@@ -1,0 +1,94 @@
+"""The cached "this caller is active" answer is dropped when the user changes (SPEC 10.6).
+
+The cache is warmed first, and shown to be warm: a deactivation written by SQL (no NOTIFY)
+is not seen while the cached answer stands. Then a deactivation through AccountService must
+be refused at once by the server that made it, and through the `umbra_users` NOTIFY by
+another server on the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from tests.conftest import (
+    Metadata,
+    NewUser,
+    RunningServer,
+    Sql,
+    TestUser,
+    start_server,
+    stop_server,
+)
+from tests.conftest import test_config as make_config
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def other(database_url: str) -> AsyncIterator[RunningServer]:
+    """A second server on the same database: another replica, with its own cache."""
+    running = await start_server(make_config(database_url))
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+async def search(channel: grpc.aio.Channel, user: TestUser) -> grpc.StatusCode:
+    stub = connections_pb2_grpc.ConnectionServiceStub(channel)
+    try:
+        await stub.Search(connections_pb2.SearchRequest(umbral_name=user.handle), metadata=user.md)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def warmed(channel: grpc.aio.Channel, user: TestUser, sql: Sql) -> None:
+    """Caches the user as active on the server behind `channel`, and shows it is cached."""
+    assert await search(channel, user) == grpc.StatusCode.OK
+    await sql.rows("UPDATE users SET is_active = false WHERE id = $1", user.id)
+    assert await search(channel, user) == grpc.StatusCode.OK  # the cached answer
+    await sql.rows("UPDATE users SET is_active = true WHERE id = $1", user.id)
+
+
+async def deactivate(accounts, admin: Metadata, user: TestUser) -> None:
+    await accounts.UpsertUser(
+        accounts_pb2.UpsertUserRequest(
+            user=accounts_pb2.User(id=user.id, umbral_name=user.handle, is_active=False)
+        ),
+        metadata=admin,
+    )
+
+
+async def test_a_warm_cache_is_dropped_by_the_server_that_deactivates(
+    server: RunningServer, accounts, admin: Metadata, new_user: NewUser, sql: Sql
+) -> None:
+    user = await new_user()
+    await warmed(server.channel, user, sql)
+    await deactivate(accounts, admin, user)
+    assert await search(server.channel, user) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_warm_cache_on_another_server_is_dropped_through_the_notify(
+    server: RunningServer,
+    other: RunningServer,
+    admin: Metadata,
+    new_user: NewUser,
+    sql: Sql,
+) -> None:
+    user = await new_user()
+    await warmed(other.channel, user, sql)
+    await deactivate(accounts_pb2_grpc.AccountServiceStub(server.channel), admin, user)
+    # The NOTIFY takes its time to cross; the cache would hold for an hour without it.
+    deadline = time.monotonic() + 10
+    while (code := await search(other.channel, user)) == grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "the other server still serves the user"
+        await asyncio.sleep(0.02)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
