@@ -12,12 +12,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
 
 from tests.conftest import (
     Metadata,
+    NewUser,
     RunningServer,
     Sql,
     TestUser,
@@ -26,7 +28,10 @@ from tests.conftest import (
     user_metadata,
 )
 from tests.conftest import test_config as make_config
+from tests.locks import until_waiting
+from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
+from umbra_grpc.storage.database import Database
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -54,7 +59,8 @@ async def quiet_user(sql: Sql, user_id: int) -> TestUser:
     """A user made by SQL: AccountService's change notices, which can reach a server late
     and drop the entry being warmed, are never sent for it."""
     await sql.rows(
-        "WITH made AS (INSERT INTO users (id, umbral_name) VALUES ($1::bigint, 'quiet' || $1::bigint)"
+        "WITH made AS (INSERT INTO users (id, umbral_name)"
+        " VALUES ($1::bigint, 'quiet' || $1::bigint)"
         " RETURNING id) INSERT INTO settings (user_id) SELECT id FROM made",
         user_id,
     )
@@ -103,3 +109,28 @@ async def test_a_warm_cache_on_another_server_is_dropped_through_the_notify(
         await asyncio.sleep(0.02)
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
+
+async def test_a_lookup_overtaken_by_a_change_is_not_cached(
+    database_url: str, new_user: NewUser, sql: Sql
+) -> None:
+    """A lookup that started before a user changed, and ends after the change was reported,
+    may carry the old answer: it must not be kept in place of the one just dropped."""
+    user = await new_user()
+    db = Database.connect(make_config(database_url))
+    cache = ActiveUsers(db, ttl=3600)
+    locker = await asyncpg.connect(database_url)
+    try:
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        lookup = asyncio.create_task(cache.is_active(user.id))
+        await until_waiting(sql)
+        cache.forget(user.id)  # the change notice arrives while the lookup is on its way
+        await holding.rollback()
+        assert await lookup
+        # Deactivated without a notice: only a lookup that was kept would still say active.
+        await sql.rows("UPDATE users SET is_active = false WHERE id = $1", user.id)
+        assert not await cache.is_active(user.id)
+    finally:
+        await locker.close()
+        await db.dispose()
