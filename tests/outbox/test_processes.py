@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -163,6 +164,15 @@ async def test_kill_9_between_commit_and_delivery_then_delivered_after_restart(
     assert await sql.value("SELECT attempts FROM outbox") == 2
 
 
+def pushes_sent(metrics: str) -> float:
+    """What one process's metrics say it delivered."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("umbra_outbox_sent_total "):
+                return float(line.split()[1])
+    raise AssertionError("umbra_outbox_sent_total not in the scrape")
+
+
 async def test_two_processes_deliver_200_pushes_exactly_once(
     spawn: Spawn, fresh_database: str, recorder: NtfyRecorder
 ) -> None:
@@ -171,9 +181,15 @@ async def test_two_processes_deliver_200_pushes_exactly_once(
     senders = range(1, 201)
     await add_users(sql, senders)
     await add_users(sql, range(receiver, receiver + 1), ntfy_url=recorder.url)
+    metrics = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     replicas = [
-        await spawn(fresh_database, UMBRA_PENDING_CAP="1000", UMBRA_OUTBOX_BATCH_SIZE="10")
-        for _ in range(2)
+        await spawn(
+            fresh_database,
+            UMBRA_PENDING_CAP="1000",
+            UMBRA_OUTBOX_BATCH_SIZE="10",
+            UMBRA_METRICS_LISTEN=address,
+        )
+        for address in metrics
     ]
 
     limit = asyncio.Semaphore(20)
@@ -194,3 +210,7 @@ async def test_two_processes_deliver_200_pushes_exactly_once(
     assert len(bodies) == 200
     assert [body for body, count in bodies.items() if count > 1] == []
     assert await sql.value("SELECT count(*) FROM outbox WHERE attempts = 1") == 200
+    # Both took part, and between them delivered each push once.
+    sent = [await asyncio.to_thread(pushes_sent, address) for address in metrics]
+    assert sum(sent) == 200
+    assert min(sent) > 0, sent
