@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -108,8 +109,10 @@ async def test_stream_ends_when_the_token_expires(connections, new_user: NewUser
     assert await ended_with(call) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
 
 
-async def test_per_user_stream_limit(connections, new_user: NewUser) -> None:
+async def test_per_user_stream_limit(connections, new_user: NewUser, server: RunningServer) -> None:
     me = await new_user()
+    feed = server.service.feed
+    before = feed.open_streams
     calls = [watch(connections, me) for _ in range(3)]
     try:
         for call in calls:
@@ -119,8 +122,11 @@ async def test_per_user_stream_limit(connections, new_user: NewUser) -> None:
     finally:
         for call in calls:
             call.cancel()
-    # Closed streams free their places.
-    await asyncio.sleep(0.2)
+    # Closed streams free their places (once the server has seen them go).
+    deadline = time.monotonic() + 10
+    while feed.open_streams > before:
+        assert time.monotonic() < deadline, "cancelled streams kept their places"
+        await asyncio.sleep(0.01)
     again = watch(connections, me)
     try:
         await until_synced(again)
