@@ -22,7 +22,12 @@ once into asyncpg's `$n` form); the service layer opens the unit of work:
   joined unit of work that raises marks the connection `aborted`: the enclosing transaction
   must then roll back, as the joined one would have on its own;
 - `Database.background()` lends a connection to work that is not an RPC's (probes, the
-  outbox worker, the watch feed): autocommit, and never counted.
+  outbox worker, the watch feed): autocommit, and never counted;
+- `Database.session()` opens a connection of its own for background work that needs one
+  PostgreSQL session throughout (the retention job and the expiry sweeper hold a
+  session-level advisory lock across autocommit batches). It goes to the listener's URL,
+  which bypasses a transaction pooler: through one, the lock and its unlock could land on
+  different server connections and the lock would stay behind on a pooled one.
 
 Driver errors that mean "the database is not there" become `StorageUnavailable`; the API edge
 maps it to UNAVAILABLE. So does a write refused by a read-only node (SQLSTATE 25006: during a
@@ -244,8 +249,17 @@ async def _keep_session(connection: Any) -> None:
 class Database:
     """The connection pool and the kinds of unit of work."""
 
-    def __init__(self, dsn: str, *, pool_size: int, acquire_timeout: float, **connect: Any):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int,
+        acquire_timeout: float,
+        session_dsn: str | None = None,
+        **connect: Any,
+    ):
         self._dsn = dsn
+        self._session_dsn = session_dsn or dsn
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
         self._connect = connect
@@ -257,10 +271,11 @@ class Database:
     @classmethod
     def connect(cls, config: Config) -> Database:
         """Builds the pool from the configuration (connects lazily)."""
-        if config.database_url is None:
+        if config.database_url is None or config.listener_url is None:
             raise ValueError("no database URL configured")
         return cls(
             plain_url(config.database_url),
+            session_dsn=plain_url(config.listener_url),
             pool_size=config.db_pool_size,
             acquire_timeout=config.db_pool_timeout_seconds,
             timeout=config.db_pool_timeout_seconds,
@@ -385,6 +400,18 @@ class Database:
         observe = self._fan_out(self._background_observers)
         async with self._lent() as raw:
             yield Conn(raw, observe)
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Conn]:
+        """A connection of its own, straight to PostgreSQL (the listener's URL), for
+        background work that needs one session throughout; closed afterwards."""
+        raw = await asyncpg.connect(self._session_dsn, **self._connect)
+        try:
+            await _json_codecs(raw)
+            yield Conn(raw, self._fan_out(self._background_observers))
+        finally:
+            if not raw.is_closed():  # `retention.exclusive` terminates it on failure
+                await raw.close()
 
     async def notify(self, channel: str, payload: str) -> None:
         """Sends a NOTIFY the way the writers' transactions do: through the pool."""

@@ -19,7 +19,8 @@ run instead of being waited for. Every rule's batch is found through an index (m
 Pending outbox rows, unread notifications and pending requests are never deleted here.
 
 One replica at a time: a run holds the session-level advisory lock `LOCK_KEY` on its own
-connection for its whole length; a replica that cannot take it skips its run.
+connection (`Database.session`, never through a transaction pooler) for its whole length; a
+replica that cannot take it skips its run.
 """
 
 from __future__ import annotations
