@@ -155,6 +155,15 @@ def test_config(database_url: str, **changes: object) -> Config:
 test_config.__test__ = False  # type: ignore[attr-defined]
 
 
+def session_config(database_url: str, **changes: object) -> Config:
+    """`test_config` straight to PostgreSQL even under `UMBRA_TEST_POOLER`: for the few tests
+    whose subject is the PostgreSQL session behind a pooled connection (its backend pid, a
+    SET SESSION on it), which a transaction pooler by design does not keep."""
+    return test_config(database_url, **changes).with_changes(
+        database_url=database_url, listen_database_url=None
+    )
+
+
 @dataclass
 class RunningServer:
     """A started in-process server and a channel to it."""
