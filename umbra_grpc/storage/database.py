@@ -266,6 +266,7 @@ class Database:
         self._pool: Any = None
         self._opening = asyncio.Lock()
         self._observers: list[Observer] = []
+        self._traceparent: Callable[[], str | None] | None = None
         self._background_observers: list[Observer] = []
 
     @classmethod
@@ -289,6 +290,12 @@ class Database:
                 ),
             },
         )
+
+    def tag_transactions(self, traceparent: Callable[[], str | None]) -> None:
+        """Calls `traceparent()` as every transaction begins; what it returns becomes the
+        transaction's `umbra.traceparent`, which outbox rows written there keep (migration
+        0005). Set only while tracing: it costs a statement per traced transaction."""
+        self._traceparent = traceparent
 
     def observe(self, observer: Observer, *, background: bool = False) -> None:
         """Calls `observer(sql)` for every statement a unit of work sends (and background
@@ -347,7 +354,7 @@ class Database:
                 joined.aborted = True
                 raise
         return await self._attempts(
-            _in_transaction(lambda conn: _mapped(work, conn, constraint_errors))
+            _in_transaction(lambda conn: _mapped(work, conn, constraint_errors), self._traceparent)
         )
 
     async def enclosing(self, work: Work[T]) -> T:
@@ -360,7 +367,7 @@ class Database:
             finally:
                 _enclosing.reset(token)
 
-        return await self._attempts(_in_transaction(with_joiners))
+        return await self._attempts(_in_transaction(with_joiners, self._traceparent))
 
     async def read(self, work: Work[T]) -> T:
         """Runs `work` in autocommit: for single-statement reads."""
@@ -438,13 +445,20 @@ class Database:
             pool.terminate()
 
 
-def _in_transaction(work: Work[T]) -> Work[T]:
-    """`work` between BEGIN and COMMIT (ROLLBACK when it raises or is cancelled)."""
+_TAG = Query("SELECT set_config('umbra.traceparent', :traceparent, true)")
+
+
+def _in_transaction(work: Work[T], traceparent: Callable[[], str | None] | None = None) -> Work[T]:
+    """`work` between BEGIN and COMMIT (ROLLBACK when it raises or is cancelled), the
+    transaction tagged with `traceparent()` when that gives one."""
 
     async def in_transaction(conn: Conn) -> T:
         conn.seen("BEGIN")
         async with conn.raw.transaction():
             try:
+                tag = traceparent() if traceparent is not None else None
+                if tag is not None:
+                    await conn.fetchval(_TAG, traceparent=tag)
                 result = await work(conn)
             except BaseException:
                 conn.seen("ROLLBACK")
