@@ -28,16 +28,26 @@ import sys
 import time
 from pathlib import Path
 
+from umbra_grpc.config import Config
 from umbra_grpc.embedded import EmbeddedPostgres, free_port
 
 HOST = "127.0.0.1"
 IGNORED = "extra_float_digits, statement_timeout, lock_timeout, idle_in_transaction_session_timeout"
 PYTEST = Path(sys.executable).parent / "pytest"
+# PgBouncer does not forward the service's timeouts (startup parameters): deploy/ sets them on
+# the role (deploy/roles.sql). Here the role is also the tests' own, direct, so PgBouncer sets
+# them on each server connection it opens instead, with the service's defaults: without them a
+# test holding a row lock on purpose would wait forever for an RPC that waits for that lock.
+TIMEOUTS = (
+    f"SET statement_timeout = {Config.db_statement_timeout_ms}; "
+    f"SET lock_timeout = {Config.db_lock_timeout_ms}; "
+    f"SET idle_in_transaction_session_timeout = {Config.db_idle_in_transaction_timeout_ms}"
+)
 # The suite opens a pool per test server (several per module, some concurrent): PgBouncer
 # must take every client; the server side stays under the private PostgreSQL's 300.
 CONFIG = """\
 [databases]
-* = host={host} port={pg_port}
+* = host={host} port={pg_port} connect_query='{timeouts}'
 
 [pgbouncer]
 listen_addr = {host}
@@ -77,7 +87,9 @@ def start_pgbouncer(workdir: Path, pg_port: int) -> int:
     folder.mkdir()
     port = free_port()
     (folder / "pgbouncer.ini").write_text(
-        CONFIG.format(host=HOST, pg_port=pg_port, port=port, folder=folder, ignored=IGNORED)
+        CONFIG.format(
+            host=HOST, pg_port=pg_port, port=port, folder=folder, ignored=IGNORED, timeouts=TIMEOUTS
+        )
     )
     (folder / "userlist.txt").write_text('"postgres" ""\n')
     user = _postgres_user()
