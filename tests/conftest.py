@@ -56,10 +56,11 @@ def app_settings(database_url: str) -> dict[str, Any]:
     pooler = os.environ.get("UMBRA_TEST_POOLER")
     parts = urlsplit(database_url)
     server = urlsplit(os.environ.get("UMBRA_TEST_DATABASE_URL", ""))
-    # Only the test server is behind the pooler (not the unreachable URLs some tests use).
-    if not pooler or (parts.hostname, parts.port) != (server.hostname, server.port):
+    user, _, hosts = parts.netloc.rpartition("@")
+    # Only the test server is behind the pooler (not the unreachable URLs some tests use, nor
+    # multi-host ones).
+    if not pooler or hosts != server.netloc.rpartition("@")[2]:
         return {"database_url": database_url}
-    user, _, _ = parts.netloc.rpartition("@")
     pooled = parts._replace(netloc=f"{user}@{pooler}" if user else pooler).geturl()
     return {
         "database_url": pooled,
