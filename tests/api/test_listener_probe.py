@@ -98,7 +98,12 @@ async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
 ) -> None:
     running = await start_server(
         test_config(
-            database_url, listen_database_url=proxy.url, listener_probe_seconds=PROBE_SECONDS
+            database_url,
+            listen_database_url=proxy.url,
+            listener_probe_seconds=PROBE_SECONDS,
+            # Off, as they too use the listener's URL (for a session of their own each run).
+            retention_interval_seconds=0,
+            expiry_sweep_seconds=0,
         )
     )
     try:
