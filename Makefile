@@ -9,7 +9,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 PG_URL_LOCAL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 .PHONY: help install run test pytest lint breaking generate check-generated audit bench \
-	bench-smoke clean test-cluster
+	bench-smoke clean test-cluster test-pgbouncer
 
 help:
 	@echo "make run    serve on 127.0.0.1:50051 (embedded PostgreSQL unless UMBRA_DATABASE_URL is set)"
@@ -17,6 +17,7 @@ help:
 	@echo "make generate   regenerate generated/ from protos/"
 	@echo "make bench  measure the service against an echo RPC (docs/PERFORMANCE.md)"
 	@echo "make test-cluster   deploy/'s topology on this machine through failovers (docs/SCALING.md)"
+	@echo "make test-pgbouncer   the whole suite with the service behind PgBouncer (docs/SCALING.md)"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +89,11 @@ bench-smoke: $(BIN)/.installed
 # killed primary and a killed replica (installs Debian packages: CI and test machines only).
 test-cluster: $(BIN)/.installed
 	bash cluster/test-cluster.sh
+
+# The whole suite with every service under test behind PgBouncer in transaction mode and its
+# LISTEN connection direct (installs Debian's pgbouncer when missing). PYTEST_ARGS picks tests.
+test-pgbouncer: $(BIN)/.installed
+	bash cluster/test-pgbouncer.sh $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .generated-check .pytest_cache .mypy_cache .ruff_cache

@@ -20,12 +20,19 @@ import asyncpg
 
 from cluster import checks
 from cluster.scenario import ACTORS, WATCHERS, Scenario
-from cluster.topology import REPLICAS, Topology, remove, teardown, wait_for
+from cluster.topology import (
+    PENDING_CAP,
+    PENDING_WINDOW,
+    REPLICAS,
+    Topology,
+    remove,
+    teardown,
+    wait_for,
+)
 from tests.outbox.recorder import NtfyRecorder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 SCENARIO_LIMIT_SECONDS = 300.0
-PENDING_CAP, PENDING_WINDOW = 5, 600.0
 STEADY_SECONDS = 8.0
 REPLICA_DOWN_SECONDS = 3.0
 

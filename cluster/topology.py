@@ -41,6 +41,10 @@ HOST = "127.0.0.1"
 NODES = ("pg1", "pg2")
 REPLICAS = (1, 2)
 JWT_SECRET = secrets.token_hex(32)
+# I3 as the replicas run it: roomy enough that senders stay busy through all the faults
+# (the default 5 per 10 minutes would turn most of the load into TOO_MANY_PENDING), tight
+# enough that some senders reach it; the end-of-run invariant check uses the same figures.
+PENDING_CAP, PENDING_WINDOW = 40, 600
 STOP_SECONDS = 30.0
 
 
@@ -330,8 +334,13 @@ class Topology:
         return {
             **env_file(render("umbra.env", values)),
             # The scenario's own settings: no rate limits or floors in the way of its load,
-            # quick probes and polls, the ntfy recorder on loopback allowed.
+            # quick probes and polls, the ntfy recorder on loopback allowed. No resend cooldown:
+            # the actors send again to a pair whose request they cancelled or that was rejected,
+            # and a RESEND_TOO_SOON there would be the cooldown working, not a failover's doing.
             "UMBRA_RATE_LIMITS": "off",
+            "UMBRA_RESEND_COOLDOWN_SECONDS": "0",
+            "UMBRA_PENDING_CAP": str(PENDING_CAP),
+            "UMBRA_PENDING_WINDOW_SECONDS": str(PENDING_WINDOW),
             "UMBRA_TIMING_FLOORS": "off",
             "UMBRA_NTFY_ALLOWED_NETWORKS": "127.0.0.0/8",
             "UMBRA_LISTENER_PROBE_SECONDS": "1",

@@ -2,6 +2,9 @@
 
 PostgreSQL: `UMBRA_TEST_DATABASE_URL` when set (any server where we may CREATE DATABASE),
 else a private cluster started for this run (pgserver's PostgreSQL 16, or the machine's).
+`UMBRA_TEST_POOLER=host:port` (set by `make test-pgbouncer`) puts a transaction-mode pooler
+in front of the service under test: its pool goes through the pooler, its LISTEN connection,
+the fixtures' DDL and the tests' own SQL go straight to PostgreSQL (`app_settings`).
 Every API test module gets its own database cloned from a template migrated to head, and its
 own `grpc.aio` server on a free port, called through the generated stubs.
 """
@@ -18,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -41,6 +45,38 @@ def with_database(url: str, name: str) -> str:
     """The same server URL pointing at another database."""
     base, _, _ = url.rpartition("/")
     return f"{base}/{name}"
+
+
+def app_settings(database_url: str) -> dict[str, Any]:
+    """The Config fields that point the service under test at `database_url`.
+
+    Under `UMBRA_TEST_POOLER`, as deploy/ runs it behind PgBouncer: the pool through the
+    pooler without prepared statements, the one LISTEN connection direct.
+    """
+    pooler = os.environ.get("UMBRA_TEST_POOLER")
+    parts = urlsplit(database_url)
+    server = urlsplit(os.environ.get("UMBRA_TEST_DATABASE_URL", ""))
+    user, _, hosts = parts.netloc.rpartition("@")
+    # Only the test server is behind the pooler (not the unreachable URLs some tests use, nor
+    # multi-host ones).
+    if not pooler or hosts != server.netloc.rpartition("@")[2]:
+        return {"database_url": database_url}
+    pooled = parts._replace(netloc=f"{user}@{pooler}" if user else pooler).geturl()
+    return {
+        "database_url": pooled,
+        "listen_database_url": database_url,
+        "db_statement_cache_size": 0,
+    }
+
+
+def app_environment(database_url: str) -> dict[str, str]:
+    """`app_settings` as the UMBRA_* variables of an `umbra-grpc` process."""
+    names = {
+        "database_url": "UMBRA_DATABASE_URL",
+        "listen_database_url": "UMBRA_LISTEN_DATABASE_URL",
+        "db_statement_cache_size": "UMBRA_DB_STATEMENT_CACHE_SIZE",
+    }
+    return {names[field]: str(value) for field, value in app_settings(database_url).items()}
 
 
 def admin_sql(url: str, *statements: str) -> None:
@@ -105,7 +141,7 @@ def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
 def test_config(database_url: str, **changes: object) -> Config:
     """Configuration for an in-process test server: floors and rate limits off."""
     config = Config(
-        database_url=database_url,
+        **app_settings(database_url),
         listen="127.0.0.1:0",
         jwt_secret=TEST_SECRET,
         rate_limits="off",
@@ -118,6 +154,15 @@ def test_config(database_url: str, **changes: object) -> Config:
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+def session_config(database_url: str, **changes: object) -> Config:
+    """`test_config` straight to PostgreSQL even under `UMBRA_TEST_POOLER`: for the few tests
+    whose subject is the PostgreSQL session behind a pooled connection (its backend pid, a
+    SET SESSION on it), which a transaction pooler by design does not keep."""
+    return test_config(database_url, **changes).with_changes(
+        database_url=database_url, listen_database_url=None
+    )
 
 
 @dataclass

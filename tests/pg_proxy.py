@@ -3,11 +3,12 @@ and lists the statements clients run.
 
 While `deaf` is set it forwards everything except the server's NotificationResponse
 messages: what a transaction pooler does to a LISTEN connection (LISTEN succeeds, nothing
-ever arrives). `executed` lists the text of every statement clients ran, in the order they
-asked: a simple Query's text, or an Execute's (the statement its portal was bound to), as
-the server saw it, whatever the client's own bookkeeping says. Clients must connect with
-`sslmode=disable` (as `url` says): the proxy reads both sides as plain streams of typed
-messages (one type byte, a 4-byte length; the client's startup packet has no type byte).
+ever arrives). `drop_next = n` drops only the next n of them (one lost on its way).
+`executed` lists the text of every statement clients ran, in the order they asked: a simple
+Query's text, or an Execute's (the statement its portal was bound to), as the server saw
+it, whatever the client's own bookkeeping says. Clients must connect with `sslmode=disable`
+(as `url` says): the proxy reads both sides as plain streams of typed messages (one type
+byte, a 4-byte length; the client's startup packet has no type byte).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ class NotificationDroppingProxy:
         self._upstream_url = upstream_url
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self.deaf = False
+        self.drop_next = 0
         self.connections = 0
         self.dropped = 0
+        self.forwarded = 0
         self.executed: list[str] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -110,8 +113,11 @@ class NotificationDroppingProxy:
             header = await source.readexactly(5)
             (length,) = struct.unpack("!i", header[1:])
             body = await source.readexactly(length - 4)
-            if self.deaf and header[:1] == NOTIFICATION_RESPONSE:
-                self.dropped += 1
-                continue
+            if header[:1] == NOTIFICATION_RESPONSE:
+                if self.deaf or self.drop_next > 0:
+                    self.drop_next = max(0, self.drop_next - 1)
+                    self.dropped += 1
+                    continue
+                self.forwarded += 1
             sink.write(header + body)
             await sink.drain()

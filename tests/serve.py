@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TEST_SECRET
+from tests.conftest import TEST_SECRET, app_environment
 from umbra_grpc.embedded import free_port
 
 UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
@@ -74,7 +74,7 @@ async def serving(database_url: str, logs: Path, **variables: str) -> AsyncItera
     env = {key: value for key, value in os.environ.items() if not key.startswith("UMBRA_")}
     target = f"127.0.0.1:{free_port()}"
     env.update(
-        UMBRA_DATABASE_URL=database_url,
+        **app_environment(database_url),
         UMBRA_JWT_SECRET=TEST_SECRET,
         UMBRA_LISTEN=target,
         UMBRA_RATE_LIMITS="off",

@@ -230,6 +230,9 @@ class Service:
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
+        if tracing is not None:
+            # Outbox rows keep the writing RPC's trace, for the push span's link.
+            db.tag_transactions(tracing.traceparent)
         self.outbox = OutboxWorker(
             db,
             config,

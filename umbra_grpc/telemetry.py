@@ -10,9 +10,10 @@ What is traced:
   parameters). Statements outside any span (health probes, the LISTEN connection, outbox
   claims) make no spans: otherwise each probe would be a trace of its own;
 - every outbox push: a span of its own trace, `outbox push`, with the outbox row's id, kind,
-  attempt and user id, and the SQL that records its outcome as children. It is not linked to
-  the RPC that wrote the row: the row does not keep that RPC's trace context (that needs a
-  column; see docs/TRACING.md).
+  attempt and user id, and the SQL that records its outcome as children, linked to the span
+  of the RPC that wrote the row: every traced transaction sets `umbra.traceparent`
+  (`traceparent`, through `Database.tag_transactions`) and the row keeps it (migration
+  0005).
 
 `Tracing` is given its span processors, so tests use an in-memory exporter and nothing global
 is set; `exporting_to()` builds the production ones from the OTEL_* variables.
@@ -31,11 +32,13 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from umbra_grpc.interceptors.tracing import TracingInterceptor
 from umbra_grpc.storage.outbox import ClaimedPush
 
 DEFAULT_SERVICE_NAME: Final = "umbra-grpc"
+_W3C: Final = TraceContextTextMapPropagator()
 SCOPE: Final = "umbra_grpc"
 
 
@@ -84,6 +87,15 @@ class Tracing:
         self._instrumentor.uninstrument()
         self.provider.shutdown()
 
+    @staticmethod
+    def traceparent() -> str | None:
+        """The current span's W3C traceparent when it is sampled (a link to a trace nobody
+        keeps leads nowhere), else None."""
+        carrier: dict[str, str] = {}
+        if trace.get_current_span().get_span_context().trace_flags.sampled:
+            _W3C.inject(carrier)
+        return carrier.get("traceparent")
+
     @contextlib.contextmanager
     def push_span(self, push: ClaimedPush) -> Iterator[None]:
         """Around one outbox push: sending it and recording the outcome."""
@@ -93,12 +105,17 @@ class Tracing:
             "umbra.outbox.attempt": push.attempt,
             "umbra.user_id": push.user_id,
         }
-        # A root span: the worker's own context holds no RPC.
+        # A root span (the worker's own context holds no RPC), linked to the writing RPC's.
+        writer = trace.get_current_span(_W3C.extract({"traceparent": push.traceparent or ""}))
+        links = (
+            [trace.Link(writer.get_span_context())] if writer.get_span_context().is_valid else []
+        )
         with self._tracer.start_as_current_span(
             "outbox push",
             context=otel_context.Context(),
             kind=trace.SpanKind.PRODUCER,
             attributes=attributes,
+            links=links,
         ):
             yield
 

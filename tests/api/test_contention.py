@@ -5,6 +5,10 @@ and a deadlock or serialization failure still there after the bounded retries ar
 UNAVAILABLE `STORAGE_BUSY`, which clients may retry: never INTERNAL, and logged at WARNING
 without a traceback. Each is provoked for real: a lock held from another connection, and a
 deadlock set up afresh for every attempt of a transaction.
+
+The servers with timeouts of their own go straight to PostgreSQL even under
+`make test-pgbouncer`: the service sets its timeouts as startup parameters, which PgBouncer
+does not forward (behind it they are the role's, deploy/roles.sql, or the pooler's).
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.conftest import NewUser, RunningServer, Sql, start_server, stop_server, test_config
+from tests.conftest import (
+    NewUser,
+    RunningServer,
+    Sql,
+    session_config,
+    start_server,
+    stop_server,
+    test_config,
+)
 from tests.rich import expect_error
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage.database import (
@@ -37,7 +49,7 @@ DATABASE_LOGGER = "umbra_grpc.storage.database"
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def server(database_url: str) -> AsyncIterator[RunningServer]:
     """Lock waits give up after 200 ms here."""
-    running = await start_server(test_config(database_url, db_lock_timeout_ms=200))
+    running = await start_server(session_config(database_url, db_lock_timeout_ms=200))
     try:
         yield running
     finally:
@@ -117,7 +129,7 @@ async def test_a_statement_past_statement_timeout_is_storage_busy(
     # A server whose statements may run 300 ms and whose lock waits never time out by
     # themselves: a send queued behind a held lock is simply a statement that runs too long.
     slow = await start_server(
-        test_config(database_url, db_statement_timeout_ms=300, db_lock_timeout_ms=0)
+        session_config(database_url, db_statement_timeout_ms=300, db_lock_timeout_ms=0)
     )
     try:
         stub = connections_pb2_grpc.ConnectionServiceStub(slow.channel)

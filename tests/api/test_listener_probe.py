@@ -98,7 +98,12 @@ async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
 ) -> None:
     running = await start_server(
         test_config(
-            database_url, listen_database_url=proxy.url, listener_probe_seconds=PROBE_SECONDS
+            database_url,
+            listen_database_url=proxy.url,
+            listener_probe_seconds=PROBE_SECONDS,
+            # Off, as they too use the listener's URL (for a session of their own each run).
+            retention_interval_seconds=0,
+            expiry_sweep_seconds=0,
         )
     )
     try:
@@ -122,5 +127,36 @@ async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
             assert (await next_event(again)).received.id == request.id
         finally:
             again.cancel()
+    finally:
+        await stop_server(running)
+
+
+async def test_one_lost_echo_is_not_a_lost_connection(
+    database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
+) -> None:
+    """A single probe echo late or lost (a busy machine) keeps the connection and its streams;
+    only `MISSES_TO_LOSE` in a row end them (the test above)."""
+    running = await start_server(
+        test_config(
+            database_url, listen_database_url=proxy.url, listener_probe_seconds=PROBE_SECONDS
+        )
+    )
+    went_down: list[float] = []
+    running.service.listener.on_down(lambda: went_down.append(time.monotonic()))
+    try:
+        stub = Stub(running.channel)
+        me, sender = await new_user(), await new_user()
+        call = watch(stub, me)
+        await until_synced(call)
+
+        proxy.drop_next = 1
+        await until(lambda: proxy.dropped == 1, within=10)
+        heard = proxy.forwarded
+        await until(lambda: proxy.forwarded >= heard + 2, within=20)  # two probes answered since
+        assert went_down == []
+        assert running.service.listener.connected
+        request = await send(connections, sender, me)
+        assert (await next_event(call)).received.id == request.id
+        call.cancel()
     finally:
         await stop_server(running)

@@ -1,19 +1,44 @@
-"""Failover paths through the API: a demoted primary's refusals, a multi-host URL (SPEC 12)."""
+"""Failover paths through the API: a demoted primary's refusals, a multi-host URL (SPEC 12).
+
+Straight to PostgreSQL even under `make test-pgbouncer`: the subject is the service dropping
+its own sessions to a read-only node. Behind a pooler those sessions are the pooler's, which
+outlive the service's (a demoted node's postgres restarts under Patroni, which ends them).
+"""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
 import pytest
+import pytest_asyncio
 
 from tests.api.streams import Stub, next_event, send, until_synced, watch
-from tests.conftest import NewUser, RunningServer, Sql, start_server, stop_server, test_config
+from tests.conftest import (
+    NewUser,
+    RunningServer,
+    Sql,
+    session_config,
+    start_server,
+    stop_server,
+    test_config,
+)
 from tests.rich import error_reason
 from tests.storage.test_topology import multi_host
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    running = await start_server(session_config(database_url))
+    try:
+        yield running
+    finally:
+        await stop_server(running)
 
 
 async def test_writes_refused_by_a_read_only_node_are_retryable_unavailable(

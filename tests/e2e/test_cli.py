@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certificates import Authority
-from tests.conftest import admin_sql, with_database
+from tests.conftest import admin_sql, app_environment, with_database
 from umbra_grpc.embedded import EmbeddedPostgres, free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 
@@ -185,7 +185,7 @@ def module_env(database_url: str) -> Iterator[dict[str, str]]:
     folder = private_folder()
     try:
         yield environment(
-            UMBRA_DATABASE_URL=database_url,
+            **app_environment(database_url),
             UMBRA_JWT_SECRET=CLI_SECRET,
             UMBRA_LISTEN=f"127.0.0.1:{free_port()}",
             UMBRA_DATA_DIR=str(folder),

@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from tests.conftest import app_environment
 from tests.e2e.test_cli import environment, run
 from umbra_grpc.storage import retention
 
@@ -31,7 +32,7 @@ def actions(url: str) -> list[str]:
 
 def test_prune_deletes_what_aged_once(database_url: str) -> None:
     asyncio.run(_sql(database_url, AGED_AUDIT))
-    result = run("prune", env=environment(UMBRA_DATABASE_URL=database_url))
+    result = run("prune", env=environment(**app_environment(database_url)))
     assert result.returncode == 0, result.stderr
     assert "pruned:" in result.stdout and "audit_log=1" in result.stdout
     assert "test.ancient" not in actions(database_url)
@@ -46,7 +47,7 @@ def test_prune_skips_while_another_process_holds_the_lock(database_url: str) -> 
         try:
             await other.execute("SELECT pg_advisory_lock($1)", retention.LOCK_KEY)
             result = await asyncio.to_thread(
-                run, "prune", env=environment(UMBRA_DATABASE_URL=database_url)
+                run, "prune", env=environment(**app_environment(database_url))
             )
         finally:
             await other.close()

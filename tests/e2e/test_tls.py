@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certificates import Authority, Pair
-from tests.conftest import Metadata, test_config
+from tests.conftest import Metadata, app_environment, test_config
 from tests.e2e.test_cli import (
     CLI_SECRET,
     STARTUP_SECONDS,
@@ -135,7 +135,7 @@ async def test_mtls_needs_a_client_certificate_from_the_configured_ca(
 
 def tls_environment(database_url: str, certificates: Certificates, folder: Path) -> dict[str, str]:
     return environment(
-        UMBRA_DATABASE_URL=database_url,
+        **app_environment(database_url),
         UMBRA_JWT_SECRET=CLI_SECRET,
         UMBRA_LISTEN=f"127.0.0.1:{free_port()}",
         UMBRA_DATA_DIR=str(folder),

@@ -59,6 +59,7 @@ class NtfyRecorder:
         self._scripts: dict[str, deque[Answer]] = {}
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._arrived = asyncio.Condition()
         self._released = asyncio.Event()
         self.port = 0
@@ -80,6 +81,9 @@ class NtfyRecorder:
             writer.close()
         if self._server is not None:
             await self._server.wait_closed()
+        # Python 3.11's wait_closed does not wait for the connections' handlers: wait for them
+        # here, or a loop that ends next cancels them and logs each cancelled read.
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     def script(self, topic: str, *answers: Answer) -> None:
         """The next answers for `topic`, in order."""
@@ -100,6 +104,10 @@ class NtfyRecorder:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
         try:
             while request := await _read_request(reader):
                 async with self._arrived:

@@ -136,6 +136,8 @@ async def test_request_and_accept_pushed_with_path_headers_and_body(
     assert row["completed_at"] is not None
     # The token lives in settings only, never in the outbox.
     assert TOKEN not in str(dict(row))
+    # This server does not trace: the row keeps no trace context (migration 0005).
+    assert row["traceparent"] is None
 
     await connections.Respond(
         pb.RespondRequest(request_id=request.id, action=pb.RespondRequest.ACTION_ACCEPT),
@@ -147,7 +149,8 @@ async def test_request_and_accept_pushed_with_path_headers_and_body(
     assert accepted.headers["tags"] == "white_check_mark"
     assert "authorization" not in accepted.headers
     assert accepted.body == "Bob Ünïcode accepted your connection request"
-    assert (await settled(sql, alice.id))["status"] == "sent"
+    accepted_row = await settled(sql, alice.id)
+    assert (accepted_row["status"], accepted_row["traceparent"]) == ("sent", None)
     assert len(recorder.for_topic(bob_topic)) == 1
 
 

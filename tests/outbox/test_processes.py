@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TEST_SECRET, Sql, clone_database, user_metadata
+from tests.conftest import TEST_SECRET, Sql, app_environment, clone_database, user_metadata
 from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
@@ -61,7 +61,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         log = tmp_path / f"server-{len(started)}.log"
         environment = {
             **os.environ,
-            "UMBRA_DATABASE_URL": database_url,
+            **app_environment(database_url),
             "UMBRA_JWT_SECRET": TEST_SECRET,
             "UMBRA_LISTEN": f"127.0.0.1:{port}",
             "UMBRA_RATE_LIMITS": "off",

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import Sql, test_config
+from tests.conftest import Sql, session_config, test_config
 from umbra_grpc.domain.errors import HandleTaken
 from umbra_grpc.storage.database import (
     Conn,
@@ -142,12 +142,19 @@ async def test_json_reads_as_objects_and_goes_in_as_text(db: Database) -> None:
 
 
 async def test_a_connection_goes_back_to_the_pool_without_a_reset_round_trip(
-    db: Database, sql: Sql
+    database_url: str, sql: Sql
 ) -> None:
-    """asyncpg's default reset would send RESET ALL; UNLISTEN *; ... on every release."""
-    async with db.background() as conn:
-        pid = conn.raw.get_server_pid()
-        await conn.execute(Query("SELECT 1 AS last_statement"))
-    assert db.checked_out() == 0
-    [row] = await sql.rows("SELECT state, query FROM pg_stat_activity WHERE pid = $1", pid)
+    """asyncpg's default reset would send RESET ALL; UNLISTEN *; ... on every release.
+
+    Seen from PostgreSQL's side by the session's backend pid: straight to PostgreSQL, as
+    behind a pooler the pid asyncpg knows is the pooler's."""
+    db = Database.connect(session_config(database_url))
+    try:
+        async with db.background() as conn:
+            pid = conn.raw.get_server_pid()
+            await conn.execute(Query("SELECT 1 AS last_statement"))
+        assert db.checked_out() == 0
+        [row] = await sql.rows("SELECT state, query FROM pg_stat_activity WHERE pid = $1", pid)
+    finally:
+        await db.dispose()
     assert (row["state"], row["query"]) == ("idle", "SELECT 1 AS last_statement")

@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from tests.conftest import start_server, stop_server, test_config
 from umbra_grpc.domain.retention import Retention, RetentionPolicy
+from umbra_grpc.embedded import free_port
 from umbra_grpc.storage import retention as store
 from umbra_grpc.storage.database import Database
 
@@ -249,6 +250,27 @@ async def test_each_delete_is_served_by_an_index(conn: asyncpg.Connection) -> No
             assert "Seq Scan" not in plan, (name, plan)
     finally:
         await conn.execute("RESET enable_seqscan")
+
+
+@on_session_loop
+async def test_a_run_holds_its_lock_and_deletes_on_a_session_of_its_own(
+    conn: asyncpg.Connection, database_url: str, batches_log: None
+) -> None:
+    """Behind a transaction pooler the lock and its unlock could reach two server connections
+    and the lock would stay behind: a run goes to the listener's URL, never through the pool
+    (here the pool's URL answers nothing at all)."""
+    config = test_config(
+        f"postgresql://postgres@127.0.0.1:{free_port()}/none", listen_database_url=database_url
+    )
+    db = Database.connect(config)
+    try:
+        await add_audit(conn, "ancient", 1000)
+        report = await Retention(db, RetentionPolicy()).prune()
+    finally:
+        await db.dispose()
+    assert report is not None and report["audit_log"] == 1
+    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+    assert await conn.fetchval(held) == 0
 
 
 @on_session_loop

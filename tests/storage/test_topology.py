@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import pytest_asyncio
 
-from tests.conftest import admin_sql, test_config, with_database
+from tests.conftest import admin_sql, session_config, test_config, with_database
 from umbra_grpc.embedded import free_port
 from umbra_grpc.storage import migrate
 from umbra_grpc.storage.database import Conn, Database, Query, StorageUnavailable
@@ -35,8 +35,10 @@ def multi_host(url: str) -> str:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def one_connection(database_url: str) -> AsyncIterator[Database]:
-    """A pool of one connection, so every unit of work sees the same session."""
-    db = Database.connect(test_config(database_url, db_pool_size=1))
+    """A pool of one connection, so every unit of work sees the same session (straight to
+    PostgreSQL: behind a transaction pooler consecutive units of work get any server
+    connection, and a SET SESSION would stay behind on one the pooler lends to others)."""
+    db = Database.connect(session_config(database_url, db_pool_size=1))
     try:
         yield db
     finally:

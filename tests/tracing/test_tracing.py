@@ -121,11 +121,13 @@ async def test_a_call_is_a_server_span_with_its_sql_as_children(
     assert span.status.status_code == StatusCode.UNSET
 
     sql = children(exporter, span)
-    assert len(sql) == server.statements.count == 3, [s.name for s in sql]
+    assert len(sql) == server.statements.count == 4, [s.name for s in sql]
     assert all(s.kind == SpanKind.CLIENT for s in sql)
     statements = [str((s.attributes or {}).get("db.statement")) for s in sql]
     assert statements[0].startswith("BEGIN") and statements[-1].startswith("COMMIT")
-    assert "umbra_send_request" in statements[1]
+    # The transaction is tagged with the span's context, for the outbox row's push link.
+    assert "umbra.traceparent" in statements[1]
+    assert "umbra_send_request" in statements[2]
 
     [line] = [r for r in caplog.records if getattr(r, "method", "").endswith("/SendRequest")]
     assert line.trace_id == CALLER_TRACE  # type: ignore[attr-defined]
@@ -205,6 +207,61 @@ async def test_health_checks_make_no_traces(
     assert [span.name for span in exporter.get_finished_spans()] == [
         f"{REFLECTION_SERVICE}/ServerReflectionInfo"
     ]
+
+
+def traceparent_of(span: ReadableSpan) -> str:
+    context = span.context
+    flags = f"{context.trace_flags:02x}"
+    return f"00-{hex_id(context.trace_id, 32)}-{hex_id(context.span_id, 16)}-{flags}"
+
+
+def push_spans(exporter: InMemorySpanExporter, kind: str) -> list[ReadableSpan]:
+    return [
+        span
+        for span in exporter.get_finished_spans()
+        if span.name == "outbox push" and (span.attributes or {})["umbra.outbox.kind"] == kind
+    ]
+
+
+async def test_a_push_span_links_to_the_rpc_that_wrote_its_row(
+    server: RunningServer,
+    connections,
+    accounts,
+    admin: Metadata,
+    new_user: NewUser,
+    recorder: NtfyRecorder,  # noqa: F811 - the fixture imported above
+    sql: Sql,
+    exporter: InMemorySpanExporter,
+) -> None:
+    sender, receiver = await new_user(), await new_user()
+    for user in (sender, receiver):
+        await configure_ntfy(accounts, admin, user, recorder.url)
+    exporter.clear()
+    sent = await connections.SendRequest(
+        pb.SendRequestRequest(umbral_name=receiver.handle), metadata=(*sender.md, TRACEPARENT)
+    )
+    await connections.Respond(
+        pb.RespondRequest(request_id=sent.request.id, action=pb.RespondRequest.ACTION_ACCEPT),
+        metadata=receiver.md,
+    )
+    # Each push (the request to the receiver, the acceptance to the sender) links to the
+    # span of the RPC whose transaction wrote its row, whichever trace that is.
+    for method, kind, user in (
+        ("SendRequest", "request_received", receiver),
+        ("Respond", "request_accepted", sender),
+    ):
+        rpc = one(rpc_spans(exporter, method))
+        await until(lambda kind=kind: push_spans(exporter, kind))
+        push = one(push_spans(exporter, kind))
+        assert push.context.trace_id != rpc.context.trace_id  # a trace of its own
+        [link] = push.links
+        assert link.context.trace_id == rpc.context.trace_id
+        assert link.context.span_id == rpc.context.span_id
+        stored = await sql.value(
+            "SELECT traceparent FROM outbox WHERE user_id = $1 AND kind = $2", user.id, kind
+        )
+        assert stored == traceparent_of(rpc)
+    assert hex_id(one(rpc_spans(exporter, "SendRequest")).context.trace_id, 32) == CALLER_TRACE
 
 
 async def test_the_outbox_push_is_a_span_and_background_sql_makes_none(

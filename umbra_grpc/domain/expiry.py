@@ -35,7 +35,7 @@ class ExpirySweeper:
 
     async def sweep(self) -> int | None:
         """One sweep: how many requests it expired; None when another replica is sweeping."""
-        async with self._db.background() as conn, exclusive(conn, store.LOCK_KEY) as mine:
+        async with self._db.session() as conn, exclusive(conn, store.LOCK_KEY) as mine:
             if not mine:
                 return None
             total = 0

@@ -73,7 +73,7 @@ class Retention:
 
     async def prune(self) -> Report | None:
         """One run; None when another replica holds the lock (nothing was deleted)."""
-        async with self._db.background() as conn, store.exclusive(conn) as mine:
+        async with self._db.session() as conn, store.exclusive(conn) as mine:
             if not mine:
                 return None
             report: Report = {}

@@ -22,7 +22,12 @@ once into asyncpg's `$n` form); the service layer opens the unit of work:
   joined unit of work that raises marks the connection `aborted`: the enclosing transaction
   must then roll back, as the joined one would have on its own;
 - `Database.background()` lends a connection to work that is not an RPC's (probes, the
-  outbox worker, the watch feed): autocommit, and never counted.
+  outbox worker, the watch feed): autocommit, and never counted;
+- `Database.session()` opens a connection of its own for background work that needs one
+  PostgreSQL session throughout (the retention job and the expiry sweeper hold a
+  session-level advisory lock across autocommit batches). It goes to the listener's URL,
+  which bypasses a transaction pooler: through one, the lock and its unlock could land on
+  different server connections and the lock would stay behind on a pooled one.
 
 Driver errors that mean "the database is not there" become `StorageUnavailable`; the API edge
 maps it to UNAVAILABLE. So does a write refused by a read-only node (SQLSTATE 25006: during a
@@ -244,23 +249,34 @@ async def _keep_session(connection: Any) -> None:
 class Database:
     """The connection pool and the kinds of unit of work."""
 
-    def __init__(self, dsn: str, *, pool_size: int, acquire_timeout: float, **connect: Any):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int,
+        acquire_timeout: float,
+        session_dsn: str | None = None,
+        **connect: Any,
+    ):
         self._dsn = dsn
+        self._session_dsn = session_dsn or dsn
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
         self._connect = connect
         self._pool: Any = None
         self._opening = asyncio.Lock()
         self._observers: list[Observer] = []
+        self._traceparent: Callable[[], str | None] | None = None
         self._background_observers: list[Observer] = []
 
     @classmethod
     def connect(cls, config: Config) -> Database:
         """Builds the pool from the configuration (connects lazily)."""
-        if config.database_url is None:
+        if config.database_url is None or config.listener_url is None:
             raise ValueError("no database URL configured")
         return cls(
             plain_url(config.database_url),
+            session_dsn=plain_url(config.listener_url),
             pool_size=config.db_pool_size,
             acquire_timeout=config.db_pool_timeout_seconds,
             timeout=config.db_pool_timeout_seconds,
@@ -274,6 +290,12 @@ class Database:
                 ),
             },
         )
+
+    def tag_transactions(self, traceparent: Callable[[], str | None]) -> None:
+        """Calls `traceparent()` as every transaction begins; what it returns becomes the
+        transaction's `umbra.traceparent`, which outbox rows written there keep (migration
+        0005). Set only while tracing: it costs a statement per traced transaction."""
+        self._traceparent = traceparent
 
     def observe(self, observer: Observer, *, background: bool = False) -> None:
         """Calls `observer(sql)` for every statement a unit of work sends (and background
@@ -332,7 +354,7 @@ class Database:
                 joined.aborted = True
                 raise
         return await self._attempts(
-            _in_transaction(lambda conn: _mapped(work, conn, constraint_errors))
+            _in_transaction(lambda conn: _mapped(work, conn, constraint_errors), self._traceparent)
         )
 
     async def enclosing(self, work: Work[T]) -> T:
@@ -345,7 +367,7 @@ class Database:
             finally:
                 _enclosing.reset(token)
 
-        return await self._attempts(_in_transaction(with_joiners))
+        return await self._attempts(_in_transaction(with_joiners, self._traceparent))
 
     async def read(self, work: Work[T]) -> T:
         """Runs `work` in autocommit: for single-statement reads."""
@@ -386,6 +408,18 @@ class Database:
         async with self._lent() as raw:
             yield Conn(raw, observe)
 
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Conn]:
+        """A connection of its own, straight to PostgreSQL (the listener's URL), for
+        background work that needs one session throughout; closed afterwards."""
+        raw = await asyncpg.connect(self._session_dsn, **self._connect)
+        try:
+            await _json_codecs(raw)
+            yield Conn(raw, self._fan_out(self._background_observers))
+        finally:
+            if not raw.is_closed():  # `retention.exclusive` terminates it on failure
+                await raw.close()
+
     async def notify(self, channel: str, payload: str) -> None:
         """Sends a NOTIFY the way the writers' transactions do: through the pool."""
         async with self.background() as conn:
@@ -411,13 +445,20 @@ class Database:
             pool.terminate()
 
 
-def _in_transaction(work: Work[T]) -> Work[T]:
-    """`work` between BEGIN and COMMIT (ROLLBACK when it raises or is cancelled)."""
+_TAG = Query("SELECT set_config('umbra.traceparent', :traceparent, true)")
+
+
+def _in_transaction(work: Work[T], traceparent: Callable[[], str | None] | None = None) -> Work[T]:
+    """`work` between BEGIN and COMMIT (ROLLBACK when it raises or is cancelled), the
+    transaction tagged with `traceparent()` when that gives one."""
 
     async def in_transaction(conn: Conn) -> T:
         conn.seen("BEGIN")
         async with conn.raw.transaction():
             try:
+                tag = traceparent() if traceparent is not None else None
+                if tag is not None:
+                    await conn.fetchval(_TAG, traceparent=tag)
                 result = await work(conn)
             except BaseException:
                 conn.seen("ROLLBACK")

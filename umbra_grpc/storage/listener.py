@@ -12,11 +12,12 @@ up but deaf. Deaf happens: a transaction pooler (PgBouncer) accepts LISTEN and t
 delivers a notification, and a listener pointed at another database than the writers' hears
 nothing either. So the probe is a self-NOTIFY: the listener LISTENs on a channel of its own,
 sends a NOTIFY on it the way the writers do (`notify`, through the pool), and expects it back
-within `probe_timeout`. A connection is declared up only after its first echo; a missing echo
-later counts as lost. When the probe cannot even be sent (the pool is away), it proves
-nothing about this connection, which then gets a plain `SELECT 1` instead. While down,
-subscribers are told (`on_down`), and the listener reconnects with exponential backoff and
-jitter; once back, `on_up` fires and LISTEN is issued again. With a multi-host URL
+within `probe_timeout`. A connection is declared up only after its first echo; later,
+`MISSES_TO_LOSE` missing echoes in a row count as lost (one echo late on a busy machine must
+not end every watch stream of the process). When the probe cannot even be sent (the pool is
+away), it proves nothing about this connection, which then gets a plain `SELECT 1` instead.
+While down, subscribers are told (`on_down`), and the listener reconnects with exponential
+backoff and jitter; once back, `on_up` fires and LISTEN is issued again. With a multi-host URL
 (`target_session_attrs=read-write`) each reconnect goes to whichever node is primary now.
 """
 
@@ -39,6 +40,8 @@ Handler = Callable[[str], None]
 # Sends NOTIFY channel, payload; raises when it cannot.
 Notify = Callable[[str, str], Awaitable[None]]
 LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# Consecutive probes without an echo after which an established connection counts as lost.
+MISSES_TO_LOSE = 2
 
 
 class DeafConnection(Exception):
@@ -158,6 +161,7 @@ class Listener:
     async def _watch(self) -> None:
         """Returns when the connection is lost: closed, deaf, or not answering."""
         assert self._connection is not None
+        misses = 0
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), self._probe_interval)
@@ -174,9 +178,12 @@ class Listener:
                     _log.warning("listener probe failed: connection lost")
                     return
                 continue
-            if not heard:
+            misses = 0 if heard else misses + 1
+            if misses >= MISSES_TO_LOSE:
                 _log.warning("listener probe NOTIFY did not come back: connection deaf or lost")
                 return
+            if misses:
+                _log.info("listener probe NOTIFY late; probing again before giving up")
 
     async def _hears_itself(self) -> bool:
         """Sends a NOTIFY on the probe channel and waits `probe_timeout` for its echo."""

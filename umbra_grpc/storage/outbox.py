@@ -40,6 +40,8 @@ class ClaimedPush:
     server_url: str
     topic: str
     auth_token: str | None
+    # The writing RPC's W3C trace context (migration 0005), None when it was not traced.
+    traceparent: str | None = None
 
     def __repr__(self) -> str:
         # Never print the token, whatever logs or tracebacks show this object.
@@ -97,7 +99,7 @@ _CLAIM = Query(
             END
         FROM decided d
         WHERE o.id = d.id
-        RETURNING o.id, o.user_id, o.kind, o.display_name, o.attempts,
+        RETURNING o.id, o.user_id, o.kind, o.display_name, o.attempts, o.traceparent,
                   d.skip_reason IS NOT NULL AS skipped, d.server_url, d.topic, d.auth_token
     )
     SELECT * FROM claimed ORDER BY id
@@ -123,6 +125,7 @@ async def claim(conn: Conn, *, limit: int, lease: float) -> Claim:
                 server_url=row["server_url"],
                 topic=row["topic"],
                 auth_token=row["auth_token"],
+                traceparent=row["traceparent"],
             )
         )
     return Claim(pushes, skipped)

@@ -19,7 +19,8 @@ run instead of being waited for. Every rule's batch is found through an index (m
 Pending outbox rows, unread notifications and pending requests are never deleted here.
 
 One replica at a time: a run holds the session-level advisory lock `LOCK_KEY` on its own
-connection for its whole length; a replica that cannot take it skips its run.
+connection (`Database.session`, never through a transaction pooler) for its whole length; a
+replica that cannot take it skips its run.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ async def exclusive(conn: Conn, key: int = LOCK_KEY) -> AsyncIterator[bool]:
     """Holds the advisory lock `key` (the retention lock unless told) on `conn` while the
     block runs; yields False (and holds nothing) when another session has it.
 
-    A session lock outlives anything that goes wrong in the block: when the block fails, the
-    connection is closed instead of handed back to the pool still holding it (the server
-    drops a session's locks when the session ends).
+    `conn` must be one PostgreSQL session throughout (`Database.session`, never through a
+    transaction pooler). A session lock outlives anything that goes wrong in the block: when
+    the block fails, the connection is terminated at once rather than left holding it (the
+    server drops a session's locks when the session ends).
     """
     if not await conn.fetchval(_TRY_LOCK, key=key):
         yield False

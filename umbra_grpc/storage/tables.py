@@ -392,3 +392,10 @@ class Outbox(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = _created()
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The writing RPC's W3C traceparent while tracing, from the transaction's setting
+    # (migration 0005, `Database.tag_transactions`); NULL otherwise.
+    traceparent: Mapped[str | None] = mapped_column(
+        Text,
+        # As PostgreSQL prints it back, so `alembic check` compares the text as is.
+        server_default=text("NULLIF(current_setting('umbra.traceparent'::text, true), ''::text)"),
+    )
