@@ -1,10 +1,14 @@
-"""A TCP proxy in front of PostgreSQL that can drop notifications on their way to the client.
+"""A TCP proxy in front of PostgreSQL that can drop notifications on their way to the client,
+and lists the statements clients run.
 
 While `deaf` is set it forwards everything except the server's NotificationResponse
 messages: what a transaction pooler does to a LISTEN connection (LISTEN succeeds, nothing
 ever arrives). `drop_next = n` drops only the next n of them (one lost on its way).
-Clients must connect with `sslmode=disable` (as `url` says): the proxy reads the server's
-side as a plain stream of typed messages (one type byte, a 4-byte length).
+`executed` lists the text of every statement clients ran, in the order they asked: a simple
+Query's text, or an Execute's (the statement its portal was bound to), as the server saw
+it, whatever the client's own bookkeeping says. Clients must connect with `sslmode=disable`
+(as `url` says): the proxy reads both sides as plain streams of typed messages (one type
+byte, a 4-byte length; the client's startup packet has no type byte).
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import struct
 from urllib.parse import urlsplit, urlunsplit
 
 NOTIFICATION_RESPONSE = b"A"
+QUERY, PARSE, BIND, EXECUTE = b"Q", b"P", b"B", b"E"
+
+
+def _strings(body: bytes, count: int) -> list[str]:
+    """The first `count` NUL-terminated strings of a message body."""
+    return [part.decode() for part in body.split(b"\0", count)[:count]]
 
 
 class NotificationDroppingProxy:
@@ -29,6 +39,7 @@ class NotificationDroppingProxy:
         self.connections = 0
         self.dropped = 0
         self.forwarded = 0
+        self.executed: list[str] = []
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -64,7 +75,7 @@ class NotificationDroppingProxy:
         server_in, server_out = await asyncio.open_connection(*self._upstream)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._copy(client_in, server_out))
+                group.create_task(self._statements(client_in, server_out))
                 group.create_task(self._messages(server_in, client_out))
         except* (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -73,11 +84,29 @@ class NotificationDroppingProxy:
             for writer in (client_out, server_out):
                 writer.close()
 
-    async def _copy(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        while data := await source.read(65536):
-            sink.write(data)
+    async def _statements(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        """Forwards the client's messages, noting the statements it runs."""
+        (length,) = struct.unpack("!i", await source.readexactly(4))
+        sink.write(struct.pack("!i", length) + await source.readexactly(length - 4))
+        prepared: dict[str, str] = {}  # statement name: text
+        portals: dict[str, str] = {}  # portal name: text
+        while True:
+            header = await source.readexactly(5)
+            (length,) = struct.unpack("!i", header[1:])
+            body = await source.readexactly(length - 4)
+            kind = header[:1]
+            if kind == QUERY:
+                self.executed.append(_strings(body, 1)[0])
+            elif kind == PARSE:
+                name, text = _strings(body, 2)
+                prepared[name] = text
+            elif kind == BIND:
+                portal, name = _strings(body, 2)
+                portals[portal] = prepared[name]
+            elif kind == EXECUTE:
+                self.executed.append(portals[_strings(body, 1)[0]])
+            sink.write(header + body)
             await sink.drain()
-        raise ConnectionError("client closed")
 
     async def _messages(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         while True:

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from tests.api.statements import rpc_statements
 from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser
 from tests.invariants import check_all
+from tests.locks import until_waiting
 from tests.rich import expect_error, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
@@ -384,18 +385,6 @@ async def test_a_malformed_key_is_refused(env: Env, header: str) -> None:
     await call(keyed(call.md, ("AZaz09_-" * 8)[:64]))
 
 
-async def _waiting(sql: Sql, count: int) -> None:
-    for _ in range(1000):
-        waiting = await sql.value(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
-            " AND wait_event_type = 'Lock'"
-        )
-        if waiting >= count:  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{count} calls never waited on the lock")
-
-
 @contextlib.asynccontextmanager
 async def receiver_held(env: Env, call: Call, database_url: str) -> AsyncIterator[int]:
     """Another writer holds the row of a SendRequest's receiver until the block ends: the
@@ -426,7 +415,7 @@ async def test_a_concurrent_duplicate_gets_the_first_outcome(env: Env, database_
     async with receiver_held(env, call, database_url) as receiver:
         # Both copies of the call queue behind the other writer.
         copies = [asyncio.ensure_future(call(keyed(call.md, key))) for _ in range(2)]
-        await _waiting(env.sql, 2)
+        await until_waiting(env.sql, 2)
         assert not any(copy.done() for copy in copies)
     one, two = await asyncio.gather(*copies)
     assert one.SerializeToString() == two.SerializeToString()
@@ -440,7 +429,7 @@ async def test_a_call_that_never_committed_leaves_no_key(env: Env, database_url:
         lost = getattr(call.stub, call.method)(
             call.request, metadata=keyed(call.md, key), timeout=1.0
         )
-        await _waiting(env.sql, 1)
+        await until_waiting(env.sql, 1)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await lost  # the client gave up: the call is cancelled and rolls back
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

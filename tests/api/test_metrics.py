@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from tests.conftest import NewUser, RunningServer, start_server, stop_server, test_config
 from umbra_grpc.embedded import free_port
-from umbra_grpc.pb import connections_pb2
+from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
@@ -76,3 +76,31 @@ async def test_live_values_are_read_at_scrape_time(connections, new_user: NewUse
         "umbra_rate_limited_total",
     ):
         assert value(text, name) >= 0
+
+
+async def test_overruns_and_refusals_are_counted(database_url: str, new_user: NewUser) -> None:
+    """A floor every call outlasts (0 ms) and a limit of one call: each counter moves by
+    exactly the calls that overran or were refused."""
+    config = test_config(
+        database_url,
+        metrics_listen=f"127.0.0.1:{free_port()}",
+        timing_floors="ListIncomingRequests=0ms",
+        rate_limits="ListConnections=1/1h",
+    )
+    limited = await start_server(config)
+    try:
+        me = await new_user()
+        stub = connections_pb2_grpc.ConnectionServiceStub(limited.channel)
+        before = scrape(limited)
+        for _ in range(3):
+            await stub.ListIncomingRequests(pb.ListIncomingRequestsRequest(), metadata=me.md)
+        await stub.ListConnections(pb.ListConnectionsRequest(), metadata=me.md)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListConnections(pb.ListConnectionsRequest(), metadata=me.md)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        after = scrape(limited)
+    finally:
+        await stop_server(limited)
+    for name, moved in (("umbra_timing_floor_overruns_total", 3), ("umbra_rate_limited_total", 2)):
+        assert value(after, name) - value(before, name) == moved, name

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 
 import asyncpg
 import grpc
 import pytest
 
 from tests.conftest import NewUser, RunningServer, Sql
+from tests.locks import until_none_waiting, until_waiting
 from tests.rich import error_reason
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
+# Time enough for the server to reach the lock on a busy machine; the wait is seen first.
+CALL_SECONDS = 1.0
 
 
 async def _deadline_while_locked(
@@ -22,47 +26,44 @@ async def _deadline_while_locked(
     sql: Sql,
     lock_sql: str,
     row_id: int,
-    call: Callable[[], Awaitable[object]],
+    call: Callable[[], grpc.aio.UnaryUnaryCall],  # type: ignore[type-arg]
 ) -> None:
     """Holds a row lock while `call` waits on it past its deadline, then lets the lock go.
 
-    The lock goes as soon as the server has stopped waiting on it (it noticed the deadline):
-    a write the server did not roll back would go through at that moment. (Released before
+    The server is seen waiting on the lock (pg_stat_activity) while the call is still in
+    flight, so the deadline fires during the wait, not before the server got there. The
+    lock goes as soon as the server has stopped waiting on it (it noticed the deadline): a
+    write the server did not roll back would go through at that moment. (Released before
     the server notices, the write may rightly commit: the client's deadline and the server's
     cancellation are a few milliseconds apart, and no server can undo a commit.) `call`
-    starts the RPC (a grpc.aio call starts when it is made, not when it is awaited).
+    starts the RPC (a grpc.aio call starts when it is made, not when it is awaited) with a
+    deadline of CALL_SECONDS.
     """
     blocker = await asyncpg.connect(database_url)
     try:
         transaction = blocker.transaction()
         await transaction.start()
         await blocker.execute(lock_sql, row_id)
+        running = call()
+        await until_waiting(sql)
+        assert not running.done(), "the call ended before the server waited on the lock"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call()
+            await running
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        for _ in range(100):
-            waiting = await sql.value(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
-                " AND wait_event_type = 'Lock'"
-            )
-            if waiting == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 0, "the server kept waiting on the lock after the deadline"
+        await until_none_waiting(sql)
         await transaction.rollback()
     finally:
         await blocker.close()
 
 
 async def _settled(server: RunningServer, sql: Sql) -> None:
-    """Every pooled connection is back, none of them left idle in a transaction, and a write
-    that escaped the rollback has had time to land."""
+    """Every pooled connection is back (so a write that escaped the rollback has landed),
+    and none of them was left idle in a transaction."""
     db = server.service.db
-    for _ in range(50):
-        if db.checked_out() == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert db.checked_out() == 0
+    deadline = time.monotonic() + 5
+    while db.checked_out():
+        assert time.monotonic() < deadline, "a pooled connection was never given back"
+        await asyncio.sleep(0.01)
     assert (
         await sql.value(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc' "
@@ -70,7 +71,6 @@ async def _settled(server: RunningServer, sql: Sql) -> None:
         )
         == 0
     )
-    await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("attempt", range(3))
@@ -91,7 +91,7 @@ async def test_a_cancelled_send_rolls_back_and_returns_its_connection(
         sql,
         "SELECT 1 FROM users WHERE id = $1 FOR UPDATE",
         receiver.id,
-        lambda: connections.SendRequest(send, metadata=sender.md, timeout=0.3),
+        lambda: connections.SendRequest(send, metadata=sender.md, timeout=CALL_SECONDS),
     )
     await _settled(server, sql)
     assert (
@@ -122,7 +122,7 @@ async def test_a_cancelled_single_statement_write_rolls_back(
         sql,
         "SELECT 1 FROM connection_requests WHERE id = $1 FOR UPDATE",
         sent.request.id,
-        lambda: connections.Respond(accept, metadata=receiver.md, timeout=0.3),
+        lambda: connections.Respond(accept, metadata=receiver.md, timeout=CALL_SECONDS),
     )
     await _settled(server, sql)
     assert (

@@ -7,13 +7,12 @@ it takes says nothing about who else is writing to that user.
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 import grpc
 import pytest
 
 from tests.conftest import NewUser, Sql
+from tests.locks import until_waiting
 from tests.rich import expect_error, status_details
 from umbra_grpc.pb import connections_pb2
 
@@ -67,18 +66,6 @@ async def test_a_caller_not_opted_in_gets_one_answer_for_every_handle(
     )
 
 
-async def _wait_until_blocked(sql: Sql) -> None:
-    for _ in range(500):
-        waiting = await sql.value(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
-            " AND wait_event_type = 'Lock'"
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the send never waited on the lock")
-
-
 async def test_not_found_never_waits_on_the_targets_row_lock(
     connections, new_user: NewUser, sql: Sql, database_url: str
 ) -> None:
@@ -112,7 +99,7 @@ async def test_not_found_never_waits_on_the_targets_row_lock(
             metadata=me.md,
             timeout=CALL_SECONDS,
         )
-        await _wait_until_blocked(sql)
+        await until_waiting(sql)
         assert not sent.done()
         await transaction.rollback()
         # ...and goes through once the lock is gone.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.api.streams import ended_with, next_event, send, until_synced, watch
+from tests.api.streams import Event, ended_with, next_event, send, until_synced, watch
 from tests.conftest import (
     TEST_SECRET,
     NewUser,
@@ -108,8 +109,10 @@ async def test_stream_ends_when_the_token_expires(connections, new_user: NewUser
     assert await ended_with(call) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
 
 
-async def test_per_user_stream_limit(connections, new_user: NewUser) -> None:
+async def test_per_user_stream_limit(connections, new_user: NewUser, server: RunningServer) -> None:
     me = await new_user()
+    feed = server.service.feed
+    before = feed.open_streams
     calls = [watch(connections, me) for _ in range(3)]
     try:
         for call in calls:
@@ -119,13 +122,27 @@ async def test_per_user_stream_limit(connections, new_user: NewUser) -> None:
     finally:
         for call in calls:
             call.cancel()
-    # Closed streams free their places.
-    await asyncio.sleep(0.2)
+    # Closed streams free their places (once the server has seen them go).
+    deadline = time.monotonic() + 10
+    while feed.open_streams > before:
+        assert time.monotonic() < deadline, "cancelled streams kept their places"
+        await asyncio.sleep(0.01)
     again = watch(connections, me)
     try:
         await until_synced(again)
     finally:
         again.cancel()
+
+
+async def events_until_quiet(call) -> list[Event]:
+    """Events (heartbeats aside) until a heartbeat follows at least one of them."""
+    events: list[Event] = []
+    while (event := await next_event(call, heartbeats=True)).WhichOneof(
+        "event"
+    ) != "heartbeat" or not events:
+        if event.WhichOneof("event") != "heartbeat":
+            events.append(event)
+    return events
 
 
 async def test_200_watchers_each_get_exactly_their_own_events(
@@ -144,11 +161,11 @@ async def test_200_watchers_each_get_exactly_their_own_events(
                 for n, (sender, watcher) in enumerate(zip(senders, watchers, strict=True))
             )
         )
-        received = await asyncio.gather(*(next_event(call) for call in calls))
-        assert [event.received.id for event in received] == [request.id for request in sent]
-        # Nothing else arrives for anyone (heartbeats aside).
-        extra = await asyncio.gather(*(next_event(call, heartbeats=True) for call in calls[:20]))
-        assert {event.WhichOneof("event") for event in extra} == {"heartbeat"}
+        # Every event of every watcher, up to a quiet interval after the first: only their own.
+        received = await asyncio.gather(*(events_until_quiet(call) for call in calls))
+        assert [[event.received.id for event in events] for events in received] == [
+            [request.id] for request in sent
+        ]
     finally:
         for call in calls:
             call.cancel()

@@ -64,11 +64,13 @@ def test_smoke_run_writes_every_section_within_statement_budgets(tmp_path: Path)
     assert set(statements) == set(BUDGETS)
     for method, budget in BUDGETS.items():
         assert statements[method]["budget"] == budget
-        assert all(0 <= count <= budget for count in statements[method]["counts"]), (
-            method,
-            statements[method],
-        )
-    assert statements["Search"]["counts"][0] == 1  # the count is real, not a blank zero
+        # Every RPC that touches the database sends at least one statement: a count of 0
+        # is a counter that saw nothing, not a cheap RPC.
+        least = min(budget, 1)
+        counts = statements[method]["counts"]
+        assert counts, method
+        assert all(least <= count <= budget for count in counts), (method, statements[method])
+    assert statements["Search"]["counts"][0] == 1
 
     # Every phase ran its calls to success: the bench measures realistic, successful RPCs.
     for name, entry in results["unary"]["rpcs"].items():

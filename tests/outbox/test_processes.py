@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -163,6 +165,15 @@ async def test_kill_9_between_commit_and_delivery_then_delivered_after_restart(
     assert await sql.value("SELECT attempts FROM outbox") == 2
 
 
+def pushes_sent(metrics: str) -> float:
+    """What one process's metrics say it delivered."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("umbra_outbox_sent_total "):
+                return float(line.split()[1])
+    raise AssertionError("umbra_outbox_sent_total not in the scrape")
+
+
 async def test_two_processes_deliver_200_pushes_exactly_once(
     spawn: Spawn, fresh_database: str, recorder: NtfyRecorder
 ) -> None:
@@ -171,9 +182,15 @@ async def test_two_processes_deliver_200_pushes_exactly_once(
     senders = range(1, 201)
     await add_users(sql, senders)
     await add_users(sql, range(receiver, receiver + 1), ntfy_url=recorder.url)
+    metrics = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     replicas = [
-        await spawn(fresh_database, UMBRA_PENDING_CAP="1000", UMBRA_OUTBOX_BATCH_SIZE="10")
-        for _ in range(2)
+        await spawn(
+            fresh_database,
+            UMBRA_PENDING_CAP="1000",
+            UMBRA_OUTBOX_BATCH_SIZE="10",
+            UMBRA_METRICS_LISTEN=address,
+        )
+        for address in metrics
     ]
 
     limit = asyncio.Semaphore(20)
@@ -188,7 +205,14 @@ async def test_two_processes_deliver_200_pushes_exactly_once(
     while await sql.value("SELECT count(*) FROM outbox WHERE status <> 'sent'"):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)  # time for a duplicate to show up, if there were one
+    # Both took part, and between them delivered each push once.
+    sent = [await asyncio.to_thread(pushes_sent, address) for address in metrics]
+    assert sum(sent) == 200
+    assert min(sent) > 0, sent
+    # Stopped (a stop lets sends in flight finish): a duplicate on its way has arrived.
+    for replica in replicas:
+        replica.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(replica.process.wait(), 30) == 0
 
     bodies = Counter(request.body for request in recorder.for_topic(f"t{receiver}"))
     assert len(bodies) == 200

@@ -41,6 +41,22 @@ def test_retry_delay_uses_jitter_and_never_undercuts_retry_after() -> None:
     assert retry_delay(8, base=0.5, cap=30.0, retry_after=7.0, jitter=top) == 30.0
 
 
+@pytest.mark.parametrize("attempt", [1, 3, 6, 8, 40])
+@pytest.mark.parametrize("retry_after", [0.0, 0.4, 7.0, 30.0, 90.0])
+def test_no_jitter_draw_undercuts_retry_after(attempt: int, retry_after: float) -> None:
+    """The whole jitter range, bottom to top, and Retry-After below, inside and above the
+    cap: the wait is the draw, or Retry-After when the draw is shorter, never less."""
+    for step in range(101):
+        fraction = step / 100
+
+        def draw(ceiling: float, fraction: float = fraction) -> float:
+            return ceiling * fraction
+
+        drawn = backoff_ceiling(attempt, base=0.5, cap=30.0) * fraction
+        delay = retry_delay(attempt, base=0.5, cap=30.0, retry_after=retry_after, jitter=draw)
+        assert delay == max(drawn, retry_after), (fraction, delay)
+
+
 @pytest.mark.parametrize(
     ("header", "seconds"),
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -68,26 +69,25 @@ async def new_user(conn: asyncpg.Connection, preferred_name: str | None = None) 
     return user_id
 
 
-async def wait_until_blocked(url: str) -> None:
-    """Until a backend running the function waits for a lock.
+async def wait_until_blocked(url: str, within: float = 10.0) -> None:
+    """Until a backend running the function waits for a lock (however long a loaded machine
+    takes to get it there).
 
     Read from a connection of its own: inside a transaction, pg_stat_activity keeps showing
     what it showed the first time.
     """
     conn = await asyncpg.connect(url)
+    deadline = time.monotonic() + within
     try:
-        for _ in range(100):
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE $1",
-                f"%{FUNCTION}(%",
-            )
-            if waiting:
-                return
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE $1",
+            f"%{FUNCTION}(%",
+        ):
+            assert time.monotonic() < deadline, "the send never waited"
             await asyncio.sleep(0.01)
     finally:
         await conn.close()
-    raise AssertionError("the send never waited")
 
 
 @on_session_loop
