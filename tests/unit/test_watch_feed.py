@@ -46,7 +46,7 @@ Row = dict[str, Any]
 
 
 def row(request_id: int, receiver: int = ME, status: str = "pending") -> Row:
-    """A row with what RequestView.from_row reads (plus the receiver, for the fake)."""
+    """A row with what storage.requests reads into a RequestView (and the receiver)."""
     return {
         "id": request_id,
         "receiver_id": receiver,

@@ -16,8 +16,8 @@ from typing import Any
 from umbra_grpc.destinations import Destinations, ForbiddenDestination
 from umbra_grpc.domain.errors import HandleTaken, InvalidField, NtfyUrlForbidden, UserNotFound
 from umbra_grpc.domain.handles import normalize_handle
-from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
 from umbra_grpc.domain.text import clean_text
+from umbra_grpc.records import SHAREABLE_FIELDS, Profile, User, UserSettings
 from umbra_grpc.storage import audit, users
 from umbra_grpc.storage.database import Conn, Database
 

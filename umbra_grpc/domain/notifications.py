@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import ContactNotFound, InvalidField
-from umbra_grpc.domain.models import SHAREABLE_FIELDS
 from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.records import SHAREABLE_FIELDS
 from umbra_grpc.storage import contacts as contact_store
 from umbra_grpc.storage import notifications as store
 from umbra_grpc.storage.database import Database
@@ -75,15 +75,15 @@ class Notifications:
         )
         views = [
             NotificationView(
-                row["id"],
-                row["type"],
-                row["title"],
-                row["message"],
-                {key: str(value) for key, value in row["data"].items()},
-                row["source_type"],
-                row["source_id"],
-                row["read"],
-                row["created_at"],
+                row.id,
+                row.type,
+                row.title,
+                row.message,
+                {key: str(value) for key, value in row.data.items()},
+                row.source_type,
+                row.source_id,
+                row.read,
+                row.created_at,
             )
             for row in rows[:limit]
         ]
@@ -108,26 +108,26 @@ class Notifications:
     async def contact(self, caller: int, person_id: int) -> ContactView:
         """One of the caller's contact cards, or `ContactNotFound`."""
         check_id(person_id, "person_id")
-        row = await self._db.read(
+        card = await self._db.read(
             lambda conn: contact_store.contact(conn, caller=caller, person_id=person_id)
         )
-        if row is None:
+        if card is None:
             raise ContactNotFound
         return ContactView(
-            id=row["id"],
-            linked_user_id=row["linked_user_id"],
-            is_umbral_contact=row["is_umbral_contact"],
-            display_name=row["display_name"],
-            fields=_present_fields(row),
-            create_time=row["created_at"],
-            update_time=row["updated_at"],
+            id=card.id,
+            linked_user_id=card.linked_user_id,
+            is_umbral_contact=card.is_umbral_contact,
+            display_name=card.display_name,
+            fields=_present_fields(card.values),
+            create_time=card.created_at,
+            update_time=card.updated_at,
         )
 
 
-def _present_fields(row: Any) -> dict[str, str]:
+def _present_fields(values: Mapping[str, str | dt.date | None]) -> dict[str, str]:
     fields: dict[str, str] = {}
     for field in SHAREABLE_FIELDS:
-        value = row[field]
+        value = values[field]
         if value is not None and value != "":
             fields[field] = value.isoformat() if isinstance(value, dt.date) else str(value)
     return fields

@@ -47,7 +47,7 @@ from umbra_grpc.domain.errors import (
     TokenExpired,
     TooManyStreams,
 )
-from umbra_grpc.domain.requests import RequestView
+from umbra_grpc.records import RequestView
 from umbra_grpc.storage import requests as store
 from umbra_grpc.storage import users
 from umbra_grpc.storage.database import Database
@@ -262,16 +262,14 @@ class RequestFeed:
             ids = sorted({notice.request_id for notice in batch})
             try:
                 async with self._db.background() as conn:
-                    rows = await store.by_ids(conn, ids)
+                    addressed = await store.by_ids(conn, ids)
             except Exception:
                 _log.exception("request feed lookup failed; streams of this batch end")
                 for notice in batch:
                     for subscription in self._streams.get(notice.receiver_hint, ()):
                         subscription.close(FeedUnavailable())
                 continue
-            found: dict[int, tuple[int, RequestView]] = {
-                row["id"]: (row["receiver_id"], RequestView.from_row(row)) for row in rows
-            }
+            found = {item.request.id: item for item in addressed}
             for notice in batch:
                 if notice.request_id not in found:
                     continue
@@ -344,12 +342,11 @@ class Stream:
     async def items(self, expires_at: float) -> AsyncIterator[WatchItem]:
         """Snapshot (oldest first; expired requests left out), `synced`, then live events
         and heartbeats."""
-        rows = await self._db.read(
+        views = await self._db.read(
             lambda conn: store.pending_for_receiver(conn, caller=self._caller, ttl=self._ttl)
         )
         in_snapshot: set[int] = set()
-        for row in rows:
-            view = RequestView.from_row(row)
+        for view in views:
             in_snapshot.add(view.id)
             yield RequestEvent("received", view)
         yield SYNCED

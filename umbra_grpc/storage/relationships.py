@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+from umbra_grpc.records import BlockedUserView, Relationship
 from umbra_grpc.storage import keyset
-from umbra_grpc.storage.database import Conn, Query, Row
+from umbra_grpc.storage.database import Conn, Query, record
 from umbra_grpc.storage.requests import CANCELLED_PUSH, REQUESTS_CHANNEL
 
 EXPIRED_PUSH = "skipped: expired"
@@ -126,11 +127,11 @@ _BLOCK = Query(
 )
 
 
-async def block(conn: Conn, *, caller: int, handle: str, ttl: dt.timedelta, ip: str | None) -> Row:
+async def block(conn: Conn, *, caller: int, handle: str, ttl: dt.timedelta, ip: str | None) -> bool:
     """Blocks the user with `handle` (if any, and not the caller), sweeping what joined the
-    two; `is_self` says the handle is the caller's own (then nothing is written)."""
-    row: Row = await conn.fetchrow(_BLOCK, caller=caller, handle=handle, ttl=ttl, ip=ip)
-    return row
+    two; True when the handle is the caller's own (then nothing is written)."""
+    # One row always (a SELECT of subqueries); `is_self` is its first column.
+    return bool(await conn.fetchval(_BLOCK, caller=caller, handle=handle, ttl=ttl, ip=ip))
 
 
 _UNBLOCK = Query(
@@ -170,13 +171,15 @@ _BLOCKED_PAGES = keyset.statements(
     ),
     alias="k",
 )
+_blocked_view = record(BlockedUserView, ("id", "umbral_name", "preferred_name", "created_at"))
 
 
 async def blocked_page(
     conn: Conn, *, caller: int, after: keyset.Cursor | None, limit: int
-) -> list[Row]:
+) -> list[BlockedUserView]:
     """The caller's blocks of visible users, newest first, after a keyset cursor."""
-    return await keyset.page(conn, _BLOCKED_PAGES, after=after, limit=limit, caller=caller)
+    rows = await keyset.page(conn, _BLOCKED_PAGES, after=after, limit=limit, caller=caller)
+    return [_blocked_view(row) for row in rows]
 
 
 _RELATIONSHIPS = Query(
@@ -213,7 +216,7 @@ _RELATIONSHIPS = Query(
 
 async def relationships(
     conn: Conn, *, caller: int, handles: list[str], ttl: dt.timedelta
-) -> list[Row]:
-    """(handle, state) for each of `handles`, in order; state is none, connected,
-    outgoing_pending, incoming_pending or blocked."""
-    return await conn.fetch(_RELATIONSHIPS, caller=caller, handles=handles, ttl=ttl)
+) -> list[Relationship]:
+    """(handle, state) for each of `handles`, in order."""
+    rows = await conn.fetch(_RELATIONSHIPS, caller=caller, handles=handles, ttl=ttl)
+    return [Relationship(row["handle"], row["state"]) for row in rows]

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from umbra_grpc.domain.models import (
+from umbra_grpc.records import (
     SHAREABLE_FIELDS,
     NtfySettings,
     Profile,
