@@ -26,16 +26,8 @@ from umbra_grpc.domain.errors import (
     TokenExpired,
     TooManyStreams,
 )
-from umbra_grpc.domain.watch import (
-    HEARTBEAT,
-    SYNCED,
-    RequestEvent,
-    RequestFeed,
-    Stream,
-    Subscription,
-    Watching,
-    WatchItem,
-)
+from umbra_grpc.domain.feed import RequestEvent, RequestFeed, Subscription
+from umbra_grpc.domain.watch import HEARTBEAT, SYNCED, Stream, Watching, WatchItem
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ME, OTHER, NOBODY = 7, 8, 9

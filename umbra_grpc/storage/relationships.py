@@ -29,13 +29,19 @@ import datetime as dt
 from umbra_grpc.records import BlockedUserView, Relationship
 from umbra_grpc.storage import keyset
 from umbra_grpc.storage.database import Conn, Query, record
-from umbra_grpc.storage.requests import CANCELLED_PUSH, REQUESTS_CHANNEL
+from umbra_grpc.storage.notify import request_event
+from umbra_grpc.storage.requests import CANCELLED_PUSH
 
 EXPIRED_PUSH = "skipped: expired"
 
 _PAIR = """least(r.sender_id, r.receiver_id) = least(CAST(:caller AS bigint), target.id)
           AND greatest(r.sender_id, r.receiver_id) = greatest(CAST(:caller AS bigint), target.id)"""
 _STALE = "r.created_at <= now() - CAST(:ttl AS interval)"
+
+# A swept request that had expired is told as `resolved`, one still pending as `cancelled`.
+_SWEPT_EVENT = request_event(
+    "CASE WHEN swept.status = 'expired' THEN 'resolved' ELSE 'cancelled' END", "swept"
+)
 
 _BLOCK = Query(
     f"""
@@ -112,11 +118,7 @@ _BLOCK = Query(
         RETURNING id
     ),
     wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', CASE WHEN swept.status = 'expired' THEN 'resolved' ELSE 'cancelled' END,
-            'request_id', swept.id, 'receiver_id', swept.receiver_id,
-            'sender_id', swept.sender_id)::text)
-        FROM swept
+        SELECT {_SWEPT_EVENT} FROM swept
     )
     SELECT coalesce((SELECT is_self FROM me), false) AS is_self,
            (SELECT count(*) FROM block) AS blocked,

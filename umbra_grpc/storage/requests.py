@@ -24,7 +24,7 @@ the sweeper (`umbra_grpc.storage.expiry`) has marked it `expired` yet; `umbra_se
 expires the pair's stale request itself before writing a new one.
 The sender's note (`message`) is read only by queries whose caller is the receiver; the
 sender's views get NULL in its place.
-NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
+Their NOTIFYs follow `umbra_grpc.storage.notify`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from typing import NamedTuple
 from umbra_grpc.records import SHAREABLE_FIELDS, RequestView
 from umbra_grpc.storage import keyset
 from umbra_grpc.storage.database import Conn, Query, Row, record
+from umbra_grpc.storage.notify import WAKE_OUTBOX, request_event
 
-REQUESTS_CHANNEL = "umbra_requests"
-OUTBOX_CHANNEL = "umbra_outbox"
 PENDING_PAIR_INDEX = "uq_connection_requests_pending_pair"
 # The outbox `last_error` of a push skipped because its request was cancelled.
 CANCELLED_PUSH = "skipped: cancelled"
@@ -284,12 +283,9 @@ _RESPOND = Query(
         FROM req RETURNING id
     ),
     wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', 'resolved', 'request_id', req.id, 'receiver_id', req.receiver_id,
-            'sender_id', req.sender_id)::text)
-        FROM req
+        SELECT {request_event("'resolved'", "req")} FROM req
         UNION ALL
-        SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM push
+        SELECT {WAKE_OUTBOX} FROM push
     ),
     view AS ({_REQUEST_VIEW.format(source="req", message="r.message")})
     SELECT view.*, links.id AS connection_id, links.connected_user_id, links.person_id,
@@ -361,10 +357,7 @@ _CANCEL = Query(
         RETURNING o.id
     ),
     wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', 'cancelled', 'request_id', req.id, 'receiver_id', req.receiver_id,
-            'sender_id', req.sender_id)::text)
-        FROM req
+        SELECT {request_event("'cancelled'", "req")} FROM req
     ),
     view AS ({_REQUEST_VIEW.format(source="req", message="NULL::text")})
     SELECT view.*,
