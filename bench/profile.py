@@ -22,6 +22,7 @@ RATE = 250
 LAYERS = (
     ("umbra_grpc/interceptors/access_log", "access log interceptor"),
     ("umbra_grpc/interceptors/auth", "auth interceptor"),
+    ("umbra_grpc/tokens", "auth interceptor"),  # its token verification
     ("umbra_grpc/interceptors/", "other interceptors"),
     ("umbra_grpc/logs", "logging (JSON formatter)"),
     ("logging/", "logging (stdlib)"),

@@ -39,7 +39,7 @@ from umbra_grpc.domain.retention import Retention, RetentionPolicy
 from umbra_grpc.domain.watch import Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
-from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor
 from umbra_grpc.interceptors.concurrency import ConcurrencyLimitInterceptor
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
@@ -56,6 +56,7 @@ from umbra_grpc.storage.notify import (
     USERS_CHANNEL,
     parse_user_changed,
 )
+from umbra_grpc.tokens import TokenVerifier
 
 if TYPE_CHECKING:
     from umbra_grpc.telemetry import Tracing
