@@ -75,7 +75,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), incoming=True, size=request.page_size, token=request.page_token
         )
         response = pb.ListIncomingRequestsResponse(next_page_token=page.next_page_token)
-        for item in page.requests:
+        for item in page.items:
             convert.fill_request(response.requests.add(), item)
         return response
 
@@ -88,7 +88,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), incoming=False, size=request.page_size, token=request.page_token
         )
         response = pb.ListOutgoingRequestsResponse(next_page_token=page.next_page_token)
-        for item in page.requests:
+        for item in page.items:
             convert.fill_request(response.requests.add(), item)
         return response
 
@@ -148,7 +148,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), size=request.page_size, token=request.page_token
         )
         response = pb.ListConnectionsResponse(next_page_token=page.next_page_token)
-        for item in page.connections:
+        for item in page.items:
             convert.fill_connection(response.connections.add(), item)
         return response
 
@@ -211,7 +211,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             token=request.page_token,
         )
         response = pb.ListNotificationsResponse(next_page_token=page.next_page_token)
-        for item in page.notifications:
+        for item in page.items:
             convert.fill_notification(response.notifications.add(), item)
         return response
 
@@ -253,7 +253,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), size=request.page_size, token=request.page_token
         )
         response = pb.ListBlockedUsersResponse(next_page_token=page.next_page_token)
-        for item in page.blocked_users:
+        for item in page.items:
             convert.fill_blocked_user(response.blocked_users.add(), item)
         return response
 

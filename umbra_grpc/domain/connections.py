@@ -13,23 +13,15 @@ import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 
-from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import ConnectionNotFound, InvalidField
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.ids import check_id
+from umbra_grpc.domain.pages import Page, PageTokens
 from umbra_grpc.records import SHAREABLE_FIELDS, ConnectionView
 from umbra_grpc.storage import connections as store
 from umbra_grpc.storage.database import Database
 
 DEFAULT_PAGE_SIZE = 50
 _SCOPE = "connections"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionPage:
-    """A page of connections and the token of the next one ("" on the last page)."""
-
-    connections: list[ConnectionView]
-    next_page_token: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,18 +64,18 @@ class Connections:
         self._db = db
         self._pages = pages
 
-    async def page(self, caller: int, *, size: int, token: str) -> ConnectionPage:
+    async def page(self, caller: int, *, size: int, token: str) -> Page[ConnectionView]:
         """The caller's connections, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        after = self._pages.decode(token, _SCOPE, caller)
-        rows = await self._db.read(
-            lambda conn: store.page(conn, caller=caller, after=after, limit=limit + 1)
+        return await self._pages.page(
+            _SCOPE,
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=lambda after, limit: self._db.read(
+                lambda conn: store.page(conn, caller=caller, after=after, limit=limit)
+            ),
         )
-        views = rows[:limit]
-        next_token = ""
-        if len(rows) > limit:
-            next_token = self._pages.encode(_SCOPE, caller, (views[-1].create_time, views[-1].id))
-        return ConnectionPage(views, next_token)
 
     async def get(self, caller: int, connection_id: int) -> ConnectionView:
         """One of the caller's connections."""

@@ -18,13 +18,12 @@ wire); ListBlockedUsers and GetRelationships one autocommit read.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 
 from umbra_grpc.domain.errors import InvalidField, SelfBlock
 from umbra_grpc.domain.handles import normalize_handle
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.pages import Page, PageTokens
 from umbra_grpc.records import BlockedUserView, Relationship
 from umbra_grpc.storage import relationships as store
 from umbra_grpc.storage.database import Database
@@ -32,14 +31,6 @@ from umbra_grpc.storage.database import Database
 DEFAULT_PAGE_SIZE = 50
 MAX_HANDLES = 100
 _SCOPE = "blocks"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BlockedPage:
-    """A page of blocked users and the token of the next one ("" on the last page)."""
-
-    blocked_users: list[BlockedUserView]
-    next_page_token: str
 
 
 class Relationships:
@@ -66,19 +57,18 @@ class Relationships:
             lambda conn: store.unblock(conn, caller=caller, handle=handle, ip=ip)
         )
 
-    async def blocked(self, caller: int, *, size: int, token: str) -> BlockedPage:
+    async def blocked(self, caller: int, *, size: int, token: str) -> Page[BlockedUserView]:
         """The caller's blocks of visible users, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        after = self._pages.decode(token, _SCOPE, caller)
-        rows = await self._db.read(
-            lambda conn: store.blocked_page(conn, caller=caller, after=after, limit=limit + 1)
+        return await self._pages.page(
+            _SCOPE,
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=lambda after, limit: self._db.read(
+                lambda conn: store.blocked_page(conn, caller=caller, after=after, limit=limit)
+            ),
         )
-        views = rows[:limit]
-        next_token = ""
-        if len(rows) > limit:
-            last = views[-1]
-            next_token = self._pages.encode(_SCOPE, caller, (last.create_time, last.id))
-        return BlockedPage(views, next_token)
 
     async def states(self, caller: int, umbral_names: Sequence[str]) -> list[Relationship]:
         """The caller's relationship with each handle, in the order asked (repeats too)."""

@@ -12,10 +12,8 @@ back (see `Database.transaction`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 
-from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import (
     AlreadyConnected,
     ConnectionsDisabled,
@@ -29,7 +27,8 @@ from umbra_grpc.domain.errors import (
     UserNotFound,
 )
 from umbra_grpc.domain.handles import normalize_handle
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.ids import check_id
+from umbra_grpc.domain.pages import Page, PageTokens
 from umbra_grpc.domain.text import clean_text
 from umbra_grpc.records import ConnectionView, RequestView
 from umbra_grpc.storage import requests as store
@@ -37,14 +36,6 @@ from umbra_grpc.storage.database import Database
 
 DEFAULT_PAGE_SIZE = 20
 MAX_MESSAGE = 280
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestPage:
-    """A page of requests and the token of the next one ("" on the last page)."""
-
-    requests: list[RequestView]
-    next_page_token: str
 
 
 class Requests:
@@ -122,22 +113,22 @@ class Requests:
             raise TooManyPending
         return facts.request
 
-    async def pending(self, caller: int, *, incoming: bool, size: int, token: str) -> RequestPage:
+    async def pending(
+        self, caller: int, *, incoming: bool, size: int, token: str
+    ) -> Page[RequestView]:
         """The caller's pending incoming or outgoing requests, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        scope = "requests.incoming" if incoming else "requests.outgoing"
-        after = self._pages.decode(token, scope, caller)
-        rows = await self._db.read(
-            lambda conn: store.pending_page(
-                conn, caller=caller, incoming=incoming, ttl=self._ttl, after=after, limit=limit + 1
-            )
+        return await self._pages.page(
+            "requests.incoming" if incoming else "requests.outgoing",
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=lambda after, limit: self._db.read(
+                lambda conn: store.pending_page(
+                    conn, caller=caller, incoming=incoming, ttl=self._ttl, after=after, limit=limit
+                )
+            ),
         )
-        views = rows[:limit]
-        next_token = ""
-        if len(rows) > limit:
-            last = views[-1]
-            next_token = self._pages.encode(scope, caller, (last.create_time, last.id))
-        return RequestPage(views, next_token)
 
     async def respond(
         self, caller: int, request_id: int, *, accept: bool, ip: str | None
