@@ -199,7 +199,7 @@ class Service:
             ttl=ttl,
         )
         accounts_pb2_grpc.add_AccountServiceServicer_to_server(
-            AccountServicer(accounts, writes, trusted), self.server
+            AccountServicer(accounts, writes), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
             ConnectionServicer(
@@ -209,7 +209,6 @@ class Service:
                 watching,
                 Relationships(db, pages, ttl=ttl),
                 writes,
-                trusted,
             ),
             self.server,
         )
