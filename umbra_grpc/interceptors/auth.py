@@ -46,7 +46,7 @@ SERVICE_METHOD_PREFIX: Final = "/umbra.accounts.v1.AccountService/"
 """Methods for backend services (scope `umbra.admin`); the only ones such a token may call."""
 
 UNAUTHENTICATED_MESSAGE: Final = "missing or invalid bearer token"
-# Open watch streams of a user deactivated later end with this same answer (domain.watch).
+# Open watch streams of a user deactivated later end with this same answer (domain.feed).
 NOT_ACTIVE_REASON: Final = CallerInactive.reason
 NOT_ACTIVE_MESSAGE: Final = CallerInactive.default_message
 ADMIN_SCOPE_MESSAGE: Final = "this method needs a token with the umbra.admin scope"
