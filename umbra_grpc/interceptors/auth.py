@@ -25,6 +25,8 @@ from umbra_grpc.call_record import current_call
 from umbra_grpc.domain.errors import CallerInactive
 from umbra_grpc.interceptors.handlers import (
     Context,
+    Continuation,
+    Handler,
     StreamBehavior,
     UnaryBehavior,
     wrap_handler,
@@ -78,12 +80,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._unavailable = unavailable
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
