@@ -9,11 +9,12 @@ from typing import NamedTuple
 
 from umbra_grpc.domain.errors import ContactNotFound, InvalidField
 from umbra_grpc.domain.ids import check_id
-from umbra_grpc.domain.pages import Cursor, Page, PageTokens
+from umbra_grpc.domain.pages import Page, PageTokens
 from umbra_grpc.records import SHAREABLE_FIELDS
 from umbra_grpc.storage import contacts as contact_store
 from umbra_grpc.storage import notifications as store
 from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.keyset import Cursor
 from umbra_grpc.storage.notifications import NotificationRow
 
 DEFAULT_PAGE_SIZE = 20

@@ -21,13 +21,12 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 from umbra_grpc.domain.errors import InvalidField
+from umbra_grpc.storage.keyset import Cursor
 
 MAX_PAGE_SIZE = 100
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _BODY = struct.Struct(">qqq")  # caller, created_at in microseconds, row id
 _MAC_BYTES = 16
-
-Cursor = tuple[dt.datetime, int]
 
 
 class Keyed(Protocol):
