@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.harness import Bench
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 RATE = 250
 LAYERS = (
     ("umbra_grpc/interceptors/access_log", "access log interceptor"),
     ("umbra_grpc/interceptors/auth", "auth interceptor"),
+    ("umbra_grpc/tokens", "auth interceptor"),  # its token verification
     ("umbra_grpc/interceptors/", "other interceptors"),
     ("umbra_grpc/logs", "logging (JSON formatter)"),
     ("logging/", "logging (stdlib)"),

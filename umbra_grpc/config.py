@@ -384,8 +384,8 @@ def _check_jwt_keys(config: Config) -> None:
     business (it falls back to the development secret)."""
     if not (config.jwt_secret or config.jwt_public_key_files or config.jwt_jwks_file):
         return
-    # Imported here: auth builds its verifier from a Config, so it imports this module.
-    from umbra_grpc.interceptors.auth import TokenVerifier
+    # Imported here: tokens builds its verifier from a Config, so it imports this module.
+    from umbra_grpc.tokens import TokenVerifier
 
     TokenVerifier.from_config(config)
 

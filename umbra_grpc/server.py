@@ -29,16 +29,17 @@ from umbra_grpc.domain.accounts import Accounts
 from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.expiry import ExpirySweeper
+from umbra_grpc.domain.feed import RequestFeed
 from umbra_grpc.domain.idempotency import IdempotentWrites
 from umbra_grpc.domain.notifications import Notifications
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.relationships import Relationships
 from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.retention import Retention, RetentionPolicy
-from umbra_grpc.domain.watch import RequestFeed, Watching
+from umbra_grpc.domain.watch import Watching
 from umbra_grpc.interceptors.access_log import AccessLogInterceptor
 from umbra_grpc.interceptors.anonymous_streams import AnonymousStreamLimit
-from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.auth import PUBLIC_METHOD_PREFIXES, AuthInterceptor
 from umbra_grpc.interceptors.concurrency import ConcurrencyLimitInterceptor
 from umbra_grpc.interceptors.rate_limit import RateLimitInterceptor, parse_rate_limits
 from umbra_grpc.interceptors.timing_floor import TimingFloorInterceptor, parse_timing_floors
@@ -49,8 +50,13 @@ from umbra_grpc.peer import parse_networks
 from umbra_grpc.storage import migrate
 from umbra_grpc.storage.database import Database, StorageUnavailable, plain_url
 from umbra_grpc.storage.listener import Listener
-from umbra_grpc.storage.requests import OUTBOX_CHANNEL, REQUESTS_CHANNEL
-from umbra_grpc.storage.users import USERS_CHANNEL
+from umbra_grpc.storage.notify import (
+    OUTBOX_CHANNEL,
+    REQUESTS_CHANNEL,
+    USERS_CHANNEL,
+    parse_user_changed,
+)
+from umbra_grpc.tokens import TokenVerifier
 
 if TYPE_CHECKING:
     from umbra_grpc.telemetry import Tracing
@@ -193,7 +199,7 @@ class Service:
             ttl=ttl,
         )
         accounts_pb2_grpc.add_AccountServiceServicer_to_server(
-            AccountServicer(accounts, writes, trusted), self.server
+            AccountServicer(accounts, writes), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
             ConnectionServicer(
@@ -203,7 +209,6 @@ class Service:
                 watching,
                 Relationships(db, pages, ttl=ttl),
                 writes,
-                trusted,
             ),
             self.server,
         )
@@ -251,7 +256,7 @@ class Service:
         self._register_metrics(rate_limit, timing_floor)
 
     def _user_changed(self, payload: str) -> None:
-        user_id = int(payload)
+        user_id = parse_user_changed(payload)
         self.active_users.forget(user_id)
         self.feed.on_user_changed(user_id)
 

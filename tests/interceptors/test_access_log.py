@@ -21,10 +21,10 @@ from umbra_grpc import rpc_errors
 from umbra_grpc.call_record import current_call
 from umbra_grpc.config import Config
 from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY, AccessLogInterceptor
-from umbra_grpc.interceptors.auth import AuthInterceptor, TokenVerifier
+from umbra_grpc.interceptors.auth import AuthInterceptor
 from umbra_grpc.logs import configure_logging
 from umbra_grpc.peer import client_address, parse_networks
-from umbra_grpc.tokens import mint_token
+from umbra_grpc.tokens import TokenVerifier, mint_token
 
 SERVICE = "umbra.connections.v1.ConnectionService"
 SEARCH = f"/{SERVICE}/Search"

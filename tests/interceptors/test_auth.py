@@ -31,15 +31,11 @@ from umbra_grpc.interceptors.auth import (
     NOT_ACTIVE_MESSAGE,
     UNAUTHENTICATED_MESSAGE,
     AuthInterceptor,
-    InvalidToken,
-    TokenVerifier,
-    load_public_key,
-    parse_jwks,
 )
 from umbra_grpc.interceptors.handlers import wrap_handler
 from umbra_grpc.principal import ADMIN_SCOPE, Principal, current_principal
 from umbra_grpc.rpc_errors import ERROR_DOMAIN
-from umbra_grpc.tokens import mint_token
+from umbra_grpc.tokens import InvalidToken, TokenVerifier, load_public_key, mint_token, parse_jwks
 
 SECRET = "test-secret-9f3c1a7e5b2d4c6f8a0e1b3d5f7a9c2e"
 OTHER_SECRET = "other-secret-0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d"

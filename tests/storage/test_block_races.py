@@ -172,7 +172,7 @@ async def test_a_block_racing_an_accept_removes_the_new_connection(
         accepted = await requests_store.respond(
             Conn(other, None), caller=a, request_id=request.id, accept=True, ttl=TTL, ip=None
         )
-        assert accepted is not None and accepted["connection_id"] is not None
+        assert accepted is not None and accepted.link is not None
         # Meanwhile B blocks A.
         blocking = asyncio.create_task(service.relationships.block(b, f"r{a}", None))
         await wait_for_lock_waiter(database_url)

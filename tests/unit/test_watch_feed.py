@@ -26,16 +26,8 @@ from umbra_grpc.domain.errors import (
     TokenExpired,
     TooManyStreams,
 )
-from umbra_grpc.domain.watch import (
-    HEARTBEAT,
-    SYNCED,
-    RequestEvent,
-    RequestFeed,
-    Stream,
-    Subscription,
-    Watching,
-    WatchItem,
-)
+from umbra_grpc.domain.feed import RequestEvent, RequestFeed, Subscription
+from umbra_grpc.domain.watch import HEARTBEAT, SYNCED, Stream, Watching, WatchItem
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ME, OTHER, NOBODY = 7, 8, 9
@@ -46,7 +38,7 @@ Row = dict[str, Any]
 
 
 def row(request_id: int, receiver: int = ME, status: str = "pending") -> Row:
-    """A row with what RequestView.from_row reads (plus the receiver, for the fake)."""
+    """A row with what storage.requests reads into a RequestView (and the receiver)."""
     return {
         "id": request_id,
         "receiver_id": receiver,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -14,7 +13,6 @@ from umbra_grpc.domain.accounts import Accounts, Actor
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.idempotency import IdempotentWrites
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
-from umbra_grpc.peer import Network
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -27,11 +25,9 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         self,
         accounts: Accounts,
         idempotent_writes: IdempotentWrites,
-        trusted_proxies: Sequence[Network],
     ) -> None:
         self._accounts = accounts
         self.idempotent_writes = idempotent_writes
-        self._trusted_proxies = trusted_proxies
 
     @maps_errors
     @idempotent(accounts_pb2.UpsertUserResponse)
@@ -46,7 +42,7 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
             umbral_name=request.user.umbral_name,
             is_active=request.user.is_active,
             profile=convert.profile_from_pb(request.user.profile),
-            actor=self._actor(context),
+            actor=self._actor(),
         )
         return accounts_pb2.UpsertUserResponse(user=convert.user_to_pb(user))
 
@@ -65,12 +61,8 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
     ) -> accounts_pb2.UpdateSettingsResponse:
         """Updates the masked settings fields; returns the settings now in force."""
         patch = convert.settings_patch(request.settings, request.update_mask)
-        settings = await self._accounts.update_settings(
-            request.user_id, patch, self._actor(context)
-        )
+        settings = await self._accounts.update_settings(request.user_id, patch, self._actor())
         return accounts_pb2.UpdateSettingsResponse(settings=convert.settings_to_pb(settings))
 
-    def _actor(self, context: Context) -> Actor:
-        return Actor(
-            name=caller.principal().subject, ip=caller.client_ip(context, self._trusted_proxies)
-        )
+    def _actor(self) -> Actor:
+        return Actor(name=caller.principal().subject, ip=caller.client_ip())

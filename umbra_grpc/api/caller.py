@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from umbra_grpc.peer import Network, client_address
+from umbra_grpc.call_record import current_call
 from umbra_grpc.principal import Principal, current_principal
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -29,10 +28,10 @@ def user_id() -> int:
     return found
 
 
-def client_ip(context: Context, trusted_proxies: Sequence[Network]) -> str | None:
-    """The client's address for audit rows (x-forwarded-for only from trusted proxies)."""
-    forwarded = None
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-forwarded-for" and isinstance(value, str):
-            forwarded = value
-    return client_address(context.peer(), forwarded, trusted_proxies)
+def client_ip() -> str | None:
+    """The client's address for audit rows: the call record's peer, which the access log
+    computed once for the call (x-forwarded-for believed only from trusted proxies)."""
+    record = current_call.get()
+    if record is None:
+        raise RuntimeError("no call record: the access log interceptor is not installed")
+    return record.peer

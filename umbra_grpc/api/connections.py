@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -19,7 +18,6 @@ from umbra_grpc.domain.requests import Requests
 from umbra_grpc.domain.watch import Watching
 from umbra_grpc.pb import connections_pb2 as pb
 from umbra_grpc.pb import connections_pb2_grpc
-from umbra_grpc.peer import Network
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _ACTIONS = {pb.RespondRequest.ACTION_ACCEPT: True, pb.RespondRequest.ACTION_REJECT: False}
@@ -37,7 +35,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         watching: Watching,
         relationships: Relationships,
         idempotent_writes: IdempotentWrites,
-        trusted_proxies: Sequence[Network],
     ) -> None:
         self._requests = requests
         self._connections = connections
@@ -45,7 +42,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         self._watching = watching
         self._relationships = relationships
         self.idempotent_writes = idempotent_writes
-        self._trusted_proxies = trusted_proxies
 
     @maps_errors
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
@@ -60,7 +56,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> pb.SendRequestResponse:
         """Sends a connection request to the user with the given handle."""
         sent = await self._requests.send(
-            caller.user_id(), request.umbral_name, request.message, self._ip(context)
+            caller.user_id(), request.umbral_name, request.message, caller.client_ip()
         )
         response = pb.SendRequestResponse()
         convert.fill_request(response.request, sent)
@@ -75,7 +71,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), incoming=True, size=request.page_size, token=request.page_token
         )
         response = pb.ListIncomingRequestsResponse(next_page_token=page.next_page_token)
-        for item in page.requests:
+        for item in page.items:
             convert.fill_request(response.requests.add(), item)
         return response
 
@@ -88,7 +84,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), incoming=False, size=request.page_size, token=request.page_token
         )
         response = pb.ListOutgoingRequestsResponse(next_page_token=page.next_page_token)
-        for item in page.requests:
+        for item in page.items:
             convert.fill_request(response.requests.add(), item)
         return response
 
@@ -118,7 +114,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         if accept is None:
             raise InvalidField("action must be ACTION_ACCEPT or ACTION_REJECT")
         resolved, connection = await self._requests.respond(
-            caller.user_id(), request.request_id, accept=accept, ip=self._ip(context)
+            caller.user_id(), request.request_id, accept=accept, ip=caller.client_ip()
         )
         response = pb.RespondResponse()
         convert.fill_request(response.request, resolved)
@@ -133,7 +129,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> pb.CancelRequestResponse:
         """Withdraws a pending request the caller sent."""
         cancelled = await self._requests.cancel(
-            caller.user_id(), request.request_id, self._ip(context)
+            caller.user_id(), request.request_id, caller.client_ip()
         )
         response = pb.CancelRequestResponse()
         convert.fill_request(response.request, cancelled)
@@ -148,7 +144,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), size=request.page_size, token=request.page_token
         )
         response = pb.ListConnectionsResponse(next_page_token=page.next_page_token)
-        for item in page.connections:
+        for item in page.items:
             convert.fill_connection(response.connections.add(), item)
         return response
 
@@ -178,7 +174,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         """Sets or clears what the caller shares with one connection."""
         change = convert.overrides_change(request.overrides, request.update_mask)
         overrides = await self._connections.update_overrides(
-            caller.user_id(), request.connection_id, change, self._ip(context)
+            caller.user_id(), request.connection_id, change, caller.client_ip()
         )
         return pb.UpdateSharingOverridesResponse(overrides=convert.overrides_to_pb(overrides))
 
@@ -188,7 +184,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         self, request: pb.RemoveConnectionRequest, context: Context
     ) -> pb.RemoveConnectionResponse:
         """Removes a connection on both sides; the contact cards stay, detached."""
-        await self._connections.remove(caller.user_id(), request.connection_id, self._ip(context))
+        await self._connections.remove(caller.user_id(), request.connection_id, caller.client_ip())
         return pb.RemoveConnectionResponse()
 
     @maps_errors
@@ -211,7 +207,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             token=request.page_token,
         )
         response = pb.ListNotificationsResponse(next_page_token=page.next_page_token)
-        for item in page.notifications:
+        for item in page.items:
             convert.fill_notification(response.notifications.add(), item)
         return response
 
@@ -222,7 +218,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> pb.MarkNotificationsReadResponse:
         """Marks some of the caller's notifications read."""
         updated = await self._notifications.mark_read(
-            caller.user_id(), list(request.notification_ids), self._ip(context)
+            caller.user_id(), list(request.notification_ids), caller.client_ip()
         )
         return pb.MarkNotificationsReadResponse(updated_count=updated)
 
@@ -232,7 +228,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         self, request: pb.BlockUserRequest, context: Context
     ) -> pb.BlockUserResponse:
         """Blocks a handle: the same answer whether or not anyone has it."""
-        await self._relationships.block(caller.user_id(), request.umbral_name, self._ip(context))
+        await self._relationships.block(caller.user_id(), request.umbral_name, caller.client_ip())
         return pb.BlockUserResponse()
 
     @maps_errors
@@ -241,7 +237,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         self, request: pb.UnblockUserRequest, context: Context
     ) -> pb.UnblockUserResponse:
         """Lifts the caller's block of a handle, if any."""
-        await self._relationships.unblock(caller.user_id(), request.umbral_name, self._ip(context))
+        await self._relationships.unblock(caller.user_id(), request.umbral_name, caller.client_ip())
         return pb.UnblockUserResponse()
 
     @maps_errors
@@ -253,7 +249,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             caller.user_id(), size=request.page_size, token=request.page_token
         )
         response = pb.ListBlockedUsersResponse(next_page_token=page.next_page_token)
-        for item in page.blocked_users:
+        for item in page.items:
             convert.fill_blocked_user(response.blocked_users.add(), item)
         return response
 
@@ -266,6 +262,3 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         return pb.GetRelationshipsResponse(
             relationships=[convert.relationship_to_pb(item) for item in states]
         )
-
-    def _ip(self, context: Context) -> str | None:
-        return caller.client_ip(context, self._trusted_proxies)

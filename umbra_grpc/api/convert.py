@@ -9,18 +9,19 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from umbra_grpc.domain.connections import OverridesChange, SharedProfile
 from umbra_grpc.domain.errors import InvalidField
-from umbra_grpc.domain.models import (
+from umbra_grpc.domain.notifications import ContactView, NotificationView
+from umbra_grpc.domain.watch import Heartbeat, Synced, WatchItem
+from umbra_grpc.pb import accounts_pb2, connections_pb2
+from umbra_grpc.records import (
     SHAREABLE_FIELDS,
+    BlockedUserView,
     ConnectionView,
     Profile,
+    Relationship,
+    RequestView,
     User,
     UserSettings,
 )
-from umbra_grpc.domain.notifications import ContactView, NotificationView
-from umbra_grpc.domain.relationships import BlockedUserView, Relationship
-from umbra_grpc.domain.requests import RequestView
-from umbra_grpc.domain.watch import Heartbeat, Synced, WatchItem
-from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 _NTFY_COLUMNS = {
     "enabled": "ntfy_enabled",

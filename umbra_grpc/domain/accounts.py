@@ -16,8 +16,9 @@ from typing import Any
 from umbra_grpc.destinations import Destinations, ForbiddenDestination
 from umbra_grpc.domain.errors import HandleTaken, InvalidField, NtfyUrlForbidden, UserNotFound
 from umbra_grpc.domain.handles import normalize_handle
-from umbra_grpc.domain.models import SHAREABLE_FIELDS, Profile, User, UserSettings
+from umbra_grpc.domain.ids import check_id
 from umbra_grpc.domain.text import clean_text
+from umbra_grpc.records import SHAREABLE_FIELDS, Profile, User, UserSettings
 from umbra_grpc.storage import audit, users
 from umbra_grpc.storage.database import Conn, Database
 
@@ -120,12 +121,6 @@ class Accounts:
         settings = await self._db.transaction(work)
         self._on_user_changed(user_id)
         return settings
-
-
-def check_id(value: int, field: str) -> None:
-    """Ids are positive: anything below 1 is INVALID_ARGUMENT."""
-    if value < 1:
-        raise InvalidField(f"{field} must be at least 1")
 
 
 async def _must_get(conn: Conn, user_id: int) -> User:

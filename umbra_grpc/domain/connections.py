@@ -12,25 +12,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Mapping
-from typing import Any
 
-from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import ConnectionNotFound, InvalidField
-from umbra_grpc.domain.models import SHAREABLE_FIELDS, ConnectionView
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.ids import check_id
+from umbra_grpc.domain.pages import Page, PageTokens
+from umbra_grpc.records import SHAREABLE_FIELDS, ConnectionView
 from umbra_grpc.storage import connections as store
-from umbra_grpc.storage.database import Database, Row
+from umbra_grpc.storage.database import Database
 
 DEFAULT_PAGE_SIZE = 50
 _SCOPE = "connections"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionPage:
-    """A page of connections and the token of the next one ("" on the last page)."""
-
-    connections: list[ConnectionView]
-    next_page_token: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,7 +42,9 @@ class OverridesChange:
 
 
 def shared_fields(
-    values: Mapping[str, Any], defaults: Mapping[str, bool], overrides: Mapping[str, Any] | None
+    values: Mapping[str, str | dt.date | None],
+    defaults: Mapping[str, bool],
+    overrides: Mapping[str, object] | None,
 ) -> dict[str, str]:
     """A field is shared when the override says so, else the default; empty values never."""
     shared: dict[str, str] = {}
@@ -71,47 +64,43 @@ class Connections:
         self._db = db
         self._pages = pages
 
-    async def page(self, caller: int, *, size: int, token: str) -> ConnectionPage:
+    async def page(self, caller: int, *, size: int, token: str) -> Page[ConnectionView]:
         """The caller's connections, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        after = self._pages.decode(token, _SCOPE, caller)
-        rows = await self._db.read(
-            lambda conn: store.page(conn, caller=caller, after=after, limit=limit + 1)
+        return await self._pages.page(
+            _SCOPE,
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=lambda after, limit: self._db.read(
+                lambda conn: store.page(conn, caller=caller, after=after, limit=limit)
+            ),
         )
-        views = [_view(row) for row in rows[:limit]]
-        next_token = ""
-        if len(rows) > limit:
-            next_token = self._pages.encode(_SCOPE, caller, (views[-1].create_time, views[-1].id))
-        return ConnectionPage(views, next_token)
 
     async def get(self, caller: int, connection_id: int) -> ConnectionView:
         """One of the caller's connections."""
         check_id(connection_id, "connection_id")
-        row = await self._db.read(
+        view = await self._db.read(
             lambda conn: store.one(conn, caller=caller, connection_id=connection_id)
         )
-        if row is None:
+        if view is None:
             raise ConnectionNotFound
-        return _view(row)
+        return view
 
     async def shared_profile(self, caller: int, connection_id: int) -> SharedProfile:
         """What the other side of the caller's connection shares with the caller."""
         check_id(connection_id, "connection_id")
-        row = await self._db.read(
+        source = await self._db.read(
             lambda conn: store.shared_profile_source(
                 conn, caller=caller, connection_id=connection_id
             )
         )
-        if row is None:
+        if source is None:
             raise ConnectionNotFound
         return SharedProfile(
-            umbral_name=row["umbral_name"],
-            preferred_name=row["preferred_name"],
-            fields=shared_fields(
-                {field: row[field] for field in SHAREABLE_FIELDS},
-                {field: row[f"share_{field}"] for field in SHAREABLE_FIELDS},
-                row["sharing_overrides"],
-            ),
+            umbral_name=source.umbral_name,
+            preferred_name=source.preferred_name,
+            fields=shared_fields(source.values, source.defaults, source.overrides),
         )
 
     async def update_overrides(
@@ -122,7 +111,7 @@ class Connections:
         unknown = (set(change.set_values) | set(change.clear)) - set(SHAREABLE_FIELDS)
         if unknown:
             raise InvalidField(f"not a shareable field: {', '.join(sorted(unknown))}")
-        row = await self._db.transaction(
+        overrides = await self._db.transaction(
             lambda conn: store.update_overrides(
                 conn,
                 caller=caller,
@@ -132,9 +121,9 @@ class Connections:
                 ip=ip,
             )
         )
-        if row is None:
+        if overrides is None:
             raise ConnectionNotFound
-        return dict(row["sharing_overrides"] or {})
+        return overrides
 
     async def remove(self, caller: int, connection_id: int, ip: str | None) -> None:
         """Removes both sides of the connection; both contact cards stay, detached."""
@@ -144,14 +133,3 @@ class Connections:
         )
         if removed == 0:
             raise ConnectionNotFound
-
-
-def _view(row: Row) -> ConnectionView:
-    return ConnectionView(
-        row["id"],
-        row["connected_user_id"],
-        row["umbral_name"],
-        row["preferred_name"],
-        row["person_id"],
-        row["created_at"],
-    )

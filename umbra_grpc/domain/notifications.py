@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
-from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import ContactNotFound, InvalidField
-from umbra_grpc.domain.models import SHAREABLE_FIELDS
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.ids import check_id
+from umbra_grpc.domain.pages import Page, PageTokens
+from umbra_grpc.records import SHAREABLE_FIELDS
 from umbra_grpc.storage import contacts as contact_store
 from umbra_grpc.storage import notifications as store
 from umbra_grpc.storage.database import Database
+from umbra_grpc.storage.keyset import Cursor
+from umbra_grpc.storage.notifications import NotificationRow
 
 DEFAULT_PAGE_SIZE = 20
 MAX_MARK_IDS = 1000
@@ -31,14 +33,6 @@ class NotificationView(NamedTuple):
     source_id: int | None
     read: bool
     create_time: dt.datetime
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NotificationPage:
-    """A page of notifications and the token of the next one ("" on the last page)."""
-
-    notifications: list[NotificationView]
-    next_page_token: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,34 +57,25 @@ class Notifications:
 
     async def page(
         self, caller: int, *, unread_only: bool, size: int, token: str
-    ) -> NotificationPage:
+    ) -> Page[NotificationView]:
         """The caller's notifications, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        scope = "notifications.unread" if unread_only else "notifications.all"
-        after = self._pages.decode(token, scope, caller)
-        rows = await self._db.read(
-            lambda conn: store.page(
-                conn, caller=caller, unread_only=unread_only, after=after, limit=limit + 1
+
+        async def fetch(after: Cursor | None, limit: int) -> list[NotificationView]:
+            rows = await self._db.read(
+                lambda conn: store.page(
+                    conn, caller=caller, unread_only=unread_only, after=after, limit=limit
+                )
             )
+            return [_view(row) for row in rows]
+
+        return await self._pages.page(
+            "notifications.unread" if unread_only else "notifications.all",
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=fetch,
         )
-        views = [
-            NotificationView(
-                row["id"],
-                row["type"],
-                row["title"],
-                row["message"],
-                {key: str(value) for key, value in row["data"].items()},
-                row["source_type"],
-                row["source_id"],
-                row["read"],
-                row["created_at"],
-            )
-            for row in rows[:limit]
-        ]
-        next_token = ""
-        if len(rows) > limit:
-            next_token = self._pages.encode(scope, caller, (views[-1].create_time, views[-1].id))
-        return NotificationPage(views, next_token)
 
     async def mark_read(self, caller: int, ids: Sequence[int], ip: str | None) -> int:
         """Marks some of the caller's notifications read; returns how many changed."""
@@ -108,26 +93,40 @@ class Notifications:
     async def contact(self, caller: int, person_id: int) -> ContactView:
         """One of the caller's contact cards, or `ContactNotFound`."""
         check_id(person_id, "person_id")
-        row = await self._db.read(
+        card = await self._db.read(
             lambda conn: contact_store.contact(conn, caller=caller, person_id=person_id)
         )
-        if row is None:
+        if card is None:
             raise ContactNotFound
         return ContactView(
-            id=row["id"],
-            linked_user_id=row["linked_user_id"],
-            is_umbral_contact=row["is_umbral_contact"],
-            display_name=row["display_name"],
-            fields=_present_fields(row),
-            create_time=row["created_at"],
-            update_time=row["updated_at"],
+            id=card.id,
+            linked_user_id=card.linked_user_id,
+            is_umbral_contact=card.is_umbral_contact,
+            display_name=card.display_name,
+            fields=_present_fields(card.values),
+            create_time=card.created_at,
+            update_time=card.updated_at,
         )
 
 
-def _present_fields(row: Any) -> dict[str, str]:
+def _present_fields(values: Mapping[str, str | dt.date | None]) -> dict[str, str]:
     fields: dict[str, str] = {}
     for field in SHAREABLE_FIELDS:
-        value = row[field]
+        value = values[field]
         if value is not None and value != "":
             fields[field] = value.isoformat() if isinstance(value, dt.date) else str(value)
     return fields
+
+
+def _view(row: NotificationRow) -> NotificationView:
+    return NotificationView(
+        row.id,
+        row.type,
+        row.title,
+        row.message,
+        {key: str(value) for key, value in row.data.items()},
+        row.source_type,
+        row.source_id,
+        row.read,
+        row.created_at,
+    )

@@ -1,4 +1,5 @@
-"""Keyset pagination: page sizes and opaque, tamper-evident page tokens.
+"""Keyset pagination: page sizes, opaque tamper-evident page tokens, and `Page`, the one
+shape of every list (`PageTokens.page` reads one).
 
 A page token names the last row of the page it follows (its `created_at` and id), the list it
 belongs to and the caller, and carries an HMAC over all of that. A token that does not
@@ -11,19 +12,46 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 import struct
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
 
 from umbra_grpc.domain.errors import InvalidField
+from umbra_grpc.storage.keyset import Cursor
 
 MAX_PAGE_SIZE = 100
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _BODY = struct.Struct(">qqq")  # caller, created_at in microseconds, row id
 _MAC_BYTES = 16
 
-Cursor = tuple[dt.datetime, int]
+
+class Keyed(Protocol):
+    """An item of a keyset list: ordered newest first by (create_time, id)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def create_time(self) -> dt.datetime: ...
+
+
+K = TypeVar("K", bound=Keyed)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Page(Generic[K]):
+    """A page of a list and the token of the next one ("" on the last page)."""
+
+    items: list[K]
+    next_page_token: str
+
+
+# Reads at most `limit` items after the cursor (from the start without one).
+Fetch = Callable[[Cursor | None, int], Awaitable[list[K]]]
 
 
 def page_size(requested: int, default: int) -> int:
@@ -40,6 +68,23 @@ class PageTokens:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+
+    async def page(
+        self, scope: str, caller: int, *, size: int, default: int, token: str, fetch: Fetch[K]
+    ) -> Page[K]:
+        """The page `token` names in list `scope` of `caller`, `size` items (0: `default`).
+
+        One more item than the page holds is read: there is a next page when it comes back.
+        """
+        limit = page_size(size, default)
+        after = self.decode(token, scope, caller)
+        items = await fetch(after, limit + 1)
+        next_token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            last = items[-1]
+            next_token = self.encode(scope, caller, (last.create_time, last.id))
+        return Page(items, next_token)
 
     def encode(self, scope: str, caller: int, cursor: Cursor) -> str:
         """The token for the page after `cursor` in list `scope` of `caller`."""

@@ -18,47 +18,19 @@ wire); ListBlockedUsers and GetRelationships one autocommit read.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
 
 from umbra_grpc.domain.errors import InvalidField, SelfBlock
 from umbra_grpc.domain.handles import normalize_handle
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.pages import Page, PageTokens
+from umbra_grpc.records import BlockedUserView, Relationship
 from umbra_grpc.storage import relationships as store
 from umbra_grpc.storage.database import Database
 
 DEFAULT_PAGE_SIZE = 50
 MAX_HANDLES = 100
 _SCOPE = "blocks"
-
-State = Literal["none", "connected", "outgoing_pending", "incoming_pending", "blocked"]
-
-
-class BlockedUserView(NamedTuple):
-    """A user the caller blocks (a NamedTuple: see RequestView)."""
-
-    id: int
-    """The block's id (its place in the list)."""
-    umbral_name: str
-    preferred_name: str | None
-    create_time: dt.datetime
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BlockedPage:
-    """A page of blocked users and the token of the next one ("" on the last page)."""
-
-    blocked_users: list[BlockedUserView]
-    next_page_token: str
-
-
-class Relationship(NamedTuple):
-    """How the caller stands with one handle."""
-
-    umbral_name: str
-    state: State
 
 
 class Relationships:
@@ -72,10 +44,10 @@ class Relationships:
     async def block(self, caller: int, umbral_name: str, ip: str | None) -> None:
         """Blocks a handle: the same answer whether or not anyone has it; idempotent."""
         handle = normalize_handle(umbral_name)
-        row = await self._db.transaction(
+        is_self = await self._db.transaction(
             lambda conn: store.block(conn, caller=caller, handle=handle, ttl=self._ttl, ip=ip)
         )
-        if row["is_self"]:
+        if is_self:
             raise SelfBlock
 
     async def unblock(self, caller: int, umbral_name: str, ip: str | None) -> None:
@@ -85,22 +57,18 @@ class Relationships:
             lambda conn: store.unblock(conn, caller=caller, handle=handle, ip=ip)
         )
 
-    async def blocked(self, caller: int, *, size: int, token: str) -> BlockedPage:
+    async def blocked(self, caller: int, *, size: int, token: str) -> Page[BlockedUserView]:
         """The caller's blocks of visible users, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        after = self._pages.decode(token, _SCOPE, caller)
-        rows = await self._db.read(
-            lambda conn: store.blocked_page(conn, caller=caller, after=after, limit=limit + 1)
+        return await self._pages.page(
+            _SCOPE,
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=lambda after, limit: self._db.read(
+                lambda conn: store.blocked_page(conn, caller=caller, after=after, limit=limit)
+            ),
         )
-        views = [
-            BlockedUserView(row["id"], row["umbral_name"], row["preferred_name"], row["created_at"])
-            for row in rows[:limit]
-        ]
-        next_token = ""
-        if len(rows) > limit:
-            last = views[-1]
-            next_token = self._pages.encode(_SCOPE, caller, (last.create_time, last.id))
-        return BlockedPage(views, next_token)
 
     async def states(self, caller: int, umbral_names: Sequence[str]) -> list[Relationship]:
         """The caller's relationship with each handle, in the order asked (repeats too)."""
@@ -109,7 +77,6 @@ class Relationships:
         handles = [normalize_handle(name) for name in umbral_names]
         if not handles:
             return []
-        rows = await self._db.read(
+        return await self._db.read(
             lambda conn: store.relationships(conn, caller=caller, handles=handles, ttl=self._ttl)
         )
-        return [Relationship(row["handle"], row["state"]) for row in rows]

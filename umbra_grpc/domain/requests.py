@@ -12,11 +12,8 @@ back (see `Database.transaction`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-from typing import NamedTuple
 
-from umbra_grpc.domain.accounts import check_id
 from umbra_grpc.domain.errors import (
     AlreadyConnected,
     ConnectionsDisabled,
@@ -30,56 +27,15 @@ from umbra_grpc.domain.errors import (
     UserNotFound,
 )
 from umbra_grpc.domain.handles import normalize_handle
-from umbra_grpc.domain.models import ConnectionView
-from umbra_grpc.domain.pages import PageTokens, page_size
+from umbra_grpc.domain.ids import check_id
+from umbra_grpc.domain.pages import Page, PageTokens
 from umbra_grpc.domain.text import clean_text
+from umbra_grpc.records import ConnectionView, RequestView
 from umbra_grpc.storage import requests as store
-from umbra_grpc.storage.database import Database, Row
+from umbra_grpc.storage.database import Database
 
 DEFAULT_PAGE_SIZE = 20
 MAX_MESSAGE = 280
-
-
-class RequestView(NamedTuple):
-    """A request with both sides' handles and preferred names.
-
-    Views of list rows are NamedTuples built positionally: immutable, and a third of a frozen
-    dataclass's construction cost, which a 50-row page pays 50 times.
-    """
-
-    id: int
-    status: str
-    sender_name: str
-    sender_preferred: str | None
-    receiver_name: str
-    receiver_preferred: str | None
-    create_time: dt.datetime
-    resolve_time: dt.datetime | None
-    message: str | None
-    """The sender's note: set only in views whose caller is the receiver."""
-
-    @classmethod
-    def from_row(cls, row: Row) -> RequestView:
-        """From a row of the storage layer's request view."""
-        return cls(
-            row["id"],
-            row["status"],
-            row["sender_name"],
-            row["sender_preferred"],
-            row["receiver_name"],
-            row["receiver_preferred"],
-            row["created_at"],
-            row["resolved_at"],
-            row["message"],
-        )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestPage:
-    """A page of requests and the token of the next one ("" on the last page)."""
-
-    requests: list[RequestView]
-    next_page_token: str
 
 
 class Requests:
@@ -137,78 +93,69 @@ class Requests:
         )
         if facts is None:
             raise UserNotFound
-        if not facts["caller_accepts"]:
+        if not facts.caller_accepts:
             raise ConnectionsDisabled
-        if facts["target_id"] is None or not facts["target_active"]:
+        if facts.target_id is None or not facts.target_active:
             raise UserNotFound
-        if facts["target_id"] == caller:
+        if facts.target_id == caller:
             raise SelfRequest
-        if not facts["target_accepts"]:
+        if not facts.target_accepts:
             raise UserNotFound
-        if facts["blocked"]:
+        if facts.blocked:
             raise UserBlocked
-        if facts["connected"]:
+        if facts.connected:
             raise AlreadyConnected
-        if facts["pending"]:
+        if facts.pending:
             raise RequestPending
-        if facts["resend_wait"] is not None:
-            raise ResendTooSoon(retry_after=facts["resend_wait"])
-        if facts["request_id"] is None:
+        if facts.resend_wait is not None:
+            raise ResendTooSoon(retry_after=facts.resend_wait)
+        if facts.request is None:
             raise TooManyPending
-        return RequestView(
-            id=facts["request_id"],
-            status="pending",
-            sender_name=facts["caller_name"],
-            sender_preferred=facts["caller_preferred"],
-            receiver_name=facts["target_name"],
-            receiver_preferred=facts["target_preferred"],
-            create_time=facts["request_created_at"],
-            resolve_time=None,
-            message=None,  # the sender's view
-        )
+        return facts.request
 
-    async def pending(self, caller: int, *, incoming: bool, size: int, token: str) -> RequestPage:
+    async def pending(
+        self, caller: int, *, incoming: bool, size: int, token: str
+    ) -> Page[RequestView]:
         """The caller's pending incoming or outgoing requests, newest first."""
-        limit = page_size(size, DEFAULT_PAGE_SIZE)
-        scope = "requests.incoming" if incoming else "requests.outgoing"
-        after = self._pages.decode(token, scope, caller)
-        rows = await self._db.read(
-            lambda conn: store.pending_page(
-                conn, caller=caller, incoming=incoming, ttl=self._ttl, after=after, limit=limit + 1
-            )
+        return await self._pages.page(
+            "requests.incoming" if incoming else "requests.outgoing",
+            caller,
+            size=size,
+            default=DEFAULT_PAGE_SIZE,
+            token=token,
+            fetch=lambda after, limit: self._db.read(
+                lambda conn: store.pending_page(
+                    conn, caller=caller, incoming=incoming, ttl=self._ttl, after=after, limit=limit
+                )
+            ),
         )
-        views = [RequestView.from_row(row) for row in rows[:limit]]
-        next_token = ""
-        if len(rows) > limit:
-            last = views[-1]
-            next_token = self._pages.encode(scope, caller, (last.create_time, last.id))
-        return RequestPage(views, next_token)
 
     async def respond(
         self, caller: int, request_id: int, *, accept: bool, ip: str | None
     ) -> tuple[RequestView, ConnectionView | None]:
         """Accepts or rejects a pending request sent to the caller."""
         check_id(request_id, "request_id")
-        row = await self._db.transaction(
+        resolved = await self._db.transaction(
             lambda conn: store.respond(
                 conn, caller=caller, request_id=request_id, accept=accept, ttl=self._ttl, ip=ip
             ),
             constraint_errors={store.CONNECTION_PAIR: AlreadyConnected},
         )
-        if row is None:
+        if resolved is None:
             raise RequestNotPending
-        request = RequestView.from_row(row)
+        request = resolved.request
         if accept and request.status != "accepted":
             raise SenderInactive
-        if row["connection_id"] is None:
+        link = resolved.link
+        if link is None:
             return request, None
         connection = ConnectionView(
-            id=row["connection_id"],
-            connected_user_id=row["connected_user_id"],
+            id=link.id,
+            connected_user_id=link.connected_user_id,
             connected_name=request.sender_name,
             connected_preferred=request.sender_preferred,
-            person_id=row["person_id"],
-            create_time=row["connection_created_at"],
+            person_id=link.person_id,
+            create_time=link.created_at,
         )
         return request, connection
 
@@ -219,11 +166,11 @@ class Requests:
         caller may not send to the same receiver again for the resend cooldown (SPEC 10.3).
         """
         check_id(request_id, "request_id")
-        row = await self._db.transaction(
+        request = await self._db.transaction(
             lambda conn: store.cancel(
                 conn, caller=caller, request_id=request_id, ttl=self._ttl, ip=ip
             )
         )
-        if row is None:
+        if request is None:
             raise RequestNotPending
-        return RequestView.from_row(row)
+        return request

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Final, NoReturn, cast
 
 import grpc
@@ -44,7 +44,9 @@ import grpc
 from umbra_grpc.call_record import CallRecord, current_call
 from umbra_grpc.interceptors.handlers import (
     Context,
+    Continuation,
     Deserializer,
+    Handler,
     StreamBehavior,
     UnaryBehavior,
     wrap_handler,
@@ -105,12 +107,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         self._sink = sink
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         started = self._clock()
         method = handler_call_details.method
         handler = await continuation(handler_call_details)

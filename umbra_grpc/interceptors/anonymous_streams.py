@@ -12,13 +12,15 @@ a slot. Unary health `Check` is not capped: it finishes by itself.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final, cast
 
 import grpc
 
 from umbra_grpc.interceptors.handlers import (
     Context,
+    Continuation,
+    Handler,
     StreamBehavior,
     UnaryBehavior,
     wrap_handler,
@@ -41,12 +43,8 @@ class AnonymousStreamLimit(grpc.aio.ServerInterceptor):
         self.open_streams = 0
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if (
             handler is None

@@ -14,12 +14,18 @@ time it spends in the interceptors inside this one (auth, rate limit, timing flo
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import Context, StreamBehavior, UnaryBehavior, wrap_handler
+from umbra_grpc.interceptors.handlers import (
+    Context,
+    Continuation,
+    Handler,
+    StreamBehavior,
+    UnaryBehavior,
+    wrap_handler,
+)
 from umbra_grpc.rpc_errors import abort
 
 TOO_MANY_CALLS: Final = "TOO_MANY_CALLS"
@@ -35,12 +41,8 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
         self._in_progress = 0
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.response_streaming:
             return handler

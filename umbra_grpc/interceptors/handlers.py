@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -21,6 +21,11 @@ StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
 UnaryWrapper = Callable[[UnaryBehavior], UnaryBehavior]
 StreamWrapper = Callable[[StreamBehavior], StreamBehavior]
 Deserializer = Callable[[bytes], Any]
+# grpc's handler classes are generic in the stubs only: strings, so nothing subscripts them
+# at run time.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# What every `intercept_service` gets: finds the handler of a call (None: no such method).
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 _FACTORIES = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),

@@ -52,13 +52,20 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import Context, StreamBehavior, UnaryBehavior, wrap_handler
+from umbra_grpc.interceptors.handlers import (
+    Context,
+    Continuation,
+    Handler,
+    StreamBehavior,
+    UnaryBehavior,
+    wrap_handler,
+)
 from umbra_grpc.principal import current_principal
 from umbra_grpc.rpc_errors import abort
 
@@ -132,12 +139,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         return len(self._buckets)
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None

@@ -53,6 +53,8 @@ import grpc
 
 from umbra_grpc.interceptors.handlers import (
     Context,
+    Continuation,
+    Handler,
     StreamBehavior,
     UnaryBehavior,
     wrap_handler,
@@ -129,12 +131,8 @@ class TimingFloorInterceptor(grpc.aio.ServerInterceptor):
         """Calls whose work took longer than their floor, by method name."""
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None

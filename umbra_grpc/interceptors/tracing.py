@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Final, cast
 
 import grpc
@@ -29,7 +29,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from umbra_grpc.call_record import current_call
-from umbra_grpc.interceptors.handlers import Context, StreamBehavior, UnaryBehavior, wrap_handler
+from umbra_grpc.interceptors.handlers import (
+    Context,
+    Continuation,
+    Handler,
+    StreamBehavior,
+    UnaryBehavior,
+    wrap_handler,
+)
 
 # Load balancers and orchestrators ask for health every few seconds: a trace each is noise.
 UNTRACED_PREFIXES: Final = ("/grpc.health.v1.Health/",)
@@ -52,12 +59,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = tracer
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNTRACED_PREFIXES):
             return handler

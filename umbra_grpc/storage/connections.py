@@ -8,12 +8,29 @@ finds nothing, exactly as an id that does not exist.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
-from umbra_grpc.domain.models import SHAREABLE_FIELDS
+from umbra_grpc.records import SHAREABLE_FIELDS, ConnectionView
 from umbra_grpc.storage import keyset
-from umbra_grpc.storage.database import Conn, Query, Row
+from umbra_grpc.storage.database import Conn, Query, record
+
+
+class SharedSource(NamedTuple):
+    """What GetSharedProfile decides from: the other side's handle, preferred name and
+    profile values, their sharing defaults, and their overrides for the caller."""
+
+    umbral_name: str
+    preferred_name: str | None
+    values: dict[str, str | dt.date | None]
+    """Each shareable field's value (birthday a date)."""
+    defaults: dict[str, bool]
+    """Each shareable field's `share_` default."""
+    overrides: dict[str, object] | None
+    """The `sharing_overrides` JSON as stored (None: no overrides)."""
+
 
 _VIEW = """
     SELECT c.id, c.connected_user_id, u.umbral_name, s.preferred_name, c.person_id,
@@ -36,16 +53,24 @@ _PAGES = keyset.statements(
     alias="c",
 )
 _ONE = Query(_VIEW + " WHERE c.id = :connection_id AND c.user_id = :caller")
+_view = record(
+    ConnectionView,
+    ("id", "connected_user_id", "umbral_name", "preferred_name", "person_id", "created_at"),
+)
 
 
-async def page(conn: Conn, *, caller: int, after: keyset.Cursor | None, limit: int) -> list[Row]:
+async def page(
+    conn: Conn, *, caller: int, after: keyset.Cursor | None, limit: int
+) -> list[ConnectionView]:
     """The caller's connections, newest first, after a keyset cursor."""
-    return await keyset.page(conn, _PAGES, after=after, limit=limit, caller=caller)
+    rows = await keyset.page(conn, _PAGES, after=after, limit=limit, caller=caller)
+    return [_view(row) for row in rows]
 
 
-async def one(conn: Conn, *, caller: int, connection_id: int) -> Row | None:
+async def one(conn: Conn, *, caller: int, connection_id: int) -> ConnectionView | None:
     """One of the caller's connections, or None."""
-    return await conn.fetchrow(_ONE, caller=caller, connection_id=connection_id)
+    row = await conn.fetchrow(_ONE, caller=caller, connection_id=connection_id)
+    return _view(row) if row is not None else None
 
 
 _SHARED = Query(
@@ -60,9 +85,20 @@ _SHARED = Query(
 )
 
 
-async def shared_profile_source(conn: Conn, *, caller: int, connection_id: int) -> Row | None:
+async def shared_profile_source(
+    conn: Conn, *, caller: int, connection_id: int
+) -> SharedSource | None:
     """The other side's profile, sharing defaults and overrides for the caller, or None."""
-    return await conn.fetchrow(_SHARED, caller=caller, connection_id=connection_id)
+    row = await conn.fetchrow(_SHARED, caller=caller, connection_id=connection_id)
+    if row is None:
+        return None
+    return SharedSource(
+        row["umbral_name"],
+        row["preferred_name"],
+        {field: row[field] for field in SHAREABLE_FIELDS},
+        {field: row[f"share_{field}"] for field in SHAREABLE_FIELDS},
+        row["sharing_overrides"],
+    )
 
 
 # The overrides after the change, computed from the row as it is when the UPDATE locks it.
@@ -113,15 +149,16 @@ async def update_overrides(
     set_values: Mapping[str, bool],
     clear: Sequence[str],
     ip: str | None,
-) -> Row | None:
+) -> dict[str, bool] | None:
     """Sets and clears the caller's overrides on the mirror row in one atomic UPDATE.
 
     Merging happens inside the UPDATE (jsonb `-` and `||` on the locked row), so two callers
     changing different fields at once both keep their change. A change that leaves the
-    overrides as they are writes nothing: no UPDATE of the row, no audit row. None when the
-    connection is not the caller's.
+    overrides as they are writes nothing: no UPDATE of the row, no audit row. Returns the
+    overrides in force afterwards ({} for none); None when the connection is not the
+    caller's.
     """
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         _UPDATE_OVERRIDES,
         caller=caller,
         connection_id=connection_id,
@@ -129,6 +166,7 @@ async def update_overrides(
         clear=list(clear),
         ip=ip,
     )
+    return None if row is None else dict(row["sharing_overrides"] or {})
 
 
 _REMOVE = Query(

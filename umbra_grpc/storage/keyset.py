@@ -13,6 +13,7 @@ from typing import Any
 
 from umbra_grpc.storage.database import Conn, Query, Row
 
+# The last row of a page: its created_at and id (what a page token names, domain.pages).
 Cursor = tuple[dt.datetime, int]
 
 

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from umbra_grpc.storage import keyset
-from umbra_grpc.storage.database import Conn, Query, Row
+from umbra_grpc.storage.database import Conn, Query, record
+
+
+class NotificationRow(NamedTuple):
+    """One notification as stored (`data` is the JSON object as written)."""
+
+    id: int
+    type: str
+    title: str
+    message: str
+    data: dict[str, object]
+    source_type: str | None
+    source_id: int | None
+    read: bool
+    created_at: dt.datetime
+
+
+_row = record(NotificationRow, NotificationRow._fields)
 
 
 def _pages(*, unread_only: bool) -> dict[bool, Query]:
@@ -33,9 +52,10 @@ async def page(
     unread_only: bool,
     after: keyset.Cursor | None,
     limit: int,
-) -> list[Row]:
+) -> list[NotificationRow]:
     """The caller's notifications, newest first, after a keyset cursor."""
-    return await keyset.page(conn, _PAGES[unread_only], after=after, limit=limit, caller=caller)
+    rows = await keyset.page(conn, _PAGES[unread_only], after=after, limit=limit, caller=caller)
+    return [_row(row) for row in rows]
 
 
 _MARK_READ = Query(

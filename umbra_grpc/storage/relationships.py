@@ -26,15 +26,22 @@ from __future__ import annotations
 
 import datetime as dt
 
+from umbra_grpc.records import BlockedUserView, Relationship
 from umbra_grpc.storage import keyset
-from umbra_grpc.storage.database import Conn, Query, Row
-from umbra_grpc.storage.requests import CANCELLED_PUSH, REQUESTS_CHANNEL
+from umbra_grpc.storage.database import Conn, Query, record
+from umbra_grpc.storage.notify import request_event
+from umbra_grpc.storage.requests import CANCELLED_PUSH
 
 EXPIRED_PUSH = "skipped: expired"
 
 _PAIR = """least(r.sender_id, r.receiver_id) = least(CAST(:caller AS bigint), target.id)
           AND greatest(r.sender_id, r.receiver_id) = greatest(CAST(:caller AS bigint), target.id)"""
 _STALE = "r.created_at <= now() - CAST(:ttl AS interval)"
+
+# A swept request that had expired is told as `resolved`, one still pending as `cancelled`.
+_SWEPT_EVENT = request_event(
+    "CASE WHEN swept.status = 'expired' THEN 'resolved' ELSE 'cancelled' END", "swept"
+)
 
 _BLOCK = Query(
     f"""
@@ -111,11 +118,7 @@ _BLOCK = Query(
         RETURNING id
     ),
     wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', CASE WHEN swept.status = 'expired' THEN 'resolved' ELSE 'cancelled' END,
-            'request_id', swept.id, 'receiver_id', swept.receiver_id,
-            'sender_id', swept.sender_id)::text)
-        FROM swept
+        SELECT {_SWEPT_EVENT} FROM swept
     )
     SELECT coalesce((SELECT is_self FROM me), false) AS is_self,
            (SELECT count(*) FROM block) AS blocked,
@@ -126,11 +129,11 @@ _BLOCK = Query(
 )
 
 
-async def block(conn: Conn, *, caller: int, handle: str, ttl: dt.timedelta, ip: str | None) -> Row:
+async def block(conn: Conn, *, caller: int, handle: str, ttl: dt.timedelta, ip: str | None) -> bool:
     """Blocks the user with `handle` (if any, and not the caller), sweeping what joined the
-    two; `is_self` says the handle is the caller's own (then nothing is written)."""
-    row: Row = await conn.fetchrow(_BLOCK, caller=caller, handle=handle, ttl=ttl, ip=ip)
-    return row
+    two; True when the handle is the caller's own (then nothing is written)."""
+    # One row always (a SELECT of subqueries); `is_self` is its first column.
+    return bool(await conn.fetchval(_BLOCK, caller=caller, handle=handle, ttl=ttl, ip=ip))
 
 
 _UNBLOCK = Query(
@@ -170,13 +173,15 @@ _BLOCKED_PAGES = keyset.statements(
     ),
     alias="k",
 )
+_blocked_view = record(BlockedUserView, ("id", "umbral_name", "preferred_name", "created_at"))
 
 
 async def blocked_page(
     conn: Conn, *, caller: int, after: keyset.Cursor | None, limit: int
-) -> list[Row]:
+) -> list[BlockedUserView]:
     """The caller's blocks of visible users, newest first, after a keyset cursor."""
-    return await keyset.page(conn, _BLOCKED_PAGES, after=after, limit=limit, caller=caller)
+    rows = await keyset.page(conn, _BLOCKED_PAGES, after=after, limit=limit, caller=caller)
+    return [_blocked_view(row) for row in rows]
 
 
 _RELATIONSHIPS = Query(
@@ -213,7 +218,7 @@ _RELATIONSHIPS = Query(
 
 async def relationships(
     conn: Conn, *, caller: int, handles: list[str], ttl: dt.timedelta
-) -> list[Row]:
-    """(handle, state) for each of `handles`, in order; state is none, connected,
-    outgoing_pending, incoming_pending or blocked."""
-    return await conn.fetch(_RELATIONSHIPS, caller=caller, handles=handles, ttl=ttl)
+) -> list[Relationship]:
+    """(handle, state) for each of `handles`, in order."""
+    rows = await conn.fetch(_RELATIONSHIPS, caller=caller, handles=handles, ttl=ttl)
+    return [Relationship(row["handle"], row["state"]) for row in rows]

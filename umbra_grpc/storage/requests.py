@@ -24,19 +24,19 @@ the sweeper (`umbra_grpc.storage.expiry`) has marked it `expired` yet; `umbra_se
 expires the pair's stale request itself before writing a new one.
 The sender's note (`message`) is read only by queries whose caller is the receiver; the
 sender's views get NULL in its place.
-NOTIFY payloads carry ids only (PostgreSQL caps them below 8,000 bytes).
+Their NOTIFYs follow `umbra_grpc.storage.notify`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import NamedTuple
 
-from umbra_grpc.domain.models import SHAREABLE_FIELDS
+from umbra_grpc.records import SHAREABLE_FIELDS, RequestView
 from umbra_grpc.storage import keyset
-from umbra_grpc.storage.database import Conn, Query, Row
+from umbra_grpc.storage.database import Conn, Query, Row, record
+from umbra_grpc.storage.notify import WAKE_OUTBOX, request_event
 
-REQUESTS_CHANNEL = "umbra_requests"
-OUTBOX_CHANNEL = "umbra_outbox"
 PENDING_PAIR_INDEX = "uq_connection_requests_pending_pair"
 # The outbox `last_error` of a push skipped because its request was cancelled.
 CANCELLED_PUSH = "skipped: cancelled"
@@ -63,6 +63,91 @@ async def search(conn: Conn, *, caller: int, handle: str) -> bool:
     return bool(await conn.fetchval(_SEARCH, caller=caller, handle=handle))
 
 
+class SendFacts(NamedTuple):
+    """What `umbra_send_request` found (its result columns, migration 0004), and the request
+    it wrote, if it did. The caller's facts are always set; the target's only when the
+    caller accepts connections and the handle is someone's (someone who does not block the
+    caller)."""
+
+    caller_accepts: bool
+    target_id: int | None
+    target_active: bool | None
+    target_accepts: bool | None
+    blocked: bool | None
+    connected: bool | None
+    pending: bool | None
+    resend_wait: float | None
+    """Seconds of resend cooldown left, or None."""
+    request: RequestView | None
+    """The request written, as its sender sees it (no note), or None."""
+
+
+class Link(NamedTuple):
+    """The caller's side of the connection an accepted request made."""
+
+    id: int
+    connected_user_id: int
+    person_id: int
+    created_at: dt.datetime
+
+
+class Resolved(NamedTuple):
+    """A request Respond resolved, and the caller's side of the connection it made, if any."""
+
+    request: RequestView
+    link: Link | None
+
+
+class Addressed(NamedTuple):
+    """A request and who received it (the watch feed's batch lookup)."""
+
+    receiver_id: int
+    request: RequestView
+
+
+def _send_facts(row: Row) -> SendFacts:
+    request = None
+    if row["request_id"] is not None:  # then every target fact is set too
+        request = RequestView(
+            row["request_id"],
+            "pending",
+            row["caller_name"],
+            row["caller_preferred"],
+            row["target_name"],
+            row["target_preferred"],
+            row["request_created_at"],
+            None,
+            None,  # the sender's view
+        )
+    return SendFacts(
+        row["caller_accepts"],
+        row["target_id"],
+        row["target_active"],
+        row["target_accepts"],
+        row["blocked"],
+        row["connected"],
+        row["pending"],
+        row["resend_wait"],
+        request,
+    )
+
+
+# Every statement's view of requests (`_REQUEST_VIEW`) as RequestView.
+_request_view = record(
+    RequestView,
+    (
+        "id",
+        "status",
+        "sender_name",
+        "sender_preferred",
+        "receiver_name",
+        "receiver_preferred",
+        "created_at",
+        "resolved_at",
+        "message",
+    ),
+)
+
 _SEND = Query(
     "SELECT * FROM umbra_send_request(CAST(:caller AS bigint), CAST(:handle AS text),"
     " CAST(:cap AS integer), CAST(:window AS interval), CAST(:cooldown AS interval),"
@@ -81,7 +166,7 @@ async def send(
     ttl: dt.timedelta,
     note: str | None,
     ip: str | None,
-) -> Row | None:
+) -> SendFacts | None:
     """Caller and target facts, and the new request's id and created_at when it was written.
 
     None when the caller has no row. When the caller does not accept connections, only the
@@ -91,7 +176,7 @@ async def send(
     pending, `resend_wait` seconds of cooldown left, recent >= cap) all clear: then
     `request_id` is set.
     """
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         _SEND,
         caller=caller,
         handle=handle,
@@ -102,6 +187,7 @@ async def send(
         note=note,
         ip=ip,
     )
+    return _send_facts(row) if row is not None else None
 
 
 _AUDIT_COLUMNS = "action, actor_id, target_id, detail, ip"
@@ -197,12 +283,9 @@ _RESPOND = Query(
         FROM req RETURNING id
     ),
     wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', 'resolved', 'request_id', req.id, 'receiver_id', req.receiver_id,
-            'sender_id', req.sender_id)::text)
-        FROM req
+        SELECT {request_event("'resolved'", "req")} FROM req
         UNION ALL
-        SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM push
+        SELECT {WAKE_OUTBOX} FROM push
     ),
     view AS ({_REQUEST_VIEW.format(source="req", message="r.message")})
     SELECT view.*, links.id AS connection_id, links.connected_user_id, links.person_id,
@@ -223,10 +306,10 @@ async def respond(
     accept: bool,
     ttl: dt.timedelta,
     ip: str | None,
-) -> Row | None:
+) -> Resolved | None:
     """Resolves a pending, unexpired request sent to `caller` and marks its notification
     read; None when there is none to resolve."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         _RESPOND,
         caller=caller,
         request_id=request_id,
@@ -234,6 +317,17 @@ async def respond(
         ttl=ttl,
         ip=ip,
     )
+    if row is None:
+        return None
+    link = None
+    if row["connection_id"] is not None:
+        link = Link(
+            row["connection_id"],
+            row["connected_user_id"],
+            row["person_id"],
+            row["connection_created_at"],
+        )
+    return Resolved(_request_view(row), link)
 
 
 _CANCEL = Query(
@@ -263,10 +357,7 @@ _CANCEL = Query(
         RETURNING o.id
     ),
     wake AS (
-        SELECT pg_notify('{REQUESTS_CHANNEL}', json_build_object(
-            'kind', 'cancelled', 'request_id', req.id, 'receiver_id', req.receiver_id,
-            'sender_id', req.sender_id)::text)
-        FROM req
+        SELECT {request_event("'cancelled'", "req")} FROM req
     ),
     view AS ({_REQUEST_VIEW.format(source="req", message="NULL::text")})
     SELECT view.*,
@@ -279,9 +370,10 @@ _CANCEL = Query(
 
 async def cancel(
     conn: Conn, *, caller: int, request_id: int, ttl: dt.timedelta, ip: str | None
-) -> Row | None:
+) -> RequestView | None:
     """Cancels a pending, unexpired request `caller` sent; None when there is none to cancel."""
-    return await conn.fetchrow(_CANCEL, caller=caller, request_id=request_id, ttl=ttl, ip=ip)
+    row = await conn.fetchrow(_CANCEL, caller=caller, request_id=request_id, ttl=ttl, ip=ip)
+    return _request_view(row) if row is not None else None
 
 
 # Unexpired: the TTL is compared at read time, so no replica shows a request past it.
@@ -314,12 +406,13 @@ async def pending_page(
     ttl: dt.timedelta,
     after: keyset.Cursor | None,
     limit: int,
-) -> list[Row]:
+) -> list[RequestView]:
     """Unexpired pending requests to (incoming) or from `caller`, newest first, after a
     keyset cursor; the note only on incoming ones."""
-    return await keyset.page(
+    rows = await keyset.page(
         conn, _PAGES[incoming], after=after, limit=limit, caller=caller, ttl=ttl
     )
+    return [_request_view(row) for row in rows]
 
 
 SNAPSHOT_LIMIT = 1000
@@ -334,9 +427,10 @@ _SNAPSHOT = Query(
 )
 
 
-async def pending_for_receiver(conn: Conn, *, caller: int, ttl: dt.timedelta) -> list[Row]:
+async def pending_for_receiver(conn: Conn, *, caller: int, ttl: dt.timedelta) -> list[RequestView]:
     """Every unexpired pending request to `caller`, oldest first (a watch stream's snapshot)."""
-    return await conn.fetch(_SNAPSHOT, caller=caller, ttl=ttl, limit=SNAPSHOT_LIMIT)
+    rows = await conn.fetch(_SNAPSHOT, caller=caller, ttl=ttl, limit=SNAPSHOT_LIMIT)
+    return [_request_view(row) for row in rows]
 
 
 # Events go to the receiver only (the feed reads who that is from the row), so the note too.
@@ -346,6 +440,8 @@ _BY_IDS = Query(
 )
 
 
-async def by_ids(conn: Conn, ids: list[int]) -> list[Row]:
-    """Requests by id, in any order (one query for a whole batch of events)."""
-    return await conn.fetch(_BY_IDS, ids=ids)
+async def by_ids(conn: Conn, ids: list[int]) -> list[Addressed]:
+    """Requests by id and their receivers, in any order (one query for a whole batch of
+    events)."""
+    rows = await conn.fetch(_BY_IDS, ids=ids)
+    return [Addressed(row["receiver_id"], _request_view(row)) for row in rows]

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from umbra_grpc.domain.models import (
+from umbra_grpc.records import (
     SHAREABLE_FIELDS,
     NtfySettings,
     Profile,
@@ -14,9 +14,9 @@ from umbra_grpc.domain.models import (
     UserSettings,
 )
 from umbra_grpc.storage.database import Conn, Query, Row
+from umbra_grpc.storage.notify import USERS_CHANNEL, user_changed_payload
 from umbra_grpc.storage.tables import Settings as SettingsTable
 
-USERS_CHANNEL = "umbra_users"
 HANDLE_INDEX = "uq_users_umbral_name_lower"
 
 _PROFILE = ", ".join(SHAREABLE_FIELDS)
@@ -117,7 +117,7 @@ _ANNOUNCE = Query(f"SELECT pg_notify('{USERS_CHANNEL}', :payload)")
 
 async def announce_change(conn: Conn, user_id: int) -> None:
     """Tells every replica (LISTEN umbra_users) to forget what it cached about the user."""
-    await conn.execute(_ANNOUNCE, payload=str(user_id))
+    await conn.execute(_ANNOUNCE, payload=user_changed_payload(user_id))
 
 
 def _to_user(row: Row) -> User:
