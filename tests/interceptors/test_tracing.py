@@ -7,6 +7,8 @@ stream's span ends with the stream, and that the status code lands on the span.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -44,8 +46,18 @@ class Running:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.exporter = exporter
 
-    def span(self, method: str) -> trace.Span:
-        [span] = [s for s in self.exporter.get_finished_spans() if s.name == f"{SERVICE}/{method}"]
+    async def span(self, method: str, within: float = 10.0) -> trace.Span:
+        """The call's span, once it has ended: a refused call's span ends as its handler
+        unwinds, which can be just after the client has its status."""
+        deadline = time.monotonic() + within
+        while not (
+            spans := [
+                s for s in self.exporter.get_finished_spans() if s.name == f"{SERVICE}/{method}"
+            ]
+        ):
+            assert time.monotonic() < deadline, f"no span for {method} within {within}s"
+            await asyncio.sleep(0.02)
+        [span] = spans
         return span  # type: ignore[return-value]
 
 
@@ -79,7 +91,7 @@ async def traced() -> AsyncIterator[Running]:
 
 async def test_the_span_is_current_in_a_unary_handler(traced: Running) -> None:
     seen = await traced.channel.unary_unary(f"/{SERVICE}/Unary")(b"", timeout=10)
-    span = traced.span("Unary")
+    span = await traced.span("Unary")
     assert seen == trace.format_span_id(span.get_span_context().span_id).encode()
     assert span.kind == trace.SpanKind.SERVER
     assert span.attributes["rpc.grpc.status_code"] == 0  # type: ignore[attr-defined]
@@ -88,7 +100,7 @@ async def test_the_span_is_current_in_a_unary_handler(traced: Running) -> None:
 async def test_the_span_is_current_in_every_step_of_a_stream(traced: Running) -> None:
     call = traced.channel.unary_stream(f"/{SERVICE}/Stream")(b"", timeout=10)
     seen = [message async for message in call]
-    span = traced.span("Stream")
+    span = await traced.span("Stream")
     assert seen == [trace.format_span_id(span.get_span_context().span_id).encode()] * 3
     assert span.attributes["rpc.grpc.status_code"] == 0  # type: ignore[attr-defined]
 
@@ -97,6 +109,6 @@ async def test_a_server_error_marks_the_span(traced: Running) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await traced.channel.unary_unary(f"/{SERVICE}/Unary")(b"refuse", timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    span = traced.span("Unary")
+    span = await traced.span("Unary")
     assert span.attributes["rpc.grpc.status_code"] == 14  # type: ignore[attr-defined]
     assert span.status.status_code == trace.StatusCode.ERROR  # type: ignore[attr-defined]
