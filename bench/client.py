@@ -25,6 +25,10 @@ import grpc
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.tokens import mint_token
 
+# A unary method called with raw bytes both ways (no (de)serializers: the bench measures the
+# service, not protobuf in the client).
+Unary = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+
 WATCH_METHOD = "/umbra.connections.v1.ConnectionService/WatchIncomingRequests"
 SEND_METHOD = "/umbra.connections.v1.ConnectionService/SendRequest"
 CALL_TIMEOUT = 30.0
@@ -39,7 +43,7 @@ def emit(message: dict[str, Any]) -> None:
 
 
 async def read_line() -> str:
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    line: str = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     if not line:
         raise EOFError("stdin closed")
     return line.strip()
@@ -83,7 +87,7 @@ async def unary(job: dict[str, Any]) -> None:
     tokens = Tokens(job["secret"])
     metadata = [tokens(uid) for uid, _ in items]
     channels = [channel(job["target"]) for _ in range(job.get("channels", 1))]
-    calls = [ch.unary_unary(job["method"]) for ch in channels]
+    calls: list[Unary] = [ch.unary_unary(job["method"]) for ch in channels]
     in_flight = job["in_flight"]
     cycle = job.get("cycle", False)
     position = 0
@@ -184,7 +188,9 @@ async def watch(job: dict[str, Any]) -> None:
         channel(job["target"], *options)
         for _ in range((len(users) + per_channel - 1) // per_channel)
     ]
-    methods = [ch.unary_stream(WATCH_METHOD) for ch in channels]
+    methods: list[grpc.aio.UnaryStreamMultiCallable[bytes, bytes]] = [
+        ch.unary_stream(WATCH_METHOD) for ch in channels
+    ]
     request = connections_pb2.WatchIncomingRequestsRequest().SerializeToString()
     events: list[tuple[int, float]] = []
     ended: Counter[str] = Counter()
@@ -259,7 +265,7 @@ async def send(job: dict[str, Any]) -> None:
     items = load_items(job)
     tokens = Tokens(job["secret"])
     ch = channel(job["target"])
-    call = ch.unary_unary(SEND_METHOD)
+    call: Unary = ch.unary_unary(SEND_METHOD)
     errors: Counter[str] = Counter()
     concurrency = job.get("concurrency", 4)
     interval = 1.0 / job["rate"]
@@ -292,7 +298,8 @@ async def send(job: dict[str, Any]) -> None:
         warm = job.get("warm_method")
         for uid in sorted({uid for uid, _ in items}):
             if warm:  # the server then knows the token and has the caller's "is active"
-                await ch.unary_unary(warm)(b"", metadata=tokens(uid), timeout=CALL_TIMEOUT)
+                warm_call: Unary = ch.unary_unary(warm)
+                await warm_call(b"", metadata=tokens(uid), timeout=CALL_TIMEOUT)
         warmup = job.get("warmup", 0)
         await paced(items[:warmup])
         warm_errors = dict(errors)
@@ -334,7 +341,9 @@ async def floor(job: dict[str, Any]) -> None:
         rng.shuffle(triple)
         order.extend(triple)
     ch = channel(job["target"])
-    calls = {method: ch.unary_unary(method) for _, _, method, _ in classes.values()}
+    calls: dict[str, Unary] = {
+        method: ch.unary_unary(method) for _, _, method, _ in classes.values()
+    }
     samples: dict[str, list[int]] = {name: [] for name in names}
     errors: Counter[str] = Counter()
     try:

@@ -24,6 +24,7 @@ import asyncpg
 import grpc
 
 from bench import population as pop
+from bench.client import Unary
 from bench.echo import ECHO_METHOD, TAKE_STATEMENTS_METHOD
 from bench.procs import (
     ROOT,
@@ -396,7 +397,7 @@ class Bench:
 
     async def take_statements(self, target: str, user_id: int = pop.CALLERS[0]) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(target) as channel:
-            take = channel.unary_unary(TAKE_STATEMENTS_METHOD)
+            take: Unary = channel.unary_unary(TAKE_STATEMENTS_METHOD)
             raw = await take(b"", metadata=self.bearer(user_id), timeout=10)
         taken: dict[str, Any] = json.loads(raw)
         return taken

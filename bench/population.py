@@ -288,7 +288,7 @@ def _interleaved(rows: list[asyncpg.Record], key: str) -> list[asyncpg.Record]:
     for row in rows:
         by_caller.setdefault(row[key], []).append(row)
     queues = list(by_caller.values())
-    ordered = []
+    ordered: list[asyncpg.Record] = []
     for depth in range(max((len(q) for q in queues), default=0)):
         ordered.extend(q[depth] for q in queues if depth < len(q))
     return ordered

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from bench.client import Unary
 from bench.echo import ECHO_METHOD, TAKE_STATEMENTS_METHOD
 from bench.harness import SERVICE, TARGETS, Bench, log
 
@@ -22,8 +23,8 @@ async def statements_section(bench: Bench) -> None:
     counts: dict[str, Any] = {}
     server, target = await bench.server("statements", UMBRA_USER_CACHE_SECONDS="3600")
     async with grpc.aio.insecure_channel(target) as channel:
-        echo = channel.unary_unary(ECHO_METHOD)
-        take = channel.unary_unary(TAKE_STATEMENTS_METHOD)
+        echo: Unary = channel.unary_unary(ECHO_METHOD)
+        take: Unary = channel.unary_unary(TAKE_STATEMENTS_METHOD)
         for method in ["Echo", *TARGETS]:
             call = echo if method == "Echo" else channel.unary_unary(SERVICE + method)
             items, _ = bench.take_items(target, method, bench.plan.statement_calls)

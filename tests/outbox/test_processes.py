@@ -23,7 +23,8 @@ from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# Starts `umbra-grpc serve` processes: part of the `e2e` set (pyproject.toml markers).
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.e2e]
 EXECUTABLE = Path(sys.executable).parent / "umbra-grpc"
 NTFY_TIMEOUT = 1.0
 LEASE = 2 * NTFY_TIMEOUT + 5.0  # the worker's default lease for this timeout
