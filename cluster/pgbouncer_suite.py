@@ -6,7 +6,7 @@ every database through a `*` fallback entry). pytest then runs with
 `UMBRA_TEST_DATABASE_URL` straight to PostgreSQL (the fixtures' CREATE/DROP DATABASE and
 migrations, the tests' own SQL) and `UMBRA_TEST_POOLER`, which points every service the
 tests start at PgBouncer with `UMBRA_DB_STATEMENT_CACHE_SIZE=0` and its LISTEN connection
-direct (tests/conftest.py `app_settings`), as deploy/ runs it.
+direct (tests/support.py `app_settings`), as deploy/ runs it.
 
     python -m cluster.pgbouncer_suite WORKDIR [pytest arguments]
     python -m cluster.pgbouncer_suite --teardown WORKDIR

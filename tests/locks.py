@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.conftest import Sql
+from tests.support import Sql
 
 SERVER = "umbra-grpc"  # the application_name of the server's connections
 

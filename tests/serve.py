@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TEST_SECRET, app_environment
+from tests.support import TEST_SECRET, app_environment
 from umbra_grpc.embedded import free_port
 
 UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"

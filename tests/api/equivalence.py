@@ -25,7 +25,7 @@ import grpc
 import pytest_asyncio
 from scipy.stats import binom
 
-from tests.conftest import (
+from tests.support import (
     RunningServer,
     TestUser,
     separate_channel,

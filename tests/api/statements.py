@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import RunningServer
+from tests.support import RunningServer
 from umbra_grpc.storage import users
 
 CALLER_CHECK = users._IS_ACTIVE.sql

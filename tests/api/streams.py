@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 
-from tests.conftest import TestUser
 from tests.rich import DETAILS_KEY, error_reason
+from tests.support import TestUser
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pb = connections_pb2

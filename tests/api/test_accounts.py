@@ -6,8 +6,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import Metadata, NewUser, Sql, user_metadata
 from tests.rich import error_reason
+from tests.support import Metadata, NewUser, Sql, user_metadata
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

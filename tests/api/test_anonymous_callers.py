@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.api.streams import until_synced, watch
-from tests.conftest import (
+from tests.rich import error_reason
+from tests.support import (
     NewUser,
     RunningServer,
     separate_channel,
@@ -21,7 +22,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import error_reason
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.conftest import NewUser, RunningServer, start_server, stop_server, test_config
+from tests.support import NewUser, RunningServer, start_server, stop_server, test_config
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -16,7 +16,9 @@ import pytest_asyncio
 
 from tests.api.statements import rpc_statements
 from tests.api.streams import next_event, until_synced, watch
-from tests.conftest import (
+from tests.invariants import check_all
+from tests.rich import expect_error, status_details
+from tests.support import (
     NewUser,
     RunningServer,
     Sql,
@@ -25,8 +27,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.invariants import check_all
-from tests.rich import expect_error, status_details
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -10,7 +10,8 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import (
+from tests.rich import expect_error, outcome, retry_delay
+from tests.support import (
     NewUser,
     RunningServer,
     Sql,
@@ -19,7 +20,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import expect_error, outcome, retry_delay
 from umbra_grpc.interceptors.rate_limit import (
     DEFAULT_RATE_LIMITS,
     RateLimitInterceptor,

@@ -17,7 +17,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.conftest import (
+from tests.locks import until_waiting
+from tests.support import (
     Metadata,
     NewUser,
     RunningServer,
@@ -27,8 +28,7 @@ from tests.conftest import (
     stop_server,
     user_metadata,
 )
-from tests.conftest import test_config as make_config
-from tests.locks import until_waiting
+from tests.support import test_config as make_config
 from umbra_grpc.domain.callers import ActiveUsers
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage.database import Database

@@ -15,7 +15,8 @@ import pytest
 import pytest_asyncio
 
 from tests.api.statements import rpc_statements
-from tests.conftest import (
+from tests.rich import expect_error, retry_delay
+from tests.support import (
     NewUser,
     RunningServer,
     Sql,
@@ -24,7 +25,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import expect_error, retry_delay
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

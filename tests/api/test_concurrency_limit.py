@@ -15,7 +15,8 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.api.streams import Stub, until_synced, watch
-from tests.conftest import (
+from tests.rich import error_reason
+from tests.support import (
     Metadata,
     NewUser,
     RunningServer,
@@ -25,7 +26,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import error_reason
 from umbra_grpc.interceptors.concurrency import TOO_MANY_CALLS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

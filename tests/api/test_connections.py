@@ -11,8 +11,8 @@ import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
 from tests.api.statements import rpc_statements
-from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser, separate_channel
 from tests.rich import error_reason, status_details
+from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser, separate_channel
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

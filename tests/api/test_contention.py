@@ -22,7 +22,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.conftest import (
+from tests.rich import expect_error
+from tests.support import (
     NewUser,
     RunningServer,
     Sql,
@@ -31,7 +32,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import expect_error
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage.database import (
     TRANSACTION_ATTEMPTS,

@@ -11,7 +11,8 @@ import pytest
 import pytest_asyncio
 
 from tests.api.streams import until_synced, watch
-from tests.conftest import (
+from tests.rich import error_reason
+from tests.support import (
     Metadata,
     NewUser,
     RunningServer,
@@ -19,7 +20,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import error_reason
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -17,7 +17,9 @@ import pytest
 import pytest_asyncio
 
 from tests.api.streams import next_event, until_synced, watch
-from tests.conftest import (
+from tests.invariants import check_all
+from tests.rich import expect_error
+from tests.support import (
     NewUser,
     RunningServer,
     Sql,
@@ -26,8 +28,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.invariants import check_all
-from tests.rich import expect_error
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.storage import expiry as store
 

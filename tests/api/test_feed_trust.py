@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.api.streams import next_event, send, until_synced, watch
-from tests.conftest import NewUser, Sql
+from tests.support import NewUser, Sql
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -20,7 +20,7 @@ from tests.api.equivalence import (  # noqa: F401 (floored_server is the `server
     assert_equivalent,
     floored_server,
 )
-from tests.conftest import NewUser, RunningServer, TestUser
+from tests.support import NewUser, RunningServer, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

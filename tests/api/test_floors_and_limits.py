@@ -10,8 +10,8 @@ import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2
 
-from tests.conftest import NewUser, RunningServer, start_server, stop_server, test_config
 from tests.rich import error_reason, status_details
+from tests.support import NewUser, RunningServer, start_server, stop_server, test_config
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -21,10 +21,10 @@ from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from tests.api.statements import rpc_statements
-from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser
 from tests.invariants import check_all
 from tests.locks import until_waiting
 from tests.rich import expect_error, status_details
+from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 
 from tests import invariants
-from tests.conftest import Metadata, NewUser, TestUser
 from tests.rich import error_reason
+from tests.support import Metadata, NewUser, TestUser
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

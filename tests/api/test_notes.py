@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from tests.api.streams import next_event, until_synced, watch
-from tests.conftest import NewUser, Sql, TestUser
 from tests.invariants import check_all
 from tests.rich import expect_error
+from tests.support import NewUser, Sql, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.conftest import RunningServer, Sql, start_server, stop_server, test_config
+from tests.support import RunningServer, Sql, start_server, stop_server, test_config
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -19,9 +19,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.conftest import NewUser, RunningServer, Sql, TestUser, separate_channel
 from tests.locks import until_waiting
 from tests.rich import error_reason
+from tests.support import NewUser, RunningServer, Sql, TestUser, separate_channel
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tests.conftest import NewUser, Sql, TestUser
 from tests.rich import expect_error
+from tests.support import NewUser, Sql, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -7,8 +7,8 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from tests.api.statements import rpc_statements
-from tests.conftest import Metadata, NewUser, RunningServer, Sql, TestUser
 from tests.rich import error_reason, status_details
+from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -10,9 +10,9 @@ import asyncpg
 import grpc
 import pytest
 
-from tests.conftest import NewUser, RunningServer, Sql
 from tests.locks import until_none_waiting, until_waiting
 from tests.rich import error_reason
+from tests.support import NewUser, RunningServer, Sql
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -11,9 +11,9 @@ import asyncpg
 import grpc
 import pytest
 
-from tests.conftest import NewUser, Sql
 from tests.locks import until_waiting
 from tests.rich import expect_error, status_details
+from tests.support import NewUser, Sql
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

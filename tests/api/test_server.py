@@ -14,7 +14,8 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.conftest import (
+from tests.rich import error_reason
+from tests.support import (
     TEST_SECRET,
     Metadata,
     NewUser,
@@ -24,7 +25,6 @@ from tests.conftest import (
     test_config,
     user_metadata,
 )
-from tests.rich import error_reason
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 from umbra_grpc.server import Service, server_options
 from umbra_grpc.storage.database import Database

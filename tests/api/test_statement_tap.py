@@ -18,9 +18,9 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import NewUser, RunningServer, TestUser, start_server, stop_server
-from tests.conftest import test_config as make_config
 from tests.pg_proxy import NotificationDroppingProxy
+from tests.support import NewUser, RunningServer, TestUser, start_server, stop_server
+from tests.support import test_config as make_config
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.storage.database import StatementCounter
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tests.conftest import Metadata, NewUser, Sql
 from tests.rich import expect_error
+from tests.support import Metadata, NewUser, Sql
 from umbra_grpc.pb import accounts_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -15,7 +15,9 @@ import pytest
 import pytest_asyncio
 
 from tests.api.streams import Stub, next_event, send, until_synced, watch
-from tests.conftest import (
+from tests.rich import error_reason
+from tests.storage.test_topology import multi_host
+from tests.support import (
     NewUser,
     RunningServer,
     Sql,
@@ -24,8 +26,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import error_reason
-from tests.storage.test_topology import multi_host
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

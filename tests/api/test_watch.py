@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from tests.api.streams import Event, ended_with, next_event, send, until_synced, watch
-from tests.conftest import (
+from tests.support import (
     TEST_SECRET,
     NewUser,
     RunningServer,

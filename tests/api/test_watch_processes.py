@@ -31,7 +31,9 @@ from tests.api.streams import (
     until_synced,
     watch,
 )
-from tests.conftest import (
+from tests.rich import error_reason
+from tests.serve import EXIT_SECONDS, Serve, serving
+from tests.support import (
     NewUser,
     RunningServer,
     TestUser,
@@ -40,8 +42,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.rich import error_reason
-from tests.serve import EXIT_SECONDS, Serve, serving
 from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 from umbra_grpc.server import CONNECTION_SERVICE

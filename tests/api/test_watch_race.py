@@ -19,8 +19,8 @@ import pytest
 import pytest_asyncio
 
 from tests.api.streams import next_event, send, until_synced, watch
-from tests.conftest import NewUser, RunningServer, Sql, TestUser, start_server, stop_server
-from tests.conftest import test_config as make_config
+from tests.support import NewUser, RunningServer, Sql, TestUser, start_server, stop_server
+from tests.support import test_config as make_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROUNDS, PARALLEL, SENDERS, OLDER = 200, 8, 8, 150

@@ -5,7 +5,7 @@ nothing, and the four relationship RPCs are there as typed calls."""
 from __future__ import annotations
 
 from tests.client.test_real_server import client_of
-from tests.conftest import NewUser, RunningServer, Sql
+from tests.support import NewUser, RunningServer, Sql
 from umbra_grpc.pb import connections_pb2
 
 pb = connections_pb2

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from tests.client.test_watch_scripted import described
-from tests.conftest import (
+from tests.support import (
     TEST_SECRET,
     NewUser,
     RunningServer,

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certificates import Authority
-from tests.conftest import admin_sql, app_environment, with_database
+from tests.support import admin_sql, app_environment, with_database
 from umbra_grpc.embedded import EmbeddedPostgres, free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 

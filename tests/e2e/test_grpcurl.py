@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_SECRET, RunningServer
+from tests.support import TEST_SECRET, RunningServer
 from umbra_grpc.tokens import mint_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

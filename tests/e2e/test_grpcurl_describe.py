@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import RunningServer
 from tests.e2e.test_grpcurl import CONNECTION_SERVICE, grpcurl
+from tests.support import RunningServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -19,7 +19,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import admin_sql, with_database
 from tests.e2e.test_cli import (
     CLI_SECRET,
     COMMAND_SECONDS,
@@ -33,6 +32,7 @@ from tests.e2e.test_cli import (
     token,
     wait_for,
 )
+from tests.support import admin_sql, with_database
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage import migrate

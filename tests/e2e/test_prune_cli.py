@@ -7,8 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from tests.conftest import app_environment
 from tests.e2e.test_cli import environment, run
+from tests.support import app_environment
 from umbra_grpc.storage import retention
 
 AGED_AUDIT = (

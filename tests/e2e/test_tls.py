@@ -16,7 +16,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certificates import Authority, Pair
-from tests.conftest import Metadata, app_environment, test_config
 from tests.e2e.test_cli import (
     CLI_SECRET,
     STARTUP_SECONDS,
@@ -24,6 +23,7 @@ from tests.e2e.test_cli import (
     run,
     serving,
 )
+from tests.support import Metadata, app_environment, test_config
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.server import Service

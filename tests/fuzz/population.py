@@ -19,9 +19,9 @@ from typing import Any
 import jwt
 from google.protobuf.message import Message
 
-from tests.conftest import TEST_SECRET, bearer
 from tests.fuzz.calls import Caller, Client
 from tests.fuzz.generator import Method
+from tests.support import TEST_SECRET, bearer
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 from umbra_grpc.tokens import mint_token
 

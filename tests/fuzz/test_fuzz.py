@@ -31,12 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from tests import invariants
-from tests.conftest import separate_channel
 from tests.fuzz.calls import Client, Record
 from tests.fuzz.fuzzer import Fuzzer, Target
 from tests.fuzz.generator import Known, RequestMaker, methods
 from tests.fuzz.population import ADMIN, Seeder, user_caller
 from tests.serve import serving
+from tests.support import separate_channel
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.fuzz]

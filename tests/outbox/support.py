@@ -6,8 +6,8 @@ import asyncio
 import itertools
 import time
 
-from tests.conftest import Sql, test_config
 from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
+from tests.support import Sql, test_config
 from umbra_grpc.config import Config
 
 user_ids = itertools.count(1)

@@ -25,7 +25,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import (
+from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
+from tests.outbox.test_delivery import configure_ntfy
+from tests.support import (
     Metadata,
     NewUser,
     RunningServer,
@@ -35,8 +37,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
-from tests.outbox.test_delivery import configure_ntfy
 from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage import outbox
 from umbra_grpc.storage import requests as request_store

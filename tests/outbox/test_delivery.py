@@ -14,7 +14,8 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import (
+from tests.outbox.recorder import RECORDER_NETWORKS, Answer, NtfyRecorder
+from tests.support import (
     Metadata,
     NewUser,
     RunningServer,
@@ -24,7 +25,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.outbox.recorder import RECORDER_NETWORKS, Answer, NtfyRecorder
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 

@@ -16,7 +16,8 @@ import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
 from tests.api.streams import next_event, until_synced, watch
-from tests.conftest import (
+from tests.outbox.recorder import RECORDER_NETWORKS, Answer, NtfyRecorder
+from tests.support import (
     TEST_SECRET,
     Metadata,
     NewUser,
@@ -28,7 +29,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.outbox.recorder import RECORDER_NETWORKS, Answer, NtfyRecorder
 from umbra_grpc.logs import JsonFormatter, TextFormatter
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 from umbra_grpc.tokens import mint_token

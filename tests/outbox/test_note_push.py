@@ -10,9 +10,9 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import Metadata, NewUser, RunningServer, start_server, stop_server
 from tests.outbox.recorder import NtfyRecorder
 from tests.outbox.support import config
+from tests.support import Metadata, NewUser, RunningServer, start_server, stop_server
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

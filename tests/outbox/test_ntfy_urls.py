@@ -17,7 +17,10 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import (
+from tests.outbox.names import Names
+from tests.outbox.recorder import NtfyRecorder
+from tests.rich import error_reason
+from tests.support import (
     Metadata,
     NewUser,
     RunningServer,
@@ -27,9 +30,6 @@ from tests.conftest import (
     stop_server,
     test_config,
 )
-from tests.outbox.names import Names
-from tests.outbox.recorder import NtfyRecorder
-from tests.rich import error_reason
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TEST_SECRET, Sql, app_environment, clone_database, user_metadata
 from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
+from tests.support import TEST_SECRET, Sql, app_environment, clone_database, user_metadata
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 

@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import Sql
 from tests.outbox.names import Names
 from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
 from tests.outbox.support import add_pushes, add_user, config, wait_settled
+from tests.support import Sql
 from umbra_grpc.destinations import Destinations
 from umbra_grpc.outbox import ntfy
 from umbra_grpc.outbox.worker import OutboxWorker

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from tests.conftest import Sql, start_server, stop_server
 from tests.outbox.recorder import NtfyRecorder
 from tests.outbox.support import add_pushes, add_user, config, wait_settled
+from tests.support import Sql, start_server, stop_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 POLL_SECONDS = 0.05

@@ -10,9 +10,9 @@ from collections import Counter
 import asyncpg
 import pytest
 
-from tests.conftest import Sql
 from tests.outbox.recorder import HOLD, NtfyRecorder
 from tests.outbox.support import add_pushes, add_user, config, wait_settled
+from tests.support import Sql
 from umbra_grpc.embedded import free_port
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.storage import outbox

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import test_config
 from tests.invariants import check_all
+from tests.support import test_config
 from umbra_grpc.domain.errors import DomainError, UserNotFound
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.relationships import Relationships

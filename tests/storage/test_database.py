@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import Sql, session_config, test_config
+from tests.support import Sql, session_config, test_config
 from umbra_grpc.domain.errors import HandleTaken
 from umbra_grpc.storage.database import (
     Conn,

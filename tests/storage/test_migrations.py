@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import admin_sql, with_database
+from tests.support import admin_sql, with_database
 from umbra_grpc.storage import migrate
 
 

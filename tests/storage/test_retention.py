@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import start_server, stop_server, test_config
+from tests.support import start_server, stop_server, test_config
 from umbra_grpc.domain.retention import Retention, RetentionPolicy
 from umbra_grpc.embedded import free_port
 from umbra_grpc.storage import retention as store

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import clone_database, test_config
+from tests.support import clone_database, test_config
 from umbra_grpc.domain.errors import RequestPending, TooManyPending
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import pytest_asyncio
 
-from tests.conftest import admin_sql, session_config, test_config, with_database
+from tests.support import admin_sql, session_config, test_config, with_database
 from umbra_grpc.embedded import free_port
 from umbra_grpc.storage import migrate
 from umbra_grpc.storage.database import Conn, Database, Query, StorageUnavailable

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.conftest import NewUser, RunningServer, start_server, stop_server
-from tests.conftest import test_config as make_config
+from tests.support import NewUser, RunningServer, start_server, stop_server
+from tests.support import test_config as make_config
 from umbra_grpc import tracing
 from umbra_grpc.pb import connections_pb2
 

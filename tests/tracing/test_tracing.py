@@ -23,11 +23,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.api.streams import watch
-from tests.conftest import Metadata, NewUser, RunningServer, Sql, start_server, stop_server
-from tests.conftest import test_config as make_config
 from tests.outbox.conftest import recorder  # noqa: F401 - the recording ntfy fixture
 from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
 from tests.outbox.test_delivery import configure_ntfy
+from tests.support import Metadata, NewUser, RunningServer, Sql, start_server, stop_server
+from tests.support import test_config as make_config
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.reflection import SERVICE_NAME as REFLECTION_SERVICE
 from umbra_grpc.telemetry import Tracing
