@@ -54,7 +54,9 @@ class Lines(logging.Handler):
         self._changed.set()
 
     async def wait_for(self, count: int) -> list[logging.LogRecord]:
-        """The records once there are `count` (lines written after the client gave up)."""
+        """The records once there are `count`. A line is written as the call's handler unwinds,
+        which can be after the client has its status (or gave up): read lines through this,
+        or a late one is missed here and lands in the next test's records."""
         async with asyncio.timeout(5):
             while len(self.records) < count:
                 self._changed.clear()
@@ -239,7 +241,7 @@ async def test_one_line_per_unary_call_with_its_fields(lines: Lines) -> None:
         call = search(channel)(connections_pb2.SearchRequest(umbral_name="ok"))
         assert (await call).found
         trailing = await call.trailing_metadata()
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert line.name == "umbra.access"
     assert line.levelno == logging.INFO
     fields = {key: getattr(line, key) for key in ("method", "caller", "peer", "code")}
@@ -254,7 +256,7 @@ async def test_every_call_gets_its_own_correlation_id(lines: Lines) -> None:
     async with serving(Service()) as channel:
         for _ in range(5):
             await search(channel)(connections_pb2.SearchRequest(umbral_name="ok"))
-    ids = [line.correlation_id for line in lines.records]
+    ids = [line.correlation_id for line in await lines.wait_for(5)]
     assert len(ids) == 5
     assert len(set(ids)) == 5
 
@@ -263,14 +265,14 @@ async def test_duration_comes_from_the_clock(lines: Lines) -> None:
     ticks = iter([100.0, 100.25])
     async with serving(Service(), clock=lambda: next(ticks), new_id=lambda: "fixed-id") as ch:
         await search(ch)(connections_pb2.SearchRequest(umbral_name="ok"))
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.duration_ms, line.correlation_id) == (250.0, "fixed-id")
 
 
 async def test_caller_filled_in_by_an_inner_layer(lines: Lines) -> None:
     async with serving(Service()) as channel:
         await search(channel)(connections_pb2.SearchRequest(umbral_name="caller"))
-    assert lines.records[0].caller == "42"
+    assert (await lines.wait_for(1))[0].caller == "42"
 
 
 async def test_abort_is_logged_with_its_code_and_not_swallowed(
@@ -280,7 +282,7 @@ async def test_abort_is_logged_with_its_code_and_not_swallowed(
         error = await failed(search(channel)(connections_pb2.SearchRequest(umbral_name="missing")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert (error.details(), error_info(error).reason) == ("no such user", "USER_NOT_FOUND")
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert line.code == "NOT_FOUND"
     # The inner layer's own trailing metadata (the rich status) keeps the correlation id.
     assert trailer(error.trailing_metadata(), CORRELATION_ID_KEY) == line.correlation_id
@@ -291,14 +293,14 @@ async def test_code_set_without_abort_is_logged(lines: Lines) -> None:
     async with serving(Service()) as channel:
         error = await failed(search(channel)(connections_pb2.SearchRequest(umbral_name="set-code")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert lines.records[0].code == "FAILED_PRECONDITION"
+    assert (await lines.wait_for(1))[0].code == "FAILED_PRECONDITION"
 
 
 async def test_unknown_method_gets_a_line_under_one_label(lines: Lines) -> None:
     async with serving(Service()) as channel:
         error = await failed(channel.unary_unary(f"/{SERVICE}/Nope")(b""))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.method, line.code) == ("unknown", "UNIMPLEMENTED")
 
 
@@ -309,7 +311,7 @@ async def test_inner_trailing_metadata_keeps_the_correlation_id(lines: Lines) ->
         trailing = await call.trailing_metadata()
     assert trailer(trailing, "x-extra") == "1"
     assert trailer(trailing, CORRELATION_ID_KEY) == body["correlation_id"]
-    assert lines.records[0].correlation_id == body["correlation_id"]
+    assert (await lines.wait_for(1))[0].correlation_id == body["correlation_id"]
 
 
 # --- unexpected exceptions ----------------------------------------------------------------
@@ -320,7 +322,7 @@ async def test_exception_becomes_internal_with_a_correlation_id(
 ) -> None:
     async with serving(Service()) as channel:
         error = await failed(search(channel)(connections_pb2.SearchRequest(umbral_name="boom")))
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     correlation_id = line.correlation_id
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == f"internal error (correlation id {correlation_id})"
@@ -355,7 +357,7 @@ async def test_a_method_nobody_implemented_is_unimplemented_not_internal(
         assert failure.code() == grpc.StatusCode.UNIMPLEMENTED
         assert error_info(failure).reason == "UNIMPLEMENTED"
         assert trailer(failure.trailing_metadata(), CORRELATION_ID_KEY) is not None
-    assert [line.code for line in lines.records] == ["UNIMPLEMENTED", "UNIMPLEMENTED"]
+    assert [line.code for line in await lines.wait_for(2)] == ["UNIMPLEMENTED", "UNIMPLEMENTED"]
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
@@ -400,7 +402,7 @@ async def test_undecodable_bytes_are_invalid_argument(
     assert error.details() == "request could not be decoded"
     assert error_info(error).reason == "MALFORMED_REQUEST"
     assert service.search_calls == 0
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert line.code == "INVALID_ARGUMENT"
     assert trailer(error.trailing_metadata(), CORRELATION_ID_KEY) == line.correlation_id
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
@@ -416,7 +418,7 @@ async def test_undecodable_message_in_a_request_stream(lines: Lines) -> None:
         error = await failed(upload(iter([good, b"\xff\xff\xff"])))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(error).reason == "MALFORMED_REQUEST"
-    assert [line.code for line in lines.records] == ["OK", "INVALID_ARGUMENT"]
+    assert [line.code for line in await lines.wait_for(2)] == ["OK", "INVALID_ARGUMENT"]
 
 
 # --- streams ------------------------------------------------------------------------------
@@ -429,7 +431,7 @@ async def test_stream_line_is_written_after_the_iteration(lines: Lines) -> None:
         assert [item async for item in call] == [b"0", b"1", b"2"]
         assert trailer(await call.trailing_metadata(), CORRELATION_ID_KEY) is not None
     assert service.lines_before_stream_end == [0]
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.method, line.code, line.events_sent) == (WATCH, "OK", 3)
 
 
@@ -439,7 +441,7 @@ async def test_stream_exception_becomes_internal(lines: Lines) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await drain(channel.unary_stream(WATCH)(b"boom:2"), received)
     assert received == [b"0", b"1"]
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent) == ("INTERNAL", 2)
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert line.correlation_id in (raised.value.details() or "")
@@ -452,7 +454,7 @@ async def test_stream_abort_is_logged_with_its_code(lines: Lines) -> None:
             await drain(channel.unary_stream(WATCH)(b"abort:1"), [])
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(raised.value).reason == "SLOW_CONSUMER"
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent) == ("RESOURCE_EXHAUSTED", 1)
     assert trailer(raised.value.trailing_metadata(), CORRELATION_ID_KEY) == line.correlation_id
 
@@ -470,7 +472,7 @@ async def test_stream_cancelled_by_the_client(lines: Lines) -> None:
 async def test_stream_written_through_the_context_counts_its_events(lines: Lines) -> None:
     async with serving(Service()) as channel:
         assert [item async for item in channel.unary_stream(WRITTEN)(b"")] == [b"a", b"b"]
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent) == ("OK", 2)
 
 
@@ -495,7 +497,7 @@ async def test_forwarded_for_only_from_trusted_proxies(
     async with serving(Service(), trusted=trusted) as channel:
         body = json.loads(await channel.unary_unary(ECHO)(b"", metadata=metadata))
     assert body["peer"] == peer
-    assert lines.records[0].peer == peer
+    assert (await lines.wait_for(1))[0].peer == peer
 
 
 @pytest.mark.parametrize(
@@ -528,7 +530,7 @@ async def test_caller_comes_from_the_auth_interceptor(lines: Lines) -> None:
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         malformed = await failed(channel.unary_unary(SEARCH)(b"\xff"))
         assert malformed.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert [(line.caller, line.code) for line in lines.records] == [
+    assert [(line.caller, line.code) for line in await lines.wait_for(3)] == [
         ("7", "OK"),
         (None, "UNAUTHENTICATED"),
         (None, "INVALID_ARGUMENT"),
@@ -641,5 +643,5 @@ async def test_abandoned_stream_still_gets_its_line(lines: Lines) -> None:
     await asyncio.create_task(two())
     assert lines.records == []
     await asyncio.create_task(stream.aclose(), context=contextvars.Context())
-    [line] = lines.records
+    [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent, line.peer) == ("CANCELLED", 1, "192.0.2.10")
