@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote
 
+# How long `stop` waits for connection handlers, twice at most (see there).
+STOP_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -82,8 +85,15 @@ class NtfyRecorder:
         if self._server is not None:
             await self._server.wait_closed()
         # Python 3.11's wait_closed does not wait for the connections' handlers: wait for them
-        # here, or a loop that ends next cancels them and logs each cancelled read.
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        # here, or a loop that ends next cancels them and logs each cancelled read. Bounded: a
+        # peer that stops reading keeps a closing transport flushing (and its handler in
+        # drain), so what is left after a few seconds is aborted, which ends it at once.
+        if self._handlers:
+            _, left = await asyncio.wait(self._handlers, timeout=STOP_SECONDS)
+            for writer in list(self._writers):
+                writer.transport.abort()
+            if left:
+                await asyncio.wait(left, timeout=STOP_SECONDS)
 
     def script(self, topic: str, *answers: Answer) -> None:
         """The next answers for `topic`, in order."""
