@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import io
 import logging
 import multiprocessing
 import os
@@ -43,8 +42,6 @@ from umbra_grpc.tokens import mint_token
 _log = logging.getLogger("umbra.cli")
 DEMO_USERS = ((1, "alice", "Alice"), (2, "bob", "Bob"), (3, "carol", "Carol"))
 DEMO_CALL_SECONDS = 10.0
-# A shutdown still going this long after its grace logs where it waits (see `report_stall`).
-STALL_MARGIN_SECONDS = 5.0
 
 
 class CommandError(Exception):
@@ -278,28 +275,9 @@ async def _run_server(config: Config) -> int:
         _print_banner(config, service.port)
     await stop.wait()
     _log.info("shutting down (grace %.1fs)", config.grace_seconds)
-    stall = asyncio.create_task(report_stall(config.grace_seconds + STALL_MARGIN_SECONDS))
-    try:
-        await service.stop()
-    finally:
-        stall.cancel()
+    await service.stop()
     _log.info("stopped")
     return 0
-
-
-async def report_stall(after: float) -> None:
-    """After `after` seconds, logs every other task's stack: a shutdown that outlasts its
-    grace shows where it waits (an orchestrator's SIGKILL would otherwise leave no trace)."""
-    await asyncio.sleep(after)
-    stacks = []
-    for task in asyncio.all_tasks():
-        if task is not asyncio.current_task():
-            out = io.StringIO()
-            task.print_stack(limit=12, file=out)
-            stacks.append(out.getvalue())
-    _log.warning(
-        "shutdown still waiting %.1fs after it began; pending tasks:\n%s", after, "\n".join(stacks)
-    )
 
 
 def _print_banner(config: Config, port: int) -> None:

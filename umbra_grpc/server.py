@@ -56,6 +56,7 @@ from umbra_grpc.storage.notify import (
     USERS_CHANNEL,
     parse_user_changed,
 )
+from umbra_grpc.tasks import cancel_and_wait, report_stall
 from umbra_grpc.tokens import TokenVerifier
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ CONNECTION_SERVICE = connections_pb2.DESCRIPTOR.services_by_name["ConnectionServ
 ACCOUNT_SERVICE = accounts_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
 SERVICE_NAMES = (CONNECTION_SERVICE, ACCOUNT_SERVICE)
 HEALTH_PROBE_SECONDS = 1.0
+# A stop still going this long after its grace logs where it waits (`tasks.report_stall`).
+STALL_MARGIN_SECONDS = 5.0
 
 
 T = TypeVar("T")
@@ -348,15 +351,26 @@ class Service:
         self._monitor = asyncio.create_task(self._watch_database(), name="health-monitor")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace."""
+        """Health NOT_SERVING, stop accepting, let in-flight calls finish within the grace.
+
+        A stop that outlasts the grace by STALL_MARGIN_SECONDS logs every pending task's stack.
+        """
+        grace = self.config.grace_seconds if grace is None else grace
+        watchdog = asyncio.create_task(
+            report_stall(grace + STALL_MARGIN_SECONDS, "shutdown", _log), name="stop-watchdog"
+        )
+        try:
+            await self._stop(grace)
+        finally:
+            watchdog.cancel()
+
+    async def _stop(self, grace: float) -> None:
         self.serving = False
         await self.health.enter_graceful_shutdown()
         self.feed.shut_down()
         if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+            await cancel_and_wait(self._monitor)
+        await self.server.stop(grace)
         await self.outbox.stop()
         await self.retention.stop()
         await self.expiry.stop()

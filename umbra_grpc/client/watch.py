@@ -191,7 +191,8 @@ class IncomingWatch:
             delay = self._jitter(ceiling)
             _log.info("watch_incoming reconnecting in %.2fs (%s)", delay, reason)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
             if self._closing.is_set():
                 return
 
@@ -199,7 +200,8 @@ class IncomingWatch:
         """The next message, None at a clean end or once closing; `_Stalled` after a silence
         too long."""
         try:
-            message = await asyncio.wait_for(call.read(), self._stall_timeout)
+            async with asyncio.timeout(self._stall_timeout):
+                message = await call.read()
         except TimeoutError:
             raise _Stalled from None
         except asyncio.CancelledError:

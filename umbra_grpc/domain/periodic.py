@@ -8,11 +8,11 @@ the next one comes on time: the database being away for a while is no reason to 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from umbra_grpc.storage.database import DATABASE_ERRORS
+from umbra_grpc.tasks import cancel_and_wait
 
 _log = logging.getLogger(__name__)
 
@@ -35,9 +35,7 @@ class Periodic:
         """Stops the runs (a run in progress is cut short)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -44,6 +44,7 @@ from umbra_grpc.outbox import ntfy
 from umbra_grpc.peer import parse_networks
 from umbra_grpc.storage import outbox
 from umbra_grpc.storage.database import Database
+from umbra_grpc.tasks import cancel_and_wait
 
 _log = logging.getLogger(__name__)
 
@@ -158,9 +159,7 @@ class OutboxWorker:
         if task is not None:
             grace = min(STOP_GRACE_SECONDS, self._config.ntfy_timeout_seconds)
             await asyncio.wait({task}, timeout=grace)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._owns_client and self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -192,7 +191,8 @@ class OutboxWorker:
                 )
             if wait > 0 and not self._stopping:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
 
     async def _round(self) -> int:
         """Claims one batch and delivers it; returns how many rows were claimed."""

@@ -457,7 +457,8 @@ class Database:
         if pool is None:
             return
         try:
-            await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await pool.close()
         except TimeoutError:
             pool.terminate()
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import asyncpg
 
+from umbra_grpc.tasks import cancel_and_wait
+
 _log = logging.getLogger(__name__)
 
 Handler = Callable[[str], None]
@@ -102,11 +104,9 @@ class Listener:
     async def stop(self) -> None:
         """Stops listening and closes the connection."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
         await self._close()
         if self.connected:
             # `_run` was cancelled inside `_watch` and never said so: tell the subscribers.
@@ -164,16 +164,16 @@ class Listener:
         misses = 0
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._probe_interval)
+                async with asyncio.timeout(self._probe_interval):
+                    await self._lost.wait()
                 return
             try:
                 heard = await self._hears_itself()
             except Exception as error:  # the probe could not be sent: proves nothing here
                 _log.info("listener probe not sent (%s)", type(error).__name__)
                 try:
-                    await asyncio.wait_for(
-                        self._connection.execute("SELECT 1"), self._probe_timeout
-                    )
+                    async with asyncio.timeout(self._probe_timeout):
+                        await self._connection.execute("SELECT 1")
                 except LOST:
                     _log.warning("listener probe failed: connection lost")
                     return
@@ -190,9 +190,11 @@ class Listener:
         token = str(next(self._probe_tokens))
         self._expected_echo = token
         self._echoed.clear()
-        await asyncio.wait_for(self._notify(self._probe_channel, token), self._probe_timeout)
+        async with asyncio.timeout(self._probe_timeout):
+            await self._notify(self._probe_channel, token)
         try:
-            await asyncio.wait_for(self._echoed.wait(), self._probe_timeout)
+            async with asyncio.timeout(self._probe_timeout):
+                await self._echoed.wait()
         except TimeoutError:
             return False
         return True
@@ -228,6 +230,7 @@ class Listener:
             connection.remove_termination_listener(self._on_terminated)
         if connection is not None and not connection.is_closed():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), self._probe_timeout)
+                async with asyncio.timeout(self._probe_timeout):
+                    await connection.close()
             if not connection.is_closed():
                 connection.terminate()
