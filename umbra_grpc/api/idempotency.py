@@ -23,9 +23,10 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from umbra_grpc.api import caller
-from umbra_grpc.api.status import domain_status_proto, status_from_proto
+from umbra_grpc.api.status import domain_status_proto
 from umbra_grpc.domain.errors import DomainError, IdempotencyKeyInvalid
 from umbra_grpc.domain.idempotency import IdempotencyKey, IdempotentWrites
+from umbra_grpc.rpc_errors import status_from_proto
 
 HEADER = "idempotency-key"
 _KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}", re.ASCII)

@@ -83,5 +83,5 @@ class AnonymousStreamLimit(grpc.aio.ServerInterceptor):
     async def _enter(self, context: Context) -> None:
         """Takes a slot (no await between the check and the count), or ends the call."""
         if self.open_streams >= self._limit:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, REASON, MESSAGE)
+            await abort(context, REASON, MESSAGE)
         self.open_streams += 1

@@ -52,7 +52,6 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
                 if self._in_progress >= self._limit:
                     await abort(
                         context,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
                         TOO_MANY_CALLS,
                         f"the server has {self._limit} calls in progress; retry shortly",
                     )
