@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,11 +21,9 @@ from umbra_grpc.domain import errors
 from umbra_grpc.rpc_errors import error_status, error_status_proto, status_from_proto
 from umbra_grpc.storage.database import StorageBusy, StorageUnavailable
 
-S = TypeVar("S")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler = Callable[[S, Req, Context], Awaitable[Resp]]
+RpcHandler = Callable[[Any, Context], Awaitable[Any]]
+Servicer = TypeVar("Servicer")
 
 
 def domain_status_proto(error: errors.DomainError) -> status_pb2.Status:
@@ -44,13 +43,28 @@ def unavailable_status(error: StorageUnavailable) -> grpc.Status:
     return error_status("STORAGE_UNAVAILABLE", "the database is unavailable; retry")
 
 
-def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
-    """Wraps an RPC handler: domain errors and a lost database become rich statuses."""
+def map_errors(servicer: Servicer) -> Servicer:
+    """`servicer`, with every RPC handler wrapped so that the domain errors and the lost
+    database it raises end the call with their rich status. Applied once to each service as
+    it is registered (`umbra_grpc.server`), not handler by handler."""
+    # The generated base class (`*Servicer`, in a `_pb2_grpc` module) declares the RPCs.
+    base = next(kind for kind in type(servicer).__mro__ if kind.__module__.endswith("_pb2_grpc"))
+    for name, declared in vars(base).items():
+        if callable(declared) and not name.startswith("_"):
+            setattr(servicer, name, _mapped(getattr(servicer, name)))
+    return servicer
+
+
+def _mapped(handler: RpcHandler) -> RpcHandler:
+    if inspect.isasyncgenfunction(handler):
+        # A stream is served by `context.write` from a coroutine, so that a mid-stream error
+        # ends it here like any other call.
+        raise TypeError(f"{handler.__qualname__}: an RPC handler is a coroutine function")
 
     @functools.wraps(handler)
-    async def wrapper(self: S, request: Req, context: Context) -> Resp:
+    async def mapped(request: Any, context: Context) -> Any:
         try:
-            return await handler(self, request, context)
+            return await handler(request, context)
         except (errors.DomainError, StorageUnavailable) as error:
             if context.cancelled():
                 # The client is gone (a stream ended by it and by us at once): no one to tell.
@@ -63,4 +77,4 @@ def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
             await context.abort_with_status(status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
-    return wrapper
+    return mapped
