@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from umbra_grpc import reflection
 from umbra_grpc.api.accounts import AccountServicer
 from umbra_grpc.api.connections import ConnectionServicer
+from umbra_grpc.api.status import map_errors
 from umbra_grpc.config import Config
 from umbra_grpc.destinations import Destinations, Resolver, system_resolver
 from umbra_grpc.domain.accounts import Accounts
@@ -201,17 +202,20 @@ class Service:
             write_timeout=config.watch_write_timeout_seconds,
             ttl=ttl,
         )
+        # Domain errors and a lost database become statuses here, once for every RPC.
         accounts_pb2_grpc.add_AccountServiceServicer_to_server(
-            AccountServicer(accounts, writes), self.server
+            map_errors(AccountServicer(accounts, writes)), self.server
         )
         connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-            ConnectionServicer(
-                requests,
-                Connections(db, pages),
-                notifications,
-                watching,
-                Relationships(db, pages, ttl=ttl),
-                writes,
+            map_errors(
+                ConnectionServicer(
+                    requests,
+                    Connections(db, pages),
+                    notifications,
+                    watching,
+                    Relationships(db, pages, ttl=ttl),
+                    writes,
+                )
             ),
             self.server,
         )

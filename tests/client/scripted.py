@@ -27,10 +27,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 @dataclass
 class Stream:
-    """One WatchIncomingRequests call's script: events, then an error (None: stay open)."""
+    """One WatchIncomingRequests call's script: events, then the reason of the error it ends
+    with (None: stay open)."""
 
     events: list[pb.WatchIncomingRequestsResponse]
-    error: tuple[grpc.StatusCode, str] | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -76,7 +77,7 @@ class ScriptedConnections(connections_pb2_grpc.ConnectionServiceServicer):
         self._record(method, context)
         if self.script.unavailable_first > 0:
             self.script.unavailable_first -= 1
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "STORAGE_BUSY", "try again")
+            await abort(context, "STORAGE_BUSY", "try again")
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         await self._flaky("Search", context)
@@ -101,14 +102,14 @@ class ScriptedConnections(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> AsyncIterator[pb.WatchIncomingRequestsResponse]:
         self._record("WatchIncomingRequests", context)
         if not self.script.streams:
-            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", "no")
+            await abort(context, "PERMISSION_DENIED", "no")
         stream = self.script.streams.pop(0)
         for event in stream.events:
             yield event
         if stream.error is None:
             await asyncio.Event().wait()
         else:
-            await abort(context, stream.error[0], stream.error[1], "scripted end")
+            await abort(context, stream.error, "scripted end")
 
 
 @dataclass

@@ -95,9 +95,7 @@ class Service:
         self.search_calls += 1
         name = request.umbral_name
         if name == "missing":
-            await rpc_errors.abort(
-                context, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", "no such user"
-            )
+            await rpc_errors.abort(context, "USER_NOT_FOUND", "no such user")
         if name == "boom":
             raise RuntimeError(LEAK)
         if name == "unimplemented":
@@ -132,9 +130,7 @@ class Service:
         if request.startswith(b"unimplemented"):
             _not_implemented(context)
         if request.startswith(b"abort"):
-            await rpc_errors.abort(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "SLOW_CONSUMER", "too slow"
-            )
+            await rpc_errors.abort(context, "STREAM_TOO_SLOW", "too slow")
         if request == b"forever":
             await asyncio.sleep(3600)
         if self.lines is not None:
@@ -453,7 +449,7 @@ async def test_stream_abort_is_logged_with_its_code(lines: Lines) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await drain(channel.unary_stream(WATCH)(b"abort:1"), [])
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_info(raised.value).reason == "SLOW_CONSUMER"
+    assert error_info(raised.value).reason == "STREAM_TOO_SLOW"
     [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent) == ("RESOURCE_EXHAUSTED", 1)
     assert trailer(raised.value.trailing_metadata(), CORRELATION_ID_KEY) == line.correlation_id

@@ -134,7 +134,7 @@ async def test_abort_is_held_before_its_status_is_sent_and_reraised_unchanged() 
     async def search(request: bytes, context: Any) -> bytes:
         fake.work(0.004)
         try:
-            await rpc_errors.abort(context, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", "no user")
+            await rpc_errors.abort(context, "USER_NOT_FOUND", "no user")
         except grpc.aio.AbortError as error:
             raised.append(error)
             raise
@@ -392,7 +392,7 @@ def test_parse_rejects(spec: str) -> None:
 
 async def _search(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     if request == b"missing":
-        await rpc_errors.abort(context, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", "no user")
+        await rpc_errors.abort(context, "USER_NOT_FOUND", "no user")
     if request == b"boom":
         raise RuntimeError("unexpected")
     return b"found"

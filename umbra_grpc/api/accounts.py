@@ -8,7 +8,6 @@ import grpc
 
 from umbra_grpc.api import caller, convert
 from umbra_grpc.api.idempotency import idempotent
-from umbra_grpc.api.status import maps_errors
 from umbra_grpc.domain.accounts import Accounts, Actor
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.idempotency import IdempotentWrites
@@ -29,7 +28,6 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         self._accounts = accounts
         self.idempotent_writes = idempotent_writes
 
-    @maps_errors
     @idempotent(accounts_pb2.UpsertUserResponse)
     async def UpsertUser(
         self, request: accounts_pb2.UpsertUserRequest, context: Context
@@ -46,7 +44,6 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         )
         return accounts_pb2.UpsertUserResponse(user=convert.user_to_pb(user))
 
-    @maps_errors
     async def GetUser(
         self, request: accounts_pb2.GetUserRequest, context: Context
     ) -> accounts_pb2.GetUserResponse:
@@ -54,7 +51,6 @@ class AccountServicer(accounts_pb2_grpc.AccountServiceServicer):
         user = await self._accounts.get_user(request.user_id)
         return accounts_pb2.GetUserResponse(user=convert.user_to_pb(user))
 
-    @maps_errors
     @idempotent(accounts_pb2.UpdateSettingsResponse)
     async def UpdateSettings(
         self, request: accounts_pb2.UpdateSettingsRequest, context: Context

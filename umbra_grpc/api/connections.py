@@ -8,7 +8,6 @@ import grpc
 
 from umbra_grpc.api import caller, convert
 from umbra_grpc.api.idempotency import idempotent
-from umbra_grpc.api.status import maps_errors
 from umbra_grpc.domain.connections import Connections
 from umbra_grpc.domain.errors import InvalidField
 from umbra_grpc.domain.idempotency import IdempotentWrites
@@ -43,13 +42,11 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         self._relationships = relationships
         self.idempotent_writes = idempotent_writes
 
-    @maps_errors
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         """found=false alike for every reason a request could not be sent."""
         found = await self._requests.search(caller.user_id(), request.umbral_name)
         return pb.SearchResponse(found=found)
 
-    @maps_errors
     @idempotent(pb.SendRequestResponse)
     async def SendRequest(
         self, request: pb.SendRequestRequest, context: Context
@@ -62,7 +59,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         convert.fill_request(response.request, sent)
         return response
 
-    @maps_errors
     async def ListIncomingRequests(
         self, request: pb.ListIncomingRequestsRequest, context: Context
     ) -> pb.ListIncomingRequestsResponse:
@@ -75,7 +71,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             convert.fill_request(response.requests.add(), item)
         return response
 
-    @maps_errors
     async def ListOutgoingRequests(
         self, request: pb.ListOutgoingRequestsRequest, context: Context
     ) -> pb.ListOutgoingRequestsResponse:
@@ -88,7 +83,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             convert.fill_request(response.requests.add(), item)
         return response
 
-    @maps_errors
     async def WatchIncomingRequests(  # type: ignore[override]
         self, request: pb.WatchIncomingRequestsRequest, context: Context
     ) -> None:
@@ -106,7 +100,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             async for item in stream.items(principal.expires_at):
                 await stream.send(context.write, convert.watch_item_to_pb(item))
 
-    @maps_errors
     @idempotent(pb.RespondResponse)
     async def Respond(self, request: pb.RespondRequest, context: Context) -> pb.RespondResponse:
         """Accepts or rejects a pending request sent to the caller."""
@@ -122,7 +115,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             convert.fill_connection(response.connection, connection)
         return response
 
-    @maps_errors
     @idempotent(pb.CancelRequestResponse)
     async def CancelRequest(
         self, request: pb.CancelRequestRequest, context: Context
@@ -135,7 +127,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         convert.fill_request(response.request, cancelled)
         return response
 
-    @maps_errors
     async def ListConnections(
         self, request: pb.ListConnectionsRequest, context: Context
     ) -> pb.ListConnectionsResponse:
@@ -148,7 +139,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             convert.fill_connection(response.connections.add(), item)
         return response
 
-    @maps_errors
     async def GetConnection(
         self, request: pb.GetConnectionRequest, context: Context
     ) -> pb.GetConnectionResponse:
@@ -158,7 +148,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         convert.fill_connection(response.connection, connection)
         return response
 
-    @maps_errors
     async def GetSharedProfile(
         self, request: pb.GetSharedProfileRequest, context: Context
     ) -> pb.GetSharedProfileResponse:
@@ -166,7 +155,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         profile = await self._connections.shared_profile(caller.user_id(), request.connection_id)
         return pb.GetSharedProfileResponse(profile=convert.shared_profile_to_pb(profile))
 
-    @maps_errors
     @idempotent(pb.UpdateSharingOverridesResponse)
     async def UpdateSharingOverrides(
         self, request: pb.UpdateSharingOverridesRequest, context: Context
@@ -178,7 +166,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         )
         return pb.UpdateSharingOverridesResponse(overrides=convert.overrides_to_pb(overrides))
 
-    @maps_errors
     @idempotent(pb.RemoveConnectionResponse)
     async def RemoveConnection(
         self, request: pb.RemoveConnectionRequest, context: Context
@@ -187,7 +174,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         await self._connections.remove(caller.user_id(), request.connection_id, caller.client_ip())
         return pb.RemoveConnectionResponse()
 
-    @maps_errors
     async def GetContact(
         self, request: pb.GetContactRequest, context: Context
     ) -> pb.GetContactResponse:
@@ -195,7 +181,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         contact = await self._notifications.contact(caller.user_id(), request.person_id)
         return pb.GetContactResponse(contact=convert.contact_to_pb(contact))
 
-    @maps_errors
     async def ListNotifications(
         self, request: pb.ListNotificationsRequest, context: Context
     ) -> pb.ListNotificationsResponse:
@@ -211,7 +196,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             convert.fill_notification(response.notifications.add(), item)
         return response
 
-    @maps_errors
     @idempotent(pb.MarkNotificationsReadResponse)
     async def MarkNotificationsRead(
         self, request: pb.MarkNotificationsReadRequest, context: Context
@@ -222,7 +206,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         )
         return pb.MarkNotificationsReadResponse(updated_count=updated)
 
-    @maps_errors
     @idempotent(pb.BlockUserResponse)
     async def BlockUser(
         self, request: pb.BlockUserRequest, context: Context
@@ -231,7 +214,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         await self._relationships.block(caller.user_id(), request.umbral_name, caller.client_ip())
         return pb.BlockUserResponse()
 
-    @maps_errors
     @idempotent(pb.UnblockUserResponse)
     async def UnblockUser(
         self, request: pb.UnblockUserRequest, context: Context
@@ -240,7 +222,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         await self._relationships.unblock(caller.user_id(), request.umbral_name, caller.client_ip())
         return pb.UnblockUserResponse()
 
-    @maps_errors
     async def ListBlockedUsers(
         self, request: pb.ListBlockedUsersRequest, context: Context
     ) -> pb.ListBlockedUsersResponse:
@@ -253,7 +234,6 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             convert.fill_blocked_user(response.blocked_users.add(), item)
         return response
 
-    @maps_errors
     async def GetRelationships(
         self, request: pb.GetRelationshipsRequest, context: Context
     ) -> pb.GetRelationshipsResponse:

@@ -1,13 +1,14 @@
 """The `idempotency-key` request header of write RPCs (SPEC 11), at the service edge.
 
-`@idempotent(ResponseType)` goes on every write RPC handler, inside `@maps_errors`. Without
-the header the handler runs as it always did. With it, the key (1-64 characters of
-A-Z a-z 0-9 _ -, sent once) is bound to the caller (the token's `sub`), the RPC's name and a
-fingerprint of the request (SHA-256 of its deterministic serialization), and the handler
-runs under `umbra_grpc.domain.idempotency.IdempotentWrites`, which records its outcome in
-the write's own transaction, or answers with the outcome recorded before. Outcomes are kept
-as bytes: the serialized response, or the serialized `google.rpc.Status` of the error, so a
-replay is byte for byte what the first call answered.
+`@idempotent(ResponseType)` goes on every write RPC handler; the domain errors it raises are
+mapped to statuses around it, by `umbra_grpc.api.status.map_errors`. Without the header the
+handler runs as it always did. With it, the key (1-64 characters of A-Z a-z 0-9 _ -, sent
+once) is bound to the caller (the token's `sub`), the RPC's name and a fingerprint of the
+request (SHA-256 of its deterministic serialization), and the handler runs under
+`umbra_grpc.domain.idempotency.IdempotentWrites`, which records its outcome in the write's
+own transaction, or answers with the outcome recorded before. Outcomes are kept as bytes:
+the serialized response, or the serialized `google.rpc.Status` of the error, so a replay is
+byte for byte what the first call answered.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from umbra_grpc.api import caller
-from umbra_grpc.api.status import domain_status_proto, status_from_proto
+from umbra_grpc.api.status import domain_status_proto
 from umbra_grpc.domain.errors import DomainError, IdempotencyKeyInvalid
 from umbra_grpc.domain.idempotency import IdempotencyKey, IdempotentWrites
+from umbra_grpc.rpc_errors import status_from_proto
 
 HEADER = "idempotency-key"
 _KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}", re.ASCII)

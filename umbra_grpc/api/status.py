@@ -1,50 +1,34 @@
-"""Domain errors to gRPC statuses: the one table at the service edge.
+"""Domain errors and a lost database to gRPC statuses, at the service edge.
 
-Each branch of the domain error tree has one status code; the reason and the public message
-come from the error itself. Anything else is not mapped here: the access-log interceptor
-turns it into INTERNAL with a correlation id, and the details stay in the server's log.
+The reason and the public message come from the error itself; the status code from the
+reason (`umbra_grpc.rpc_errors.STATUS_CODES`). Anything else is not mapped here: the
+access-log interceptor turns it into INTERNAL with a correlation id, and the details stay in
+the server's log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.rpc import status_pb2
-from grpc_status import rpc_status
 
 from umbra_grpc.domain import errors
-from umbra_grpc.rpc_errors import error_status, error_status_proto
+from umbra_grpc.rpc_errors import error_status, error_status_proto, status_from_proto
 from umbra_grpc.storage.database import StorageBusy, StorageUnavailable
 
-S = TypeVar("S")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler = Callable[[S, Req, Context], Awaitable[Resp]]
-
-STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-}
+RpcHandler = Callable[[Any, Context], Awaitable[Any]]
+Servicer = TypeVar("Servicer")
 
 
 def domain_status_proto(error: errors.DomainError) -> status_pb2.Status:
     """The `google.rpc.Status` for a domain error."""
-    code = next(
-        (STATUS_CODES[kind] for kind in type(error).__mro__ if kind in STATUS_CODES),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    return error_status_proto(code, error.reason, error.message, retry_after=error.retry_after)
+    return error_status_proto(error.reason, error.message, retry_after=error.retry_after)
 
 
 def domain_status(error: errors.DomainError) -> grpc.Status:
@@ -52,30 +36,35 @@ def domain_status(error: errors.DomainError) -> grpc.Status:
     return status_from_proto(domain_status_proto(error))
 
 
-def status_from_proto(status: status_pb2.Status) -> grpc.Status:
-    """The status to abort a call with, from its `google.rpc.Status`."""
-    result: grpc.Status = rpc_status.to_status(status)
-    return result
-
-
 def unavailable_status(error: StorageUnavailable) -> grpc.Status:
     """The database is not reachable, or too busy to answer in time: clients may retry."""
     if isinstance(error, StorageBusy):
-        return error_status(
-            grpc.StatusCode.UNAVAILABLE, "STORAGE_BUSY", "the database is busy; retry"
-        )
-    return error_status(
-        grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", "the database is unavailable; retry"
-    )
+        return error_status("STORAGE_BUSY", "the database is busy; retry")
+    return error_status("STORAGE_UNAVAILABLE", "the database is unavailable; retry")
 
 
-def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
-    """Wraps an RPC handler: domain errors and a lost database become rich statuses."""
+def map_errors(servicer: Servicer) -> Servicer:
+    """`servicer`, with every RPC handler wrapped so that the domain errors and the lost
+    database it raises end the call with their rich status. Applied once to each service as
+    it is registered (`umbra_grpc.server`), not handler by handler."""
+    # The generated base class (`*Servicer`, in a `_pb2_grpc` module) declares the RPCs.
+    base = next(kind for kind in type(servicer).__mro__ if kind.__module__.endswith("_pb2_grpc"))
+    for name, declared in vars(base).items():
+        if callable(declared) and not name.startswith("_"):
+            setattr(servicer, name, _mapped(getattr(servicer, name)))
+    return servicer
+
+
+def _mapped(handler: RpcHandler) -> RpcHandler:
+    if inspect.isasyncgenfunction(handler):
+        # A stream is served by `context.write` from a coroutine, so that a mid-stream error
+        # ends it here like any other call.
+        raise TypeError(f"{handler.__qualname__}: an RPC handler is a coroutine function")
 
     @functools.wraps(handler)
-    async def wrapper(self: S, request: Req, context: Context) -> Resp:
+    async def mapped(request: Any, context: Context) -> Any:
         try:
-            return await handler(self, request, context)
+            return await handler(request, context)
         except (errors.DomainError, StorageUnavailable) as error:
             if context.cancelled():
                 # The client is gone (a stream ended by it and by us at once): no one to tell.
@@ -88,4 +77,4 @@ def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
             await context.abort_with_status(status)
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
-    return wrapper
+    return mapped

@@ -37,16 +37,16 @@
     └── Unauthenticated
         └── TokenExpired             TOKEN_EXPIRED
 
-`umbra_grpc.api.status` maps each branch to one status code. Messages are public: they never
-name another user's data or echo a secret.
+Every reason of a branch has the branch's status code, in `umbra_grpc.rpc_errors.STATUS_CODES`
+(the one table of reasons and codes). Messages are public: they never name another user's
+data or echo a secret.
 
-Reasons raised outside this tree, at the service edge: RATE_LIMITED (RESOURCE_EXHAUSTED, with
-RetryInfo), MALFORMED_REQUEST (INVALID_ARGUMENT) and UNAUTHENTICATED; PERMISSION_DENIED,
-ADMIN_SCOPE_REQUIRED and USER_TOKEN_REQUIRED (all PERMISSION_DENIED) from the interceptors;
+Reasons sent outside this tree, at the service edge (in the same table): RATE_LIMITED (with
+RetryInfo), TOO_MANY_CALLS, TOO_MANY_ANONYMOUS_STREAMS, MALFORMED_REQUEST and UNAUTHENTICATED;
+PERMISSION_DENIED, ADMIN_SCOPE_REQUIRED and USER_TOKEN_REQUIRED from the interceptors;
 STORAGE_UNAVAILABLE (the database cannot be reached) and STORAGE_BUSY (a lock or statement
-timeout, or a deadlock or serialization failure that outlasted the retries), both
-UNAVAILABLE and retryable, from `umbra_grpc.storage.database`; INTERNAL (with a correlation
-id) for anything unexpected.
+timeout, or a deadlock or serialization failure that outlasted the retries), both retryable,
+from `umbra_grpc.storage.database`; INTERNAL (with a correlation id) for anything unexpected.
 """
 
 from __future__ import annotations

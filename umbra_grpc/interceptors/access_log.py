@@ -222,11 +222,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             extra={"method": record.method, "correlation_id": record.correlation_id},
         )
         await _abort(
-            context,
-            record,
-            grpc.StatusCode.INTERNAL,
-            "INTERNAL",
-            f"internal error (correlation id {record.correlation_id})",
+            context, record, "INTERNAL", f"internal error (correlation id {record.correlation_id})"
         )
 
     def _write(self, record: CallRecord, code: grpc.StatusCode, *, streaming: bool) -> None:
@@ -298,8 +294,8 @@ class _CorrelatedContext:
         return message
 
 
-_MALFORMED: Final = (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST", MALFORMED_MESSAGE)
-_UNIMPLEMENTED: Final = (grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", "method not implemented")
+_MALFORMED: Final = ("MALFORMED_REQUEST", MALFORMED_MESSAGE)
+_UNIMPLEMENTED: Final = ("UNIMPLEMENTED", "method not implemented")
 
 
 def _failure_code(error: Exception, context: Context) -> grpc.StatusCode:
@@ -312,10 +308,8 @@ def _failure_code(error: Exception, context: Context) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(
-    context: Context, record: CallRecord, code: grpc.StatusCode, reason: str, message: str
-) -> NoReturn:
-    status = error_status(code, reason, message)
+async def _abort(context: Context, record: CallRecord, reason: str, message: str) -> NoReturn:
+    status = error_status(reason, message)
     metadata = _with_correlation_id(status.trailing_metadata, record)
     await context.abort(status.code, status.details, metadata)
     raise AssertionError("abort returned")  # pragma: no cover

@@ -11,21 +11,12 @@ a slot. Unary health `Check` is not capped: it finishes by itself.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Final, cast
+from typing import Final
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import (
-    Context,
-    Continuation,
-    Handler,
-    StreamBehavior,
-    UnaryBehavior,
-    wrap_handler,
-)
-from umbra_grpc.rpc_errors import abort
+from umbra_grpc.interceptors.handlers import Continuation, Handler, wrap_handler
+from umbra_grpc.interceptors.slots import Slots
 
 REASON: Final = "TOO_MANY_ANONYMOUS_STREAMS"
 MESSAGE: Final = "too many open health or reflection streams on this server; retry later"
@@ -38,9 +29,13 @@ class AnonymousStreamLimit(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, limit: int, public_prefixes: tuple[str, ...]) -> None:
-        self._limit = limit
+        self._streams = Slots(limit, REASON, MESSAGE)
         self._prefixes = public_prefixes
-        self.open_streams = 0
+
+    @property
+    def open_streams(self) -> int:
+        """How many capped streams are open now."""
+        return self._streams.taken
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -54,34 +49,4 @@ class AnonymousStreamLimit(grpc.aio.ServerInterceptor):
             return handler
 
         # Health's Watch writes through the context from a coroutine: wrapped as unary.
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def limited(request: Any, context: Context) -> Any:
-                await self._enter(context)
-                try:
-                    return await behavior(request, context)
-                finally:
-                    self.open_streams -= 1
-
-            return limited
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def limited(request: Any, context: Context) -> AsyncIterator[Any]:
-                await self._enter(context)
-                try:
-                    # wrap_handler hands streams over only when they are async generators.
-                    responses = cast(AsyncGenerator[Any, None], behavior(request, context))
-                    async with contextlib.aclosing(responses):
-                        async for response in responses:
-                            yield response
-                finally:
-                    self.open_streams -= 1
-
-            return limited
-
-        return wrap_handler(handler, unary=unary, stream=stream)
-
-    async def _enter(self, context: Context) -> None:
-        """Takes a slot (no await between the check and the count), or ends the call."""
-        if self.open_streams >= self._limit:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, REASON, MESSAGE)
-        self.open_streams += 1
+        return wrap_handler(handler, unary=self._streams.unary, stream=self._streams.stream)

@@ -132,12 +132,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     "correlation_id": record.correlation_id if record is not None else None,
                 },
             )
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "UNAUTHENTICATED",
-                UNAUTHENTICATED_MESSAGE,
-            )
+            await abort(context, "UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
         is_service = ADMIN_SCOPE in verified.scopes
         user_id = None if is_service else _user_id(verified.subject)
         principal = Principal(verified.subject, user_id, verified.scopes, verified.expires_at)
@@ -147,44 +142,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         for_services = method.startswith(SERVICE_METHOD_PREFIX)
         if is_service:
             if not for_services:
-                await abort(
-                    context,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "USER_TOKEN_REQUIRED",
-                    USER_TOKEN_MESSAGE,
-                )
+                await abort(context, "USER_TOKEN_REQUIRED", USER_TOKEN_MESSAGE)
             return principal
         if user_id is None:
             logger.info("bearer token refused: subject is not a user id", extra={"method": method})
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "UNAUTHENTICATED",
-                UNAUTHENTICATED_MESSAGE,
-            )
+            await abort(context, "UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
         if for_services:
-            await abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                "ADMIN_SCOPE_REQUIRED",
-                ADMIN_SCOPE_MESSAGE,
-            )
+            await abort(context, "ADMIN_SCOPE_REQUIRED", ADMIN_SCOPE_MESSAGE)
         try:
             active = await self._is_active(user_id)
         except self._unavailable:
-            await abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                "STORAGE_UNAVAILABLE",
-                UNAVAILABLE_MESSAGE,
-            )
+            await abort(context, "STORAGE_UNAVAILABLE", UNAVAILABLE_MESSAGE)
         if not active:
-            await abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                NOT_ACTIVE_REASON,
-                NOT_ACTIVE_MESSAGE,
-            )
+            await abort(context, NOT_ACTIVE_REASON, NOT_ACTIVE_MESSAGE)
         return principal
 
 

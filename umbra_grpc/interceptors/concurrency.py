@@ -14,19 +14,12 @@ time it spends in the interceptors inside this one (auth, rate limit, timing flo
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import (
-    Context,
-    Continuation,
-    Handler,
-    StreamBehavior,
-    UnaryBehavior,
-    wrap_handler,
-)
-from umbra_grpc.rpc_errors import abort
+from umbra_grpc.interceptors.handlers import Continuation, Handler, StreamBehavior, wrap_handler
+from umbra_grpc.interceptors.slots import Slots
 
 TOO_MANY_CALLS: Final = "TOO_MANY_CALLS"
 
@@ -37,8 +30,9 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("the concurrency limit must be at least 1")
-        self._limit = limit
-        self._in_progress = 0
+        self._in_progress = Slots(
+            limit, TOO_MANY_CALLS, f"the server has {limit} calls in progress; retry shortly"
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -47,25 +41,7 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.response_streaming:
             return handler
 
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def capped(request: Any, context: Context) -> Any:
-                if self._in_progress >= self._limit:
-                    await abort(
-                        context,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        TOO_MANY_CALLS,
-                        f"the server has {self._limit} calls in progress; retry shortly",
-                    )
-                # One event loop: no await between the check and the increment.
-                self._in_progress += 1
-                try:
-                    return await behavior(request, context)
-                finally:
-                    self._in_progress -= 1
-
-            return capped
-
         def stream(behavior: StreamBehavior) -> StreamBehavior:
             return behavior  # unreachable: streaming responses are returned above
 
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_handler(handler, unary=self._in_progress.unary, stream=stream)

@@ -159,7 +159,6 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                     logger.debug("rate limited: method=%s retry_after=%.3fs", method, wait)
                     await abort(
                         context,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
                         RATE_LIMITED,
                         f"too many {method} calls; retry in {wait:.1f} s",
                         retry_after=wait,
