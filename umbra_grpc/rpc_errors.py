@@ -88,33 +88,29 @@ STATUS_CODES: Final[Mapping[str, grpc.StatusCode]] = {
 }
 """The status code of every reason this service sends."""
 
+# What a caller is told when the database cannot answer (the servicers and the auth check).
+STORAGE_BUSY_MESSAGE: Final = "the database is busy; retry"
+STORAGE_UNAVAILABLE_MESSAGE: Final = "the database is unavailable; retry"
+
 
 def error_status(
     reason: str,
     message: str,
     *,
-    metadata: dict[str, str] | None = None,
     retry_after: float | None = None,
 ) -> grpc.Status:
     """A status with an `ErrorInfo(reason, domain)` and, when given, a `RetryInfo`."""
-    return status_from_proto(
-        error_status_proto(reason, message, metadata=metadata, retry_after=retry_after)
-    )
+    return status_from_proto(error_status_proto(reason, message, retry_after=retry_after))
 
 
 def error_status_proto(
     reason: str,
     message: str,
     *,
-    metadata: dict[str, str] | None = None,
     retry_after: float | None = None,
 ) -> status_pb2.Status:
     """The `google.rpc.Status` of `error_status` (what an idempotency key keeps)."""
-    details = [
-        _pack(
-            error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
-        )
-    ]
+    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
     if retry_after is not None:
         seconds = math.floor(retry_after)
         nanos = min(int((retry_after - seconds) * 1e9), 999_999_999)
@@ -135,11 +131,10 @@ async def abort(
     reason: str,
     message: str,
     *,
-    metadata: dict[str, str] | None = None,
     retry_after: float | None = None,
 ) -> NoReturn:
     """Ends the call with a rich error status (raises `grpc.aio.AbortError`)."""
-    status = error_status(reason, message, metadata=metadata, retry_after=retry_after)
+    status = error_status(reason, message, retry_after=retry_after)
     await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 

@@ -18,7 +18,13 @@ import grpc
 from google.rpc import status_pb2
 
 from umbra_grpc.domain import errors
-from umbra_grpc.rpc_errors import error_status, error_status_proto, status_from_proto
+from umbra_grpc.rpc_errors import (
+    STORAGE_BUSY_MESSAGE,
+    STORAGE_UNAVAILABLE_MESSAGE,
+    error_status,
+    error_status_proto,
+    status_from_proto,
+)
 from umbra_grpc.storage.database import StorageBusy, StorageUnavailable
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -39,8 +45,8 @@ def domain_status(error: errors.DomainError) -> grpc.Status:
 def unavailable_status(error: StorageUnavailable) -> grpc.Status:
     """The database is not reachable, or too busy to answer in time: clients may retry."""
     if isinstance(error, StorageBusy):
-        return error_status("STORAGE_BUSY", "the database is busy; retry")
-    return error_status("STORAGE_UNAVAILABLE", "the database is unavailable; retry")
+        return error_status("STORAGE_BUSY", STORAGE_BUSY_MESSAGE)
+    return error_status("STORAGE_UNAVAILABLE", STORAGE_UNAVAILABLE_MESSAGE)
 
 
 def map_errors(servicer: Servicer) -> Servicer:

@@ -32,7 +32,7 @@ from umbra_grpc.interceptors.handlers import (
     wrap_handler,
 )
 from umbra_grpc.principal import ADMIN_SCOPE, Principal, current_principal
-from umbra_grpc.rpc_errors import abort
+from umbra_grpc.rpc_errors import STORAGE_UNAVAILABLE_MESSAGE, abort
 from umbra_grpc.tokens import InvalidToken, TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ NOT_ACTIVE_REASON: Final = CallerInactive.reason
 NOT_ACTIVE_MESSAGE: Final = CallerInactive.default_message
 ADMIN_SCOPE_MESSAGE: Final = "this method needs a token with the umbra.admin scope"
 USER_TOKEN_MESSAGE: Final = "a service token may call AccountService only"  # noqa: S105
-UNAVAILABLE_MESSAGE: Final = "the database is unavailable; retry"
 
 MAX_USER_ID: Final = 2**63 - 1
 
@@ -152,7 +151,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             active = await self._is_active(user_id)
         except self._unavailable:
-            await abort(context, "STORAGE_UNAVAILABLE", UNAVAILABLE_MESSAGE)
+            await abort(context, "STORAGE_UNAVAILABLE", STORAGE_UNAVAILABLE_MESSAGE)
         if not active:
             await abort(context, NOT_ACTIVE_REASON, NOT_ACTIVE_MESSAGE)
         return principal
