@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 
 from tests.api.statements import rpc_statements
 from tests.invariants import check_all
-from tests.locks import until_waiting
+from tests.locks import until_none_waiting, until_waiting
 from tests.rich import expect_error, status_details
 from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser
 from umbra_grpc.pb import accounts_pb2, connections_pb2
@@ -433,6 +433,9 @@ async def test_a_call_that_never_committed_leaves_no_key(env: Env, database_url:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await lost  # the client gave up: the call is cancelled and rolls back
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server gave the call up (its statement no longer waits) before the row is let
+        # go: let go first, a server slow to see the deadline would take the lock and commit.
+        await until_none_waiting(env.sql)
     for _ in range(500):  # the server notices the cancel and rolls back
         if not await env.sql.value(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
