@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 
 from tests.support import (
     TEST_SECRET,
@@ -147,7 +148,9 @@ def new_user(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadat
                 settings=accounts_pb2.Settings(
                     accept_connections=accept, preferred_name=preferred_name
                 ),
-                update_mask={"paths": ["accept_connections", "preferred_name"]},
+                update_mask=field_mask_pb2.FieldMask(
+                    paths=["accept_connections", "preferred_name"]
+                ),
             ),
             metadata=admin,
         )

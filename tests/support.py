@@ -7,11 +7,13 @@ by name lives here.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, TypeVar, overload
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -19,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from umbra_grpc.config import Config
+from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.server import Service
 from umbra_grpc.storage.database import Database, StatementCounter
 from umbra_grpc.tokens import mint_token
@@ -27,6 +30,74 @@ TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
 Metadata = tuple[tuple[str, str], ...]
+# What `ConnectionServiceStub(channel)` is on a grpc.aio channel. The async stubs exist only in
+# the generated .pyi (and a stream call is not subscriptable at run time): named as strings.
+Connections: TypeAlias = "connections_pb2_grpc.ConnectionServiceAsyncStub"
+Accounts: TypeAlias = "accounts_pb2_grpc.AccountServiceAsyncStub"
+Watch: TypeAlias = (
+    "grpc.aio.UnaryStreamCall[connections_pb2.WatchIncomingRequestsRequest, "
+    "connections_pb2.WatchIncomingRequestsResponse]"
+)
+T = TypeVar("T")
+
+
+@overload
+async def until(
+    condition: Callable[[], Awaitable[T | None]],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.02,
+) -> T: ...
+@overload
+async def until(
+    condition: Callable[[], T | None],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.02,
+) -> T: ...
+async def until(
+    condition: Callable[[], object],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.02,
+) -> object:
+    """Polls `condition` (sync or async) every `every` seconds until it returns something
+    truthy, and returns that; fails naming `what` once `within` seconds have passed (a
+    callable `what` is asked at that moment, for state worth seeing in the failure)."""
+    deadline = time.monotonic() + within
+    while True:
+        seen = condition()
+        if inspect.isawaitable(seen):
+            seen = await seen
+        if seen:
+            return seen
+        if time.monotonic() >= deadline:
+            raise _not_within(within, what, seen)
+        await asyncio.sleep(every)
+
+
+def until_sync(
+    condition: Callable[[], T | None],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.05,
+) -> T:
+    """`until` for code outside an event loop (tests driving `umbra-grpc` processes)."""
+    deadline = time.monotonic() + within
+    while not (seen := condition()):
+        if time.monotonic() >= deadline:
+            raise _not_within(within, what, seen)
+        time.sleep(every)
+    return seen
+
+
+def _not_within(within: float, what: str | Callable[[], object], seen: object) -> AssertionError:
+    said = what() if callable(what) else what
+    return AssertionError(f"not within {within}s: {said} (last: {seen!r})")
 
 
 def with_database(url: str, name: str) -> str:
@@ -147,13 +218,12 @@ async def start_server(config: Config, **options: Any) -> RunningServer:
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(200):
+
+    async def serving() -> bool:
         reply = await health.Check(health_pb2.HealthCheckRequest())
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("server never became SERVING")
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    await until(serving, within=10, what="the server SERVING", every=0.05)
     return RunningServer(service, channel, statements)
 
 
@@ -199,6 +269,7 @@ class Sql:
         finally:
             await connection.close()
 
-    async def value(self, query: str, *args: object) -> object:
+    async def value(self, query: str, *args: object) -> Any:
+        """The first column of the first row (None without rows): asyncpg's, typed as it."""
         rows = await self.rows(query, *args)
         return rows[0][0] if rows else None

@@ -12,6 +12,7 @@ from google.protobuf import field_mask_pb2
 
 from tests.rich import expect_error, outcome, retry_delay
 from tests.support import (
+    Connections,
     NewUser,
     RunningServer,
     Sql,
@@ -101,7 +102,7 @@ async def exhaust(call, burst: int) -> grpc.aio.AioRpcError:
 
 @pytest.mark.parametrize("method", USER_WRITES)
 async def test_user_write_rpcs_are_limited_per_caller(
-    connections, new_user: NewUser, method: str
+    connections: Connections, new_user: NewUser, method: str
 ) -> None:
     me, someone_else = await new_user(), await new_user()
     burst = DEFAULT_RATE_LIMITS[method].burst
@@ -134,7 +135,7 @@ async def test_backend_write_limits_stop_a_runaway_loop_only(method: str) -> Non
         assert limiter.take(method, "bulk-importer", spec) is None
 
 
-async def _connect(connections, a: TestUser, b: TestUser) -> int:
+async def _connect(connections: Connections, a: TestUser, b: TestUser) -> int:
     sent = await connections.SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
     await connections.Respond(
         pb.RespondRequest(request_id=sent.request.id, action=ACCEPT), metadata=b.md
@@ -144,7 +145,7 @@ async def _connect(connections, a: TestUser, b: TestUser) -> int:
 
 
 async def test_an_override_update_that_changes_nothing_writes_nothing(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     connection_id = await _connect(connections, a, b)

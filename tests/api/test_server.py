@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.rich import error_reason
 from tests.support import (
     TEST_SECRET,
+    Connections,
     Metadata,
     NewUser,
     RunningServer,
@@ -157,7 +158,7 @@ async def test_reflection_serves_the_proto_of_a_service(server: RunningServer) -
 
 
 async def test_request_over_64_kib_is_resource_exhausted(
-    server: RunningServer, connections, new_user: NewUser
+    server: RunningServer, connections: Connections, new_user: NewUser
 ) -> None:
     caller = await new_user()
     with pytest.raises(grpc.aio.AioRpcError) as caught:

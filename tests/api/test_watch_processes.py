@@ -34,9 +34,13 @@ from tests.api.streams import (
 from tests.rich import error_reason
 from tests.serve import EXIT_SECONDS, Serve, serving
 from tests.support import (
+    Accounts,
+    Connections,
+    Metadata,
     NewUser,
     RunningServer,
     TestUser,
+    Watch,
     separate_channel,
     start_server,
     stop_server,
@@ -80,7 +84,7 @@ async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) 
 
 
 async def test_a_stream_on_one_process_gets_the_events_of_writes_made_through_another(
-    connections: Stub, new_user: NewUser, database_url: str, tmp_path: Path
+    connections: Connections, new_user: NewUser, database_url: str, tmp_path: Path
 ) -> None:
     me, early, late = await new_user(), await new_user(), await new_user()
     async with (
@@ -162,7 +166,7 @@ async def test_sigterm_with_100_open_streams_ends_them_unavailable_and_exits_wit
 
             ended_at: list[float] = []
 
-            async def end_of(call) -> tuple[grpc.StatusCode, str | None]:
+            async def end_of(call: Watch) -> tuple[grpc.StatusCode, str | None]:
                 outcome = await ended_with(call)
                 ended_at.append(time.monotonic() - signalled)
                 return outcome
@@ -246,16 +250,16 @@ def access_lines(
     ]
 
 
-async def drain(call, seen: list[Event]) -> None:
+async def drain(call: Watch, seen: list[Event]) -> None:
     """Reads, and keeps, every message until the stream ends."""
     while (event := await asyncio.wait_for(call.read(), READ_TIMEOUT)) is not grpc.aio.EOF:
         seen.append(event)
 
 
 async def test_a_stream_gets_one_access_line_when_it_ends(
-    connections: Stub,
-    accounts,
-    admin,
+    connections: Connections,
+    accounts: Accounts,
+    admin: Metadata,
     new_user: NewUser,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

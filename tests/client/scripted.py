@@ -47,7 +47,11 @@ class Script:
 
 
 def request(request_id: int) -> pb.ConnectionRequest:
-    return pb.ConnectionRequest(id=request_id, sender_umbral_name=f"sender{request_id}", status=1)
+    return pb.ConnectionRequest(
+        id=request_id,
+        sender_umbral_name=f"sender{request_id}",
+        status=pb.ConnectionRequest.STATUS_PENDING,
+    )
 
 
 def received(request_id: int) -> pb.WatchIncomingRequestsResponse:
@@ -86,7 +90,11 @@ class ScriptedConnections(connections_pb2_grpc.ConnectionServiceServicer):
         self, request: pb.SendRequestRequest, context: Context
     ) -> pb.SendRequestResponse:
         await self._flaky("SendRequest", context)
-        sent = pb.ConnectionRequest(id=1, receiver_umbral_name=request.umbral_name, status=1)
+        sent = pb.ConnectionRequest(
+            id=1,
+            receiver_umbral_name=request.umbral_name,
+            status=pb.ConnectionRequest.STATUS_PENDING,
+        )
         return pb.SendRequestResponse(request=sent)
 
     async def ListConnections(

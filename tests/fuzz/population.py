@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from tests.fuzz.calls import Caller, Client
@@ -187,7 +188,9 @@ class Seeder:
         request = accounts_pb2.UpdateSettingsRequest(
             user_id=member.id,
             settings=settings,
-            update_mask={"paths": ["accept_connections", "preferred_name", "sharing_defaults"]},
+            update_mask=field_mask_pb2.FieldMask(
+                paths=["accept_connections", "preferred_name", "sharing_defaults"]
+            ),
         )
         await self._call("UpdateSettings", request, ADMIN)
 
@@ -230,7 +233,9 @@ class Seeder:
                 field = rng.choice(list(pb.SharingOverrides.DESCRIPTOR.fields_by_name))
                 overrides = pb.SharingOverrides(**{field: rng.random() < 0.5})
                 request = pb.UpdateSharingOverridesRequest(
-                    connection_id=connection.id, overrides=overrides, update_mask={"paths": [field]}
+                    connection_id=connection.id,
+                    overrides=overrides,
+                    update_mask=field_mask_pb2.FieldMask(paths=[field]),
                 )
                 await self._call("UpdateSharingOverrides", request, member.caller)
             elif roll < 0.45:

@@ -7,8 +7,6 @@ stream's span ends with the stream, and that the status code lands on the span.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.support import until
 from umbra_grpc.interceptors.handlers import Context
 from umbra_grpc.interceptors.tracing import TracingInterceptor
 
@@ -49,15 +48,13 @@ class Running:
     async def span(self, method: str, within: float = 10.0) -> trace.Span:
         """The call's span, once it has ended: a refused call's span ends as its handler
         unwinds, which can be just after the client has its status."""
-        deadline = time.monotonic() + within
-        while not (
-            spans := [
+        [span] = await until(
+            lambda: [
                 s for s in self.exporter.get_finished_spans() if s.name == f"{SERVICE}/{method}"
-            ]
-        ):
-            assert time.monotonic() < deadline, f"no span for {method} within {within}s"
-            await asyncio.sleep(0.02)
-        [span] = spans
+            ],
+            within=within,
+            what=f"a span for {method}",
+        )
         return span  # type: ignore[return-value]
 
 
