@@ -104,13 +104,13 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 @pytest.fixture(scope="module")
 def connections(server: RunningServer) -> connections_pb2_grpc.ConnectionServiceAsyncStub:
     """ConnectionService stub."""
-    return connections_pb2_grpc.ConnectionServiceStub(server.channel)  # type: ignore[return-value]
+    return connections_pb2_grpc.ConnectionServiceStub(server.channel)
 
 
 @pytest.fixture(scope="module")
 def accounts(server: RunningServer) -> accounts_pb2_grpc.AccountServiceAsyncStub:
     """AccountService stub."""
-    return accounts_pb2_grpc.AccountServiceStub(server.channel)  # type: ignore[return-value]
+    return accounts_pb2_grpc.AccountServiceStub(server.channel)
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ class Serve:
                     pytest.fail(f"serve exited {self.process.returncode}: {self.stderr[-3000:]}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    return reply.status == SERVING
+                    return bool(reply.status == SERVING)  # grpc_health ships no stubs
                 return False
 
             await until(

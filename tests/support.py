@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar, overload
+from typing import Any, Protocol, TypeAlias, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -176,7 +177,7 @@ def test_config(database_url: str, **changes: object) -> Config:
     return config.with_changes(**changes)
 
 
-test_config.__test__ = False  # type: ignore[attr-defined]
+test_config.__test__ = False  # type: ignore[attr-defined]  # pytest's marker: not a test
 
 
 def session_config(database_url: str, **changes: object) -> Config:
@@ -221,7 +222,9 @@ async def start_server(config: Config, **options: Any) -> RunningServer:
 
     async def serving() -> bool:
         reply = await health.Check(health_pb2.HealthCheckRequest())
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return bool(
+            reply.status == health_pb2.HealthCheckResponse.SERVING
+        )  # grpc_health ships no stubs
 
     await until(serving, within=10, what="the server SERVING", every=0.05)
     return RunningServer(service, channel, statements)
@@ -230,6 +233,45 @@ async def start_server(config: Config, **options: Any) -> RunningServer:
 async def stop_server(server: RunningServer) -> None:
     await server.channel.close()
     await server.service.stop(0.5)
+
+
+def raw_unary_unary(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """`method` called with serialized bytes and answering them (no (de)serializers)."""
+    return channel.unary_unary(method)
+
+
+def raw_unary_stream(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+    """`raw_unary_unary` for a server-streaming method."""
+    return channel.unary_stream(method)
+
+
+def raw_stream_unary(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.StreamUnaryMultiCallable[bytes, bytes]:
+    """`raw_unary_unary` for a client-streaming method."""
+    return channel.stream_unary(method)
+
+
+# A grpc.aio handler's behaviours are coroutine functions and async generators; types-grpcio
+# types RpcMethodHandler's as synchronous ones. The interceptor tests call them directly.
+AioUnary = Callable[[Any, Any], Awaitable[Any]]
+AioUnaryStream = Callable[[Any, Any], AsyncGenerator[Any, None]]
+
+
+def aio_unary(handler: grpc.RpcMethodHandler[Any, Any]) -> AioUnary:
+    """The unary-unary behaviour of a grpc.aio handler."""
+    assert handler.unary_unary is not None
+    return cast(AioUnary, handler.unary_unary)
+
+
+def aio_unary_stream(handler: grpc.RpcMethodHandler[Any, Any]) -> AioUnaryStream:
+    """The unary-stream behaviour of a grpc.aio handler."""
+    assert handler.unary_stream is not None
+    return cast(AioUnaryStream, handler.unary_stream)
 
 
 def bearer(token: str) -> Metadata:
@@ -250,10 +292,35 @@ class TestUser:
     md: Metadata
 
 
-TestUser.__test__ = False  # type: ignore[attr-defined]
+TestUser.__test__ = False  # type: ignore[attr-defined]  # pytest's marker: not a test
 
 
 NewUser = Callable[..., Awaitable[TestUser]]
+
+
+class AccessLine(Protocol):
+    """A record of the `umbra.access` logger as tests read it: the interceptor's fields come
+    through `extra=`, which LogRecord's type cannot know (`events_sent` on streams only,
+    `trace_id` with tracing on). Typed by `cast`: see `access_line`."""
+
+    name: str
+    levelno: int
+    method: str
+    caller: str | None
+    peer: str | None
+    code: str
+    duration_ms: float
+    correlation_id: str
+    events_sent: int
+    trace_id: str
+
+    def getMessage(self) -> str: ...  # noqa: N802 - LogRecord's name
+
+
+def access_line(record: logging.LogRecord) -> AccessLine:
+    """`record`, an access-log line, with its `extra=` fields typed."""
+    assert record.name == "umbra.access", record.name
+    return cast(AccessLine, record)
 
 
 class Sql:

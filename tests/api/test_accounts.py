@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +16,7 @@ from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def upsert(accounts: Accounts, admin: Metadata, **fields: object) -> accounts_pb2.User:
+async def upsert(accounts: Accounts, admin: Metadata, **fields: Any) -> accounts_pb2.User:
     reply = await accounts.UpsertUser(
         accounts_pb2.UpsertUserRequest(user=accounts_pb2.User(**fields)), metadata=admin
     )

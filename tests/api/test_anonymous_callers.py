@@ -19,6 +19,7 @@ from tests.support import (
     Connections,
     NewUser,
     RunningServer,
+    raw_unary_unary,
     separate_channel,
     start_server,
     stop_server,
@@ -69,7 +70,7 @@ async def test_random_paths_are_one_metrics_label(server: RunningServer) -> None
 
     async def probe() -> None:
         path = f"/{secrets.token_hex(6)}.Svc/{secrets.token_hex(6)}"
-        unknown: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = server.channel.unary_unary(path)
+        unknown = raw_unary_unary(server.channel, path)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await unknown(b"", timeout=10)
         assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -3,7 +3,7 @@ rate limit, and an UpdateSharingOverrides that changes nothing writes nothing.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -93,7 +93,7 @@ USER_CALLS = {
 }
 
 
-async def exhaust(call, burst: int) -> grpc.aio.AioRpcError:
+async def exhaust(call: Callable[[], Awaitable[object]], burst: int) -> grpc.aio.AioRpcError:
     """Makes `burst` calls (none refused by the limit), then the one that is."""
     for _ in range(burst):
         assert await outcome(call()) != "RATE_LIMITED"
@@ -107,8 +107,9 @@ async def test_user_write_rpcs_are_limited_per_caller(
     me, someone_else = await new_user(), await new_user()
     burst = DEFAULT_RATE_LIMITS[method].burst
 
-    def call(user: TestUser = me):
-        return getattr(connections, method)(USER_CALLS[method], metadata=user.md)
+    def call(user: TestUser = me) -> Awaitable[object]:
+        rpc: Callable[..., Awaitable[object]] = getattr(connections, method)
+        return rpc(USER_CALLS[method], metadata=user.md)
 
     refused = await exhaust(call, burst)
     assert 0 < retry_delay(refused) <= DEFAULT_RATE_LIMITS[method].interval

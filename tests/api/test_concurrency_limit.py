@@ -23,6 +23,7 @@ from tests.support import (
     RunningServer,
     TestUser,
     Watch,
+    raw_unary_unary,
     separate_channel,
     start_server,
     stop_server,
@@ -93,7 +94,7 @@ async def server(database_url: str, hold: Hold) -> AsyncIterator[RunningServer]:
 async def hold_calls(
     channel: grpc.aio.Channel, user: TestUser, count: int
 ) -> list[asyncio.Task[bytes]]:
-    wait: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(HOLD_METHOD)
+    wait = raw_unary_unary(channel, HOLD_METHOD)
     return [
         asyncio.ensure_future(wait(b"held", metadata=user.md, timeout=60)) for _ in range(count)
     ]

@@ -136,7 +136,9 @@ async def test_an_expired_request_stops_blocking_its_pair_at_once(
         # reads each event's row, and the two reads can finish either way round.
         told = [await next_event(new_stream) for _ in range(2 if direction == "same" else 1)]
         kinds = {event.WhichOneof("event"): event for event in told}
-        assert sorted(kinds) == (["received", "resolved"] if direction == "same" else ["resolved"])
+        assert sorted(kinds, key=str) == (
+            ["received", "resolved"] if direction == "same" else ["resolved"]
+        )
         assert (kinds["resolved"].resolved.id, kinds["resolved"].resolved.status) == (
             old.id,
             EXPIRED,
@@ -288,7 +290,7 @@ async def test_serve_sweeps_periodically(
     try:
 
         async def expired() -> bool:
-            status = await sql.value(
+            status: str = await sql.value(
                 "SELECT status FROM connection_requests WHERE id = $1", request.id
             )
             return status == "expired"

@@ -9,6 +9,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from tests.api.streams import until_synced
 from tests.support import (
     Connections,
     NewUser,
@@ -39,7 +40,8 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 def scrape(server: RunningServer) -> str:
     url = f"http://{server.service.config.metrics_listen}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
-        return reply.read().decode()
+        text: str = reply.read().decode()
+    return text
 
 
 async def scrape_with(server: RunningServer, line_start: str, within: float = 10.0) -> str:
@@ -85,8 +87,7 @@ async def test_live_values_are_read_at_scrape_time(
         pb.WatchIncomingRequestsRequest(), metadata=me.md, timeout=30
     )
     try:
-        while (await call.read()).WhichOneof("event") != "synced":
-            pass
+        await until_synced(call)
         text = scrape(server)
         assert value(text, "umbra_watch_streams") == 1
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -224,7 +224,7 @@ async def test_accept_racing_cancel_has_one_winner(
         sender, receiver = await new_user(), await new_user()
         request_id = await pending_request(clients, sender, receiver)
         # Calls start when they are made: only once the row is held.
-        calls = {
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
             "accept": functools.partial(
                 clients[1].Respond,
                 pb.RespondRequest(request_id=request_id, action=pb.RespondRequest.ACTION_ACCEPT),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import grpc
@@ -24,7 +25,7 @@ async def _deadline_while_locked(
     sql: Sql,
     lock_sql: str,
     row_id: int,
-    call: Callable[[], grpc.aio.UnaryUnaryCall],  # type: ignore[type-arg]
+    call: Callable[[], grpc.aio.UnaryUnaryCall[Any, Any]],
 ) -> None:
     """Holds a row lock while `call` waits on it past its deadline, then lets the lock go.
 

@@ -34,6 +34,7 @@ from tests.api.streams import (
 from tests.rich import error_reason
 from tests.serve import EXIT_SECONDS, Serve, serving
 from tests.support import (
+    AccessLine,
     Accounts,
     Connections,
     Metadata,
@@ -41,6 +42,7 @@ from tests.support import (
     RunningServer,
     TestUser,
     Watch,
+    access_line,
     separate_channel,
     start_server,
     stop_server,
@@ -234,10 +236,10 @@ async def test_health_and_streams_follow_the_listener(
 
 def access_lines(
     records: list[logging.LogRecord], user: TestUser, correlation_id: str
-) -> list[logging.LogRecord]:
+) -> list[AccessLine]:
     """Access lines of one call: its correlation id, or its method and caller."""
     return [
-        record
+        access_line(record)
         for record in records
         if record.name == "umbra.access"
         and (
@@ -252,7 +254,7 @@ def access_lines(
 
 async def drain(call: Watch, seen: list[Event]) -> None:
     """Reads, and keeps, every message until the stream ends."""
-    while (event := await asyncio.wait_for(call.read(), READ_TIMEOUT)) is not grpc.aio.EOF:
+    while isinstance(event := await asyncio.wait_for(call.read(), READ_TIMEOUT), Event):
         seen.append(event)
 
 
@@ -317,14 +319,14 @@ async def test_a_stream_gets_one_access_line_when_it_ends(
     assert len(lines) == 1, [line.getMessage() for line in lines]
     line = lines[0]
     assert line.levelno == logging.INFO
-    assert line.method == WATCH_METHOD  # type: ignore[attr-defined]
-    assert line.correlation_id == correlation_id  # type: ignore[attr-defined]
-    assert line.caller == str(me.id)  # type: ignore[attr-defined]
-    assert line.code == "PERMISSION_DENIED"  # type: ignore[attr-defined]
-    assert line.events_sent == len(seen)  # type: ignore[attr-defined]
-    assert line.peer  # type: ignore[attr-defined]
+    assert line.method == WATCH_METHOD
+    assert line.correlation_id == correlation_id
+    assert line.caller == str(me.id)
+    assert line.code == "PERMISSION_DENIED"
+    assert line.events_sent == len(seen)
+    assert line.peer
     assert line.getMessage().startswith(f"{WATCH_METHOD} PERMISSION_DENIED ")
     # Its duration covers the whole stream, past the last event: written when it ended. (Only
     # what the server must have spanned is a bound: the client's own open-to-last-event time
     # also holds the call's set-up and the events' way back, which the server never sees.)
-    assert line.duration_ms / 1000 >= last_sent - snapshot_seen  # type: ignore[attr-defined]
+    assert line.duration_ms / 1000 >= last_sent - snapshot_seen

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -126,7 +127,9 @@ class Serving:
                     pytest.fail(f"serve exited {self.process.returncode}: {self.stderr[-3000:]}")
                 with contextlib.suppress(grpc.RpcError):
                     reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    return reply.status == health_pb2.HealthCheckResponse.SERVING
+                    return bool(
+                        reply.status == health_pb2.HealthCheckResponse.SERVING
+                    )  # grpc_health ships no stubs
                 return False
 
             until_sync(
@@ -670,6 +673,10 @@ def metrics_answer(port: int) -> str:
         return ""
 
 
+def serves_metrics(port: int) -> bool:
+    return "umbra_rpcs_total" in metrics_answer(port)
+
+
 def test_each_worker_serves_metrics_on_its_own_port(
     module_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -680,7 +687,7 @@ def test_each_worker_serves_metrics_on_its_own_port(
         workers = worker_pids(server)
         for port in (base, base + 1):
             until_sync(
-                lambda port=port: "umbra_rpcs_total" in metrics_answer(port),
+                functools.partial(serves_metrics, port),
                 within=STARTUP_SECONDS,
                 what=f"metrics on {port}",
             )

@@ -250,7 +250,9 @@ def test_migrate_off_on_an_unmigrated_database_stays_not_serving_and_says_why(
             what="the log saying why the server is not serving",
         )
         assert health_status(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert migrate.head_revision() in server.stderr
+        head = migrate.head_revision()
+        assert head is not None
+        assert head in server.stderr
         assert asyncio.run(table_names(empty_database)) == set()
         # Migrated by someone who may: the server notices and serves.
         migrated = run("migrate", env=env)

@@ -60,7 +60,7 @@ def garbage_callers() -> list[Caller]:
     now = time.time()
     expired = mint_token(TEST_SECRET, subject=str(FIRST_ID), now=now - 7200, ttl_seconds=60)
     other_key = mint_token("another-secret-0123456789-abcdefghijklmnop", subject=str(FIRST_ID))
-    unsigned = jwt.encode({"sub": str(FIRST_ID), "exp": int(now) + 600}, None, algorithm="none")
+    unsigned = jwt.encode({"sub": str(FIRST_ID), "exp": int(now) + 600}, "", algorithm="none")
     odd_subjects = [
         mint_token(TEST_SECRET, subject=subject)
         for subject in ("0", "-1", "9" * 40, "1e3", " 7000000", "\ufb01", "7000000\x00")

@@ -8,7 +8,7 @@ literal addresses in every spelling go through the system resolver (no DNS eithe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -85,7 +85,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-def ntfy_update(user: TestUser, **ntfy: object) -> accounts_pb2.UpdateSettingsRequest:
+def ntfy_update(user: TestUser, **ntfy: Any) -> accounts_pb2.UpdateSettingsRequest:
     """Sets the ntfy fields given (and only those)."""
     return accounts_pb2.UpdateSettingsRequest(
         user_id=user.id,

@@ -223,7 +223,8 @@ async def test_many_racing_blocks_sends_and_accepts_never_break_the_invariant(
 ) -> None:
     pairs = [(await new_user(other), await new_user(other)) for _ in range(12)]
     requests = [await service.requests.send(b, f"r{a}", "", None) for a, b in pairs[:6]]
-    blocks, others = [], []
+    blocks: list[Awaitable[object]] = []
+    others: list[Awaitable[object]] = []
     for (a, b), request in zip(pairs[:6], requests, strict=True):
         others.append(service.requests.respond(a, request.id, accept=True, ip=None))
         blocks.append(service.relationships.block(b, f"r{a}", None))

@@ -280,7 +280,8 @@ async def test_serve_prunes_periodically(conn: asyncpg.Connection, database_url:
         await add_audit(conn, "ancient", 1000)
 
         async def pruned() -> bool:
-            return await conn.fetchval("SELECT count(*) FROM audit_log") == 0
+            count: int = await conn.fetchval("SELECT count(*) FROM audit_log")
+            return count == 0
 
         await until(pruned, within=10, what="the audit log pruned by a later run")
     finally:

@@ -45,7 +45,10 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 async def collector() -> AsyncIterator[tuple[Collector, int]]:
     receiver = Collector()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    # opentelemetry-proto ships a .pyi for its messages but none for its _grpc modules.
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        receiver, server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

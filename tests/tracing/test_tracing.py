@@ -33,6 +33,7 @@ from tests.support import (
     NewUser,
     RunningServer,
     Sql,
+    access_line,
     start_server,
     stop_server,
     until,
@@ -132,7 +133,7 @@ async def test_a_call_is_a_server_span_with_its_sql_as_children(
     assert "umbra_send_request" in statements[2]
 
     [line] = [r for r in caplog.records if getattr(r, "method", "").endswith("/SendRequest")]
-    assert line.trace_id == CALLER_TRACE  # type: ignore[attr-defined]
+    assert access_line(line).trace_id == CALLER_TRACE
 
 
 async def test_a_refused_call_is_not_a_server_error(
@@ -167,6 +168,7 @@ async def test_a_stream_span_lasts_as_long_as_the_stream(
     exporter.clear()
     call = watch(connections, me)
     synced = await call.read()
+    assert isinstance(synced, connections_pb2.WatchIncomingRequestsResponse)
     assert synced.WhichOneof("event") == "synced"
     assert rpc_spans(exporter, "WatchIncomingRequests") == []
     call.cancel()
