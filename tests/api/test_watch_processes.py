@@ -47,6 +47,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY
 from umbra_grpc.pb import accounts_pb2, connections_pb2
@@ -71,15 +72,16 @@ async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) 
     """Seconds until grpc health says `status` for the server and ConnectionService."""
     health = health_pb2_grpc.HealthStub(channel)
     started = time.monotonic()
-    while time.monotonic() - started < within:
+
+    async def says_status() -> bool:
         replies = [
             await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             for name in ("", CONNECTION_SERVICE)
         ]
-        if all(reply.status == status for reply in replies):
-            return time.monotonic() - started
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"health never became {status} within {within}s")
+        return all(reply.status == status for reply in replies)
+
+    await until(says_status, within=within, what=f"health {status}", every=0.1)
+    return time.monotonic() - started
 
 
 # --- two processes on one database ----------------------------------------------------------
@@ -297,23 +299,27 @@ async def test_a_stream_gets_one_access_line_when_it_ends(
     correlation_id = dict(ended.value.trailing_metadata())[CORRELATION_ID_KEY]
     # Nothing was written while the stream was open, whatever its handler had done so far.
     assert access_lines(while_open, me, correlation_id) == []
-    deadline = time.monotonic() + 5
-    while not access_lines(caplog.records, me, correlation_id):  # it follows the status
-        assert time.monotonic() < deadline, "no access line"
-        await asyncio.sleep(0.02)
+    started = time.monotonic()  # both waits below share 5 s
+    await until(  # the line follows the status
+        lambda: access_lines(caplog.records, me, correlation_id),
+        within=5,
+        what="the stream's access line",
+    )
     # A call made after the stream ended has its line written: a second line of the stream,
     # if one were coming, would be in by then.
     searched = time.time()
     await connections.Search(pb.SearchRequest(umbral_name="someone"), metadata=first.md)
-    while not [
-        record
-        for record in caplog.records
-        if record.name == "umbra.access"
-        and getattr(record, "caller", None) == str(first.id)
-        and record.created >= searched
-    ]:
-        assert time.monotonic() < deadline, "no access line for the later call"
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: [
+            record
+            for record in caplog.records
+            if record.name == "umbra.access"
+            and getattr(record, "caller", None) == str(first.id)
+            and record.created >= searched
+        ],
+        within=5 - (time.monotonic() - started),
+        what="the access line of the later call",
+    )
 
     lines = access_lines(caplog.records, me, correlation_id)
     assert len(lines) == 1, [line.getMessage() for line in lines]
