@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 
 from tests.support import (
     TEST_SECRET,
@@ -103,13 +104,13 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 @pytest.fixture(scope="module")
 def connections(server: RunningServer) -> connections_pb2_grpc.ConnectionServiceAsyncStub:
     """ConnectionService stub."""
-    return connections_pb2_grpc.ConnectionServiceStub(server.channel)  # type: ignore[return-value]
+    return connections_pb2_grpc.ConnectionServiceStub(server.channel)
 
 
 @pytest.fixture(scope="module")
 def accounts(server: RunningServer) -> accounts_pb2_grpc.AccountServiceAsyncStub:
     """AccountService stub."""
-    return accounts_pb2_grpc.AccountServiceStub(server.channel)  # type: ignore[return-value]
+    return accounts_pb2_grpc.AccountServiceStub(server.channel)
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +148,9 @@ def new_user(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadat
                 settings=accounts_pb2.Settings(
                     accept_connections=accept, preferred_name=preferred_name
                 ),
-                update_mask={"paths": ["accept_connections", "preferred_name"]},
+                update_mask=field_mask_pb2.FieldMask(
+                    paths=["accept_connections", "preferred_name"]
+                ),
             ),
             metadata=admin,
         )

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-from tests.support import Sql
+from tests.support import Sql, until
 
 SERVER = "umbra-grpc"  # the application_name of the server's connections
 
@@ -16,22 +13,24 @@ _WAITING = (
 
 async def waiting_on_locks(sql: Sql, application: str = SERVER) -> int:
     """How many of `application`'s connections wait on a lock right now."""
-    return int(await sql.value(_WAITING, application))  # type: ignore[call-overload]
+    return int(await sql.value(_WAITING, application))
 
 
 async def until_waiting(
     sql: Sql, count: int = 1, *, application: str = SERVER, seconds: float = 10.0
 ) -> None:
     """Until at least `count` of `application`'s connections wait on a lock."""
-    deadline = time.monotonic() + seconds
-    while await waiting_on_locks(sql, application) < count:
-        assert time.monotonic() < deadline, f"{count} connections never waited on a lock"
-        await asyncio.sleep(0.01)
+
+    async def enough() -> bool:
+        return await waiting_on_locks(sql, application) >= count
+
+    await until(enough, within=seconds, what=f"{count} connections waiting on a lock", every=0.01)
 
 
 async def until_none_waiting(sql: Sql, *, application: str = SERVER, seconds: float = 10.0) -> None:
     """Until none of `application`'s connections waits on a lock."""
-    deadline = time.monotonic() + seconds
-    while await waiting_on_locks(sql, application):
-        assert time.monotonic() < deadline, "a connection kept waiting on a lock"
-        await asyncio.sleep(0.01)
+
+    async def none() -> bool:
+        return not await waiting_on_locks(sql, application)
+
+    await until(none, within=seconds, what="no connection waiting on a lock", every=0.01)

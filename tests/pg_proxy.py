@@ -67,7 +67,9 @@ class NotificationDroppingProxy:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _accept(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter):
+    async def _accept(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
         self.connections += 1
         task = asyncio.current_task()
         assert task is not None

@@ -25,7 +25,8 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
             assert info.domain == "connections.umbra"
-            return info.reason
+            reason: str = info.reason
+            return reason
     raise AssertionError("no ErrorInfo in the status details")
 
 
@@ -34,7 +35,8 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float:
     for detail in status_details(error).details:
         info = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
-            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            seconds: float = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return seconds
     raise AssertionError("no RetryInfo in the status details")
 
 

@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import TEST_SECRET, app_environment
+from tests.support import TEST_SECRET, app_environment, until
 from umbra_grpc.embedded import free_port
 
 UMBRA_GRPC = Path(sys.executable).parent / "umbra-grpc"
@@ -44,18 +43,23 @@ class Serve:
 
     async def wait_serving(self) -> None:
         """Polls grpc health until SERVING; fails early when the process dies."""
-        deadline = time.monotonic() + STARTUP_SECONDS
         async with grpc.aio.insecure_channel(self.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
+
+            async def serving() -> bool:
                 if self.process.returncode is not None:
                     pytest.fail(f"serve exited {self.process.returncode}: {self.stderr[-3000:]}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == SERVING:
-                        return
-                await asyncio.sleep(0.2)
-        pytest.fail(f"serve never became SERVING: {self.stderr[-3000:]}")
+                    return bool(reply.status == SERVING)  # grpc_health ships no stubs
+                return False
+
+            await until(
+                serving,
+                within=STARTUP_SECONDS,
+                what=lambda: f"serve SERVING: {self.stderr[-3000:]}",
+                every=0.2,
+            )
 
     async def end(self) -> None:
         """SIGTERM, then SIGKILL if it will not go (idempotent)."""

@@ -7,11 +7,14 @@ by name lives here.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import os
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeAlias, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -19,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from umbra_grpc.config import Config
+from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.server import Service
 from umbra_grpc.storage.database import Database, StatementCounter
 from umbra_grpc.tokens import mint_token
@@ -27,6 +31,74 @@ TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
 Metadata = tuple[tuple[str, str], ...]
+# What `ConnectionServiceStub(channel)` is on a grpc.aio channel. The async stubs exist only in
+# the generated .pyi (and a stream call is not subscriptable at run time): named as strings.
+Connections: TypeAlias = "connections_pb2_grpc.ConnectionServiceAsyncStub"
+Accounts: TypeAlias = "accounts_pb2_grpc.AccountServiceAsyncStub"
+Watch: TypeAlias = (
+    "grpc.aio.UnaryStreamCall[connections_pb2.WatchIncomingRequestsRequest, "
+    "connections_pb2.WatchIncomingRequestsResponse]"
+)
+T = TypeVar("T")
+
+
+@overload
+async def until(
+    condition: Callable[[], Awaitable[T | None]],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.02,
+) -> T: ...
+@overload
+async def until(
+    condition: Callable[[], T | None],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.02,
+) -> T: ...
+async def until(
+    condition: Callable[[], object],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.02,
+) -> object:
+    """Polls `condition` (sync or async) every `every` seconds until it returns something
+    truthy, and returns that; fails naming `what` once `within` seconds have passed (a
+    callable `what` is asked at that moment, for state worth seeing in the failure)."""
+    deadline = time.monotonic() + within
+    while True:
+        seen = condition()
+        if inspect.isawaitable(seen):
+            seen = await seen
+        if seen:
+            return seen
+        if time.monotonic() >= deadline:
+            raise _not_within(within, what, seen)
+        await asyncio.sleep(every)
+
+
+def until_sync(
+    condition: Callable[[], T | None],
+    *,
+    within: float,
+    what: str | Callable[[], object],
+    every: float = 0.05,
+) -> T:
+    """`until` for code outside an event loop (tests driving `umbra-grpc` processes)."""
+    deadline = time.monotonic() + within
+    while not (seen := condition()):
+        if time.monotonic() >= deadline:
+            raise _not_within(within, what, seen)
+        time.sleep(every)
+    return seen
+
+
+def _not_within(within: float, what: str | Callable[[], object], seen: object) -> AssertionError:
+    said = what() if callable(what) else what
+    return AssertionError(f"not within {within}s: {said} (last: {seen!r})")
 
 
 def with_database(url: str, name: str) -> str:
@@ -105,7 +177,7 @@ def test_config(database_url: str, **changes: object) -> Config:
     return config.with_changes(**changes)
 
 
-test_config.__test__ = False  # type: ignore[attr-defined]
+test_config.__test__ = False  # type: ignore[attr-defined]  # pytest's marker: not a test
 
 
 def session_config(database_url: str, **changes: object) -> Config:
@@ -147,19 +219,59 @@ async def start_server(config: Config, **options: Any) -> RunningServer:
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(200):
+
+    async def serving() -> bool:
         reply = await health.Check(health_pb2.HealthCheckRequest())
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("server never became SERVING")
+        return bool(
+            reply.status == health_pb2.HealthCheckResponse.SERVING
+        )  # grpc_health ships no stubs
+
+    await until(serving, within=10, what="the server SERVING", every=0.05)
     return RunningServer(service, channel, statements)
 
 
 async def stop_server(server: RunningServer) -> None:
     await server.channel.close()
     await server.service.stop(0.5)
+
+
+def raw_unary_unary(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """`method` called with serialized bytes and answering them (no (de)serializers)."""
+    return channel.unary_unary(method)
+
+
+def raw_unary_stream(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+    """`raw_unary_unary` for a server-streaming method."""
+    return channel.unary_stream(method)
+
+
+def raw_stream_unary(
+    channel: grpc.aio.Channel, method: str
+) -> grpc.aio.StreamUnaryMultiCallable[bytes, bytes]:
+    """`raw_unary_unary` for a client-streaming method."""
+    return channel.stream_unary(method)
+
+
+# A grpc.aio handler's behaviours are coroutine functions and async generators; types-grpcio
+# types RpcMethodHandler's as synchronous ones. The interceptor tests call them directly.
+AioUnary = Callable[[Any, Any], Awaitable[Any]]
+AioUnaryStream = Callable[[Any, Any], AsyncGenerator[Any, None]]
+
+
+def aio_unary(handler: grpc.RpcMethodHandler[Any, Any]) -> AioUnary:
+    """The unary-unary behaviour of a grpc.aio handler."""
+    assert handler.unary_unary is not None
+    return cast(AioUnary, handler.unary_unary)
+
+
+def aio_unary_stream(handler: grpc.RpcMethodHandler[Any, Any]) -> AioUnaryStream:
+    """The unary-stream behaviour of a grpc.aio handler."""
+    assert handler.unary_stream is not None
+    return cast(AioUnaryStream, handler.unary_stream)
 
 
 def bearer(token: str) -> Metadata:
@@ -180,10 +292,35 @@ class TestUser:
     md: Metadata
 
 
-TestUser.__test__ = False  # type: ignore[attr-defined]
+TestUser.__test__ = False  # type: ignore[attr-defined]  # pytest's marker: not a test
 
 
 NewUser = Callable[..., Awaitable[TestUser]]
+
+
+class AccessLine(Protocol):
+    """A record of the `umbra.access` logger as tests read it: the interceptor's fields come
+    through `extra=`, which LogRecord's type cannot know (`events_sent` on streams only,
+    `trace_id` with tracing on). Typed by `cast`: see `access_line`."""
+
+    name: str
+    levelno: int
+    method: str
+    caller: str | None
+    peer: str | None
+    code: str
+    duration_ms: float
+    correlation_id: str
+    events_sent: int
+    trace_id: str
+
+    def getMessage(self) -> str: ...  # noqa: N802 - LogRecord's name
+
+
+def access_line(record: logging.LogRecord) -> AccessLine:
+    """`record`, an access-log line, with its `extra=` fields typed."""
+    assert record.name == "umbra.access", record.name
+    return cast(AccessLine, record)
 
 
 class Sql:
@@ -199,6 +336,7 @@ class Sql:
         finally:
             await connection.close()
 
-    async def value(self, query: str, *args: object) -> object:
+    async def value(self, query: str, *args: object) -> Any:
+        """The first column of the first row (None without rows): asyncpg's, typed as it."""
         rows = await self.rows(query, *args)
         return rows[0][0] if rows else None

@@ -26,6 +26,7 @@ import pytest_asyncio
 from scipy.stats import binom
 
 from tests.support import (
+    Connections,
     RunningServer,
     TestUser,
     separate_channel,
@@ -62,7 +63,7 @@ class Pair:
     answer `code`."""
 
     callers: list[TestUser]
-    call: Callable[[Stub, TestUser, bool], Awaitable[object]]  # (stub, caller, first?)
+    call: Callable[[Connections, TestUser, bool], Awaitable[object]]  # (stub, caller, first?)
     code: grpc.StatusCode
 
 
@@ -86,7 +87,7 @@ async def assert_equivalent(server: RunningServer, pair: Pair, label: str) -> No
     rng = random.Random(3)
     differences: dict[str, list[float]] = {"first": [], "control": []}
 
-    async def timed(stub: Stub, caller: TestUser, name: str) -> float:
+    async def timed(stub: Connections, caller: TestUser, name: str) -> float:
         started = time.perf_counter()
         try:
             await pair.call(stub, caller, name != "second")
@@ -97,7 +98,7 @@ async def assert_equivalent(server: RunningServer, pair: Pair, label: str) -> No
         assert code == pair.code, (name, code)
         return elapsed + (CONTROL_SECONDS if name == "control" else 0.0)
 
-    async def triples(stub: Stub, caller: TestUser, count: int) -> None:
+    async def triples(stub: Connections, caller: TestUser, count: int) -> None:
         for _ in range(count):
             order = ["first", "second", "control"]
             rng.shuffle(order)

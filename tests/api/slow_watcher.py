@@ -27,8 +27,11 @@ async def main(target: str, token: str) -> None:
             metadata=(("authorization", f"Bearer {token}"),),
             timeout=120,
         )
-        while (await call.read()).WhichOneof("event") != "synced":
-            pass
+        while True:
+            event = await call.read()
+            assert isinstance(event, connections_pb2.WatchIncomingRequestsResponse)  # not EOF
+            if event.WhichOneof("event") == "synced":
+                break
         print("synced", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         try:

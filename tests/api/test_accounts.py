@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any
+
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
 from tests.rich import error_reason
-from tests.support import Metadata, NewUser, Sql, user_metadata
+from tests.support import Accounts, Metadata, NewUser, Sql, user_metadata
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def upsert(accounts, admin: Metadata, **fields: object) -> accounts_pb2.User:
+async def upsert(accounts: Accounts, admin: Metadata, **fields: Any) -> accounts_pb2.User:
     reply = await accounts.UpsertUser(
         accounts_pb2.UpsertUserRequest(user=accounts_pb2.User(**fields)), metadata=admin
     )
     return reply.user
 
 
-async def expect_error(call, code: grpc.StatusCode, reason: str) -> None:
+async def expect_error(call: Awaitable[object], code: grpc.StatusCode, reason: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     assert caught.value.code() == code, caught.value.details()
     assert error_reason(caught.value) == reason
 
 
-async def test_upsert_creates_then_updates(accounts, admin: Metadata, sql: Sql) -> None:
+async def test_upsert_creates_then_updates(accounts: Accounts, admin: Metadata, sql: Sql) -> None:
     created = await upsert(
         accounts,
         admin,
@@ -57,7 +60,7 @@ async def test_upsert_creates_then_updates(accounts, admin: Metadata, sql: Sql) 
     ] * 2
 
 
-async def test_get_user_and_not_found(accounts, admin: Metadata) -> None:
+async def test_get_user_and_not_found(accounts: Accounts, admin: Metadata) -> None:
     await upsert(accounts, admin, id=2, umbral_name="getme", is_active=True)
     reply = await accounts.GetUser(accounts_pb2.GetUserRequest(user_id=2), metadata=admin)
     assert reply.user.umbral_name == "getme"
@@ -68,7 +71,9 @@ async def test_get_user_and_not_found(accounts, admin: Metadata) -> None:
     )
 
 
-async def test_handle_taken_case_insensitively(accounts, admin: Metadata, sql: Sql) -> None:
+async def test_handle_taken_case_insensitively(
+    accounts: Accounts, admin: Metadata, sql: Sql
+) -> None:
     await upsert(accounts, admin, id=3, umbral_name="taken", is_active=True)
     await expect_error(
         upsert(accounts, admin, id=4, umbral_name="TAKEN", is_active=True),
@@ -82,7 +87,7 @@ async def test_handle_taken_case_insensitively(accounts, admin: Metadata, sql: S
     "handle", ["ab", "x" * 51, "has space", "emoji😀", "semi;colon", "", "tab\tname"]
 )
 async def test_malformed_handle_is_invalid_argument(
-    accounts, admin: Metadata, sql: Sql, handle: str
+    accounts: Accounts, admin: Metadata, sql: Sql, handle: str
 ) -> None:
     await expect_error(
         upsert(accounts, admin, id=5, umbral_name=handle, is_active=True),
@@ -112,7 +117,7 @@ async def test_malformed_handle_is_invalid_argument(
     ],
 )
 async def test_bad_user_fields(
-    accounts, admin: Metadata, sql: Sql, user: accounts_pb2.User, reason: str
+    accounts: Accounts, admin: Metadata, sql: Sql, user: accounts_pb2.User, reason: str
 ) -> None:
     await expect_error(
         accounts.UpsertUser(accounts_pb2.UpsertUserRequest(user=user), metadata=admin),
@@ -122,7 +127,7 @@ async def test_bad_user_fields(
     assert await sql.value("SELECT count(*) FROM users WHERE id IN (0, -7, 6)") == 0
 
 
-async def test_missing_user_message_is_invalid(accounts, admin: Metadata) -> None:
+async def test_missing_user_message_is_invalid(accounts: Accounts, admin: Metadata) -> None:
     await expect_error(
         accounts.UpsertUser(accounts_pb2.UpsertUserRequest(), metadata=admin),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -130,7 +135,7 @@ async def test_missing_user_message_is_invalid(accounts, admin: Metadata) -> Non
     )
 
 
-async def test_update_settings_masks(accounts, admin: Metadata, sql: Sql) -> None:
+async def test_update_settings_masks(accounts: Accounts, admin: Metadata, sql: Sql) -> None:
     await upsert(accounts, admin, id=10, umbral_name="masks", is_active=True)
     settings = accounts_pb2.Settings(
         accept_connections=True,
@@ -182,7 +187,9 @@ async def test_update_settings_masks(accounts, admin: Metadata, sql: Sql) -> Non
 @pytest.mark.parametrize(
     "path", ["unknown", "ntfy.has_auth_token", "sharing_defaults.nickname", "settings"]
 )
-async def test_update_settings_unknown_path(accounts, admin: Metadata, sql: Sql, path: str) -> None:
+async def test_update_settings_unknown_path(
+    accounts: Accounts, admin: Metadata, sql: Sql, path: str
+) -> None:
     await upsert(accounts, admin, id=11, umbral_name="badmask", is_active=True)
     before = await sql.rows("SELECT * FROM settings WHERE user_id = 11")
     await expect_error(
@@ -212,7 +219,7 @@ async def test_update_settings_unknown_path(accounts, admin: Metadata, sql: Sql,
     ],
 )
 async def test_bad_ntfy_values(
-    accounts, admin: Metadata, ntfy: accounts_pb2.NtfySettings, path: str, reason: str
+    accounts: Accounts, admin: Metadata, ntfy: accounts_pb2.NtfySettings, path: str, reason: str
 ) -> None:
     await upsert(accounts, admin, id=12, umbral_name="badntfy", is_active=True)
     await expect_error(
@@ -229,7 +236,7 @@ async def test_bad_ntfy_values(
     )
 
 
-async def test_update_settings_unknown_user(accounts, admin: Metadata) -> None:
+async def test_update_settings_unknown_user(accounts: Accounts, admin: Metadata) -> None:
     await expect_error(
         accounts.UpdateSettings(
             accounts_pb2.UpdateSettingsRequest(
@@ -245,7 +252,7 @@ async def test_update_settings_unknown_user(accounts, admin: Metadata) -> None:
 
 
 async def test_ntfy_token_is_write_only(
-    accounts, admin: Metadata, sql: Sql, caplog: pytest.LogCaptureFixture
+    accounts: Accounts, admin: Metadata, sql: Sql, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = "tk_live_do-not-leak-0123456789"
     await upsert(accounts, admin, id=13, umbral_name="tokenholder", is_active=True)
@@ -290,7 +297,7 @@ async def test_ntfy_token_is_write_only(
 
 
 async def test_deactivation_hides_user_at_once(
-    accounts,
+    accounts: Accounts,
     connections: connections_pb2_grpc.ConnectionServiceAsyncStub,
     admin: Metadata,
     new_user: NewUser,
@@ -322,7 +329,9 @@ async def test_deactivation_hides_user_at_once(
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_user_token_cannot_call_account_service(accounts, new_user: NewUser) -> None:
+async def test_user_token_cannot_call_account_service(
+    accounts: Accounts, new_user: NewUser
+) -> None:
     user = await new_user()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await accounts.GetUser(accounts_pb2.GetUserRequest(user_id=user.id), metadata=user.md)

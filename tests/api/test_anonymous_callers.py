@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -15,12 +16,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.api.streams import until_synced, watch
 from tests.rich import error_reason
 from tests.support import (
+    Connections,
     NewUser,
     RunningServer,
+    raw_unary_unary,
     separate_channel,
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
@@ -54,7 +58,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 
 def rpc_method_labels(server: RunningServer) -> set[str]:
     """The `method` label values of the per-call metrics (counter and histogram)."""
-    labels = set()
+    labels: set[str] = set()
     for family in server.service.metrics.registry.collect():
         if family.name in ("umbra_rpcs", "umbra_rpc_duration_seconds"):
             labels.update(sample.labels["method"] for sample in family.samples)
@@ -66,8 +70,9 @@ async def test_random_paths_are_one_metrics_label(server: RunningServer) -> None
 
     async def probe() -> None:
         path = f"/{secrets.token_hex(6)}.Svc/{secrets.token_hex(6)}"
+        unknown = raw_unary_unary(server.channel, path)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await server.channel.unary_unary(path)(b"", timeout=10)
+            await unknown(b"", timeout=10)
         assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     for _ in range(10):
@@ -78,10 +83,12 @@ async def test_random_paths_are_one_metrics_label(server: RunningServer) -> None
 
 
 Outcome = tuple[grpc.StatusCode, str | None]
+# Health and reflection calls: their stubs are untyped (grpc_health, grpc_reflection).
+AnonymousCall = grpc.aio.UnaryStreamCall[Any, Any] | grpc.aio.StreamStreamCall[Any, Any]
 REFUSED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ANONYMOUS_STREAMS")
 
 
-async def ending(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> Outcome:
+async def ending(call: AnonymousCall) -> Outcome:
     """Reads a stream until its first message (OK) or its end (the code and reason)."""
     try:
         first = await asyncio.wait_for(call.read(), 30)
@@ -92,11 +99,11 @@ async def ending(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> 
 
 
 async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
-    server: RunningServer, connections, new_user: NewUser
+    server: RunningServer, connections: Connections, new_user: NewUser
 ) -> None:
     channels = [separate_channel(server.target) for _ in range(WAVE // PER_CHANNEL + 1)]
-    held: list[grpc.aio.UnaryStreamCall] = []
-    attempts: list[grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall] = []
+    held: list[AnonymousCall] = []
+    attempts: list[AnonymousCall] = []
     me, sender = await new_user(), await new_user()
     try:
         health = health_pb2_grpc.HealthStub(channels[0])
@@ -108,7 +115,7 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
         # Thousands more, health Watch and reflection alike, never cancelled by the client:
         # each must end at once rather than hold a call slot, while token holders are served.
         for _ in range(WAVES):
-            wave: list[grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall] = []
+            wave: list[AnonymousCall] = []
             for index in range(WAVE):
                 channel = channels[1 + index // PER_CHANNEL]
                 if index % 2:
@@ -125,6 +132,7 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
             )
             outcomes, search = during[:-1], during[-1]
             assert set(outcomes) == {REFUSED}
+            assert isinstance(search, pb.SearchResponse)
             assert search.found
         # Afterwards too, with the cap's worth of anonymous streams still open.
         assert server.service.anonymous_streams.open_streams == ANONYMOUS_CAP
@@ -135,6 +143,7 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
                 pb.SendRequestRequest(umbral_name=me.handle), metadata=sender.md
             )
             event = await asyncio.wait_for(stream.read(), 10)
+            assert isinstance(event, pb.WatchIncomingRequestsResponse)
             assert event.received.id == sent.request.id
         finally:
             stream.cancel()
@@ -143,8 +152,9 @@ async def test_anonymous_streams_are_capped_and_token_holders_keep_working(
             call.cancel()
         for channel in channels:
             await channel.close()
-    for _ in range(200):
-        if server.service.anonymous_streams.open_streams == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert server.service.anonymous_streams.open_streams == 0
+    await until(
+        lambda: server.service.anonymous_streams.open_streams == 0,
+        within=10,
+        what="every anonymous stream closed",
+        every=0.05,
+    )

@@ -20,24 +20,26 @@ from tests.api.equivalence import (  # noqa: F401 (floored_server is the `server
     assert_equivalent,
     floored_server,
 )
-from tests.support import NewUser, RunningServer, TestUser
+from tests.support import Connections, NewUser, RunningServer, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 
 
-async def block_user(new_user: NewUser, connections) -> Pair:  # type: ignore[no-untyped-def]
+async def block_user(new_user: NewUser, connections: Connections) -> Pair:
     target = await new_user()
 
-    def call(stub: Stub, caller: TestUser, first: bool) -> Awaitable[object]:
+    def call(stub: Connections, caller: TestUser, first: bool) -> Awaitable[object]:
         handle = target.handle if first else NOBODY
         return stub.BlockUser(pb.BlockUserRequest(umbral_name=handle), metadata=caller.md)
 
     return Pair([await new_user() for _ in range(LANES)], call, grpc.StatusCode.OK)
 
 
-async def _blocked_callers(new_user: NewUser, connections) -> tuple[TestUser, list[TestUser]]:  # type: ignore[no-untyped-def]
+async def _blocked_callers(
+    new_user: NewUser, connections: Connections
+) -> tuple[TestUser, list[TestUser]]:
     blocker = await new_user()
     callers = [await new_user() for _ in range(LANES)]
     for caller in callers:
@@ -47,20 +49,20 @@ async def _blocked_callers(new_user: NewUser, connections) -> tuple[TestUser, li
     return blocker, callers
 
 
-async def blocked_search(new_user: NewUser, connections) -> Pair:  # type: ignore[no-untyped-def]
+async def blocked_search(new_user: NewUser, connections: Connections) -> Pair:
     blocker, callers = await _blocked_callers(new_user, connections)
 
-    def call(stub: Stub, caller: TestUser, first: bool) -> Awaitable[object]:
+    def call(stub: Connections, caller: TestUser, first: bool) -> Awaitable[object]:
         handle = blocker.handle if first else NOBODY
         return stub.Search(pb.SearchRequest(umbral_name=handle), metadata=caller.md)
 
     return Pair(callers, call, grpc.StatusCode.OK)
 
 
-async def blocked_send(new_user: NewUser, connections) -> Pair:  # type: ignore[no-untyped-def]
+async def blocked_send(new_user: NewUser, connections: Connections) -> Pair:
     blocker, callers = await _blocked_callers(new_user, connections)
 
-    def call(stub: Stub, caller: TestUser, first: bool) -> Awaitable[object]:
+    def call(stub: Connections, caller: TestUser, first: bool) -> Awaitable[object]:
         handle = blocker.handle if first else NOBODY
         return stub.SendRequest(pb.SendRequestRequest(umbral_name=handle), metadata=caller.md)
 
@@ -76,6 +78,6 @@ PAIRS = {
 
 @pytest.mark.parametrize("label", list(PAIRS))
 async def test_the_two_answers_take_the_same_time_and_a_control_is_told_apart(
-    server: RunningServer, new_user: NewUser, connections, label: str
+    server: RunningServer, new_user: NewUser, connections: Connections, label: str
 ) -> None:
     await assert_equivalent(server, await PAIRS[label](new_user, connections), label)

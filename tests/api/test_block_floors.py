@@ -7,13 +7,20 @@ could only check the floor itself.)"""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import pytest
 import pytest_asyncio
 
-from tests.support import NewUser, RunningServer, start_server, stop_server, test_config
+from tests.support import (
+    Connections,
+    NewUser,
+    RunningServer,
+    start_server,
+    stop_server,
+    test_config,
+)
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -30,7 +37,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-async def timed(call) -> tuple[float, str]:  # type: ignore[no-untyped-def]
+async def timed(call: Awaitable[object]) -> tuple[float, str]:
     started = time.perf_counter()
     try:
         await call
@@ -41,7 +48,7 @@ async def timed(call) -> tuple[float, str]:  # type: ignore[no-untyped-def]
 
 
 async def test_block_unblock_and_relationships_wait_for_the_floor(
-    connections, new_user: NewUser
+    connections: Connections, new_user: NewUser
 ) -> None:
     me, someone = await new_user(), await new_user()
     hidden = await new_user(accept=False)
@@ -66,7 +73,9 @@ async def test_block_unblock_and_relationships_wait_for_the_floor(
     assert outcomes == {"OK", "INVALID_ARGUMENT"}  # the self-block and the malformed handle
 
 
-async def test_the_blocked_users_answers_wait_for_the_floor(connections, new_user: NewUser) -> None:
+async def test_the_blocked_users_answers_wait_for_the_floor(
+    connections: Connections, new_user: NewUser
+) -> None:
     blocker, blocked = await new_user(), await new_user()
     await connections.BlockUser(
         pb.BlockUserRequest(umbral_name=blocked.handle), metadata=blocker.md

@@ -7,18 +7,22 @@ then on makes the blocker look to them exactly like a handle nobody has.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 
 from tests.api.statements import rpc_statements
 from tests.api.streams import next_event, until_synced, watch
 from tests.invariants import check_all
 from tests.rich import expect_error, status_details
 from tests.support import (
+    Accounts,
+    Connections,
+    Metadata,
     NewUser,
     RunningServer,
     Sql,
@@ -46,14 +50,16 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-async def send(connections, sender: TestUser, receiver: TestUser, message: str = ""):
+async def send(
+    connections: Connections, sender: TestUser, receiver: TestUser, message: str = ""
+) -> pb.ConnectionRequest:
     reply = await connections.SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle, message=message), metadata=sender.md
     )
     return reply.request
 
 
-async def connect(connections, a: TestUser, b: TestUser) -> pb.Connection:
+async def connect(connections: Connections, a: TestUser, b: TestUser) -> pb.Connection:
     request = await send(connections, a, b)
     reply = await connections.Respond(
         pb.RespondRequest(request_id=request.id, action=ACCEPT), metadata=b.md
@@ -61,11 +67,11 @@ async def connect(connections, a: TestUser, b: TestUser) -> pb.Connection:
     return reply.connection
 
 
-async def block(connections, blocker: TestUser, handle: str) -> pb.BlockUserResponse:
+async def block(connections: Connections, blocker: TestUser, handle: str) -> pb.BlockUserResponse:
     return await connections.BlockUser(pb.BlockUserRequest(umbral_name=handle), metadata=blocker.md)
 
 
-async def state(connections, caller: TestUser, handle: str) -> int:
+async def state(connections: Connections, caller: TestUser, handle: str) -> int:
     reply = await connections.GetRelationships(
         pb.GetRelationshipsRequest(umbral_names=[handle]), metadata=caller.md
     )
@@ -95,7 +101,7 @@ async def rows_between(sql: Sql, a: TestUser, b: TestUser) -> dict[str, object]:
 
 
 async def test_a_block_removes_the_connection_silently(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     await connect(connections, a, b)
@@ -131,7 +137,7 @@ async def test_a_block_removes_the_connection_silently(
 
 
 async def test_a_block_cancels_pending_requests_both_ways(
-    server: RunningServer, connections, new_user: NewUser, sql: Sql
+    server: RunningServer, connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     # One direction here (I1 allows one pending request per pair), the other below.
     a, b, c = await new_user(), await new_user(), await new_user()
@@ -171,7 +177,7 @@ async def test_a_block_cancels_pending_requests_both_ways(
 
 
 async def test_a_blockers_own_request_is_cancelled_as_theirs(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     mine = await send(connections, a, b)
@@ -195,7 +201,9 @@ async def test_a_blockers_own_request_is_cancelled_as_theirs(
     )
 
 
-async def test_the_blocked_user_sees_a_nonexistent_handle(connections, new_user: NewUser) -> None:
+async def test_the_blocked_user_sees_a_nonexistent_handle(
+    connections: Connections, new_user: NewUser
+) -> None:
     a, b = await new_user(), await new_user()
     await block(connections, a, b.handle)
 
@@ -226,7 +234,7 @@ async def test_the_blocked_user_sees_a_nonexistent_handle(connections, new_user:
 
 
 async def test_a_blocker_learns_nothing_about_a_hidden_blocked_user(
-    connections, new_user: NewUser
+    connections: Connections, new_user: NewUser
 ) -> None:
     a, hidden = await new_user(), await new_user(accept=False)
     await block(connections, a, hidden.handle)
@@ -237,7 +245,7 @@ async def test_a_blocker_learns_nothing_about_a_hidden_blocked_user(
 
 
 async def test_block_answers_alike_for_any_handle_and_again(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     closed, inactive = await new_user(accept=False), await new_user(active=False)
@@ -261,7 +269,7 @@ async def test_block_answers_alike_for_any_handle_and_again(
 
 
 async def test_block_refuses_the_callers_own_and_malformed_handles(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a = await new_user()
     await expect_error(
@@ -279,7 +287,7 @@ async def test_block_refuses_the_callers_own_and_malformed_handles(
 
 
 async def test_unblock_lifts_the_block_and_restores_nothing(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     await connect(connections, a, b)
@@ -312,7 +320,7 @@ async def test_unblock_lifts_the_block_and_restores_nothing(
 
 
 async def test_after_unblock_a_request_swept_by_the_block_looks_rejected_to_its_sender(
-    connections, new_user: NewUser
+    connections: Connections, new_user: NewUser
 ) -> None:
     a, b = await new_user(), await new_user()
     await send(connections, b, a)
@@ -324,7 +332,7 @@ async def test_after_unblock_a_request_swept_by_the_block_looks_rejected_to_its_
 
 
 async def test_list_blocked_users_newest_first_in_keyset_pages(
-    connections, accounts, admin, new_user: NewUser, sql: Sql
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser, sql: Sql
 ) -> None:
     me = await new_user()
     blocked = [await new_user(preferred_name=f"Blocked {n}") for n in range(5)]
@@ -363,7 +371,7 @@ async def test_list_blocked_users_newest_first_in_keyset_pages(
         accounts_pb2.UpdateSettingsRequest(
             user_id=hidden.id,
             settings=accounts_pb2.Settings(accept_connections=True),
-            update_mask={"paths": ["accept_connections"]},
+            update_mask=field_mask_pb2.FieldMask(paths=["accept_connections"]),
         ),
         metadata=admin,
     )
@@ -382,12 +390,14 @@ async def test_list_blocked_users_newest_first_in_keyset_pages(
     )
 
 
-async def test_statement_budgets(server: RunningServer, connections, new_user: NewUser) -> None:
+async def test_statement_budgets(
+    server: RunningServer, connections: Connections, new_user: NewUser
+) -> None:
     a, b, c = await new_user(), await new_user(), await new_user()
     await connect(connections, a, b)
     await send(connections, c, a)
 
-    async def counted(call) -> int:
+    async def counted(call: Awaitable[object]) -> int:
         server.statements.reset()
         await call
         return rpc_statements(server)

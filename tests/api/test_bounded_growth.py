@@ -3,7 +3,7 @@ rate limit, and an UpdateSharingOverrides that changes nothing writes nothing.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -12,6 +12,7 @@ from google.protobuf import field_mask_pb2
 
 from tests.rich import expect_error, outcome, retry_delay
 from tests.support import (
+    Connections,
     NewUser,
     RunningServer,
     Sql,
@@ -92,7 +93,7 @@ USER_CALLS = {
 }
 
 
-async def exhaust(call, burst: int) -> grpc.aio.AioRpcError:
+async def exhaust(call: Callable[[], Awaitable[object]], burst: int) -> grpc.aio.AioRpcError:
     """Makes `burst` calls (none refused by the limit), then the one that is."""
     for _ in range(burst):
         assert await outcome(call()) != "RATE_LIMITED"
@@ -101,13 +102,14 @@ async def exhaust(call, burst: int) -> grpc.aio.AioRpcError:
 
 @pytest.mark.parametrize("method", USER_WRITES)
 async def test_user_write_rpcs_are_limited_per_caller(
-    connections, new_user: NewUser, method: str
+    connections: Connections, new_user: NewUser, method: str
 ) -> None:
     me, someone_else = await new_user(), await new_user()
     burst = DEFAULT_RATE_LIMITS[method].burst
 
-    def call(user: TestUser = me):
-        return getattr(connections, method)(USER_CALLS[method], metadata=user.md)
+    def call(user: TestUser = me) -> Awaitable[object]:
+        rpc: Callable[..., Awaitable[object]] = getattr(connections, method)
+        return rpc(USER_CALLS[method], metadata=user.md)
 
     refused = await exhaust(call, burst)
     assert 0 < retry_delay(refused) <= DEFAULT_RATE_LIMITS[method].interval
@@ -134,7 +136,7 @@ async def test_backend_write_limits_stop_a_runaway_loop_only(method: str) -> Non
         assert limiter.take(method, "bulk-importer", spec) is None
 
 
-async def _connect(connections, a: TestUser, b: TestUser) -> int:
+async def _connect(connections: Connections, a: TestUser, b: TestUser) -> int:
     sent = await connections.SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
     await connections.Respond(
         pb.RespondRequest(request_id=sent.request.id, action=ACCEPT), metadata=b.md
@@ -144,7 +146,7 @@ async def _connect(connections, a: TestUser, b: TestUser) -> int:
 
 
 async def test_an_override_update_that_changes_nothing_writes_nothing(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     connection_id = await _connect(connections, a, b)

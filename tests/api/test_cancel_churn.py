@@ -17,6 +17,7 @@ import pytest_asyncio
 from tests.api.statements import rpc_statements
 from tests.rich import expect_error, retry_delay
 from tests.support import (
+    Connections,
     NewUser,
     RunningServer,
     Sql,
@@ -42,14 +43,18 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-async def send(connections, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
+async def send(
+    connections: Connections, sender: TestUser, receiver: TestUser
+) -> pb.ConnectionRequest:
     reply = await connections.SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
     )
     return reply.request
 
 
-async def cancel(connections, sender: TestUser, request_id: int) -> pb.ConnectionRequest:
+async def cancel(
+    connections: Connections, sender: TestUser, request_id: int
+) -> pb.ConnectionRequest:
     reply = await connections.CancelRequest(
         pb.CancelRequestRequest(request_id=request_id), metadata=sender.md
     )
@@ -57,7 +62,7 @@ async def cancel(connections, sender: TestUser, request_id: int) -> pb.Connectio
 
 
 async def test_cancelled_requests_keep_counting_toward_the_cap(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     receiver = await new_user()
     senders = [await new_user() for _ in range(6)]
@@ -79,7 +84,7 @@ async def test_cancelled_requests_keep_counting_toward_the_cap(
 
 
 async def test_resending_after_a_cancel_waits_for_the_cooldown(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     sender, receiver, other = await new_user(), await new_user(), await new_user()
     first = await send(connections, sender, receiver)
@@ -125,7 +130,7 @@ async def test_resending_after_a_cancel_waits_for_the_cooldown(
 
 
 async def test_cancel_withdraws_the_notification_and_skips_the_unsent_push(
-    connections, new_user: NewUser, sql: Sql, server: RunningServer
+    connections: Connections, new_user: NewUser, sql: Sql, server: RunningServer
 ) -> None:
     receiver = await new_user()
     stays, goes = await new_user(), await new_user()
@@ -163,7 +168,7 @@ async def test_cancel_withdraws_the_notification_and_skips_the_unsent_push(
 
 
 async def test_a_push_already_completed_is_left_as_it_was(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     sender, receiver = await new_user(), await new_user()
     request = await send(connections, sender, receiver)

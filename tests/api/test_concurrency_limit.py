@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,8 @@ from tests.support import (
     NewUser,
     RunningServer,
     TestUser,
+    Watch,
+    raw_unary_unary,
     separate_channel,
     start_server,
     stop_server,
@@ -91,7 +94,7 @@ async def server(database_url: str, hold: Hold) -> AsyncIterator[RunningServer]:
 async def hold_calls(
     channel: grpc.aio.Channel, user: TestUser, count: int
 ) -> list[asyncio.Task[bytes]]:
-    wait = channel.unary_unary(HOLD_METHOD)
+    wait = raw_unary_unary(channel, HOLD_METHOD)
     return [
         asyncio.ensure_future(wait(b"held", metadata=user.md, timeout=60)) for _ in range(count)
     ]
@@ -142,7 +145,7 @@ async def test_the_cap_holds_for_unary_calls_and_streams_count_apart(
         await channel.close()
 
 
-async def stream_refusal(call: grpc.aio.UnaryStreamCall) -> str:
+async def stream_refusal(call: Watch) -> str:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call.read()
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
@@ -168,7 +171,7 @@ async def test_with_every_limit_full_refusals_still_carry_their_reason(
     user = await new_user()
     channel = separate_channel(server.target)
     health = health_pb2_grpc.HealthStub(channel)
-    streams: list[grpc.aio.UnaryStreamCall] = []
+    streams: list[grpc.aio.UnaryStreamCall[Any, Any]] = []  # ours and health's (untyped)
     try:
         held = await hold_calls(channel, user, CAP)
         await hold.until_inside(CAP)

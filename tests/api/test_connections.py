@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import pytest
@@ -12,13 +12,22 @@ from google.protobuf import field_mask_pb2
 
 from tests.api.statements import rpc_statements
 from tests.rich import error_reason, status_details
-from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser, separate_channel
+from tests.support import (
+    Accounts,
+    Connections,
+    Metadata,
+    NewUser,
+    RunningServer,
+    Sql,
+    TestUser,
+    separate_channel,
+)
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 ACCEPT = pb.RespondRequest.ACTION_ACCEPT
-Racers = list[connections_pb2_grpc.ConnectionServiceStub]
+Racers = list[Connections]
 ROUNDS = 8
 
 
@@ -29,13 +38,15 @@ async def racers(
     """Two clients on connections of their own, so that their calls really meet."""
     channels = [separate_channel(server.target) for _ in range(2)]
     try:
-        yield [connections_pb2_grpc.ConnectionServiceStub(c) for c in channels]  # type: ignore[misc]
+        yield [connections_pb2_grpc.ConnectionServiceStub(c) for c in channels]
     finally:
         for channel in channels:
             await channel.close()
 
 
-async def expect_error(call, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
+async def expect_error(
+    call: Awaitable[object], code: grpc.StatusCode, reason: str
+) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     assert caught.value.code() == code, caught.value.details()
@@ -43,7 +54,7 @@ async def expect_error(call, code: grpc.StatusCode, reason: str) -> grpc.aio.Aio
     return caught.value
 
 
-async def outcome(call) -> str:
+async def outcome(call: Awaitable[object]) -> str:
     try:
         await call
     except grpc.aio.AioRpcError as error:
@@ -51,7 +62,9 @@ async def outcome(call) -> str:
     return "OK"
 
 
-async def connect(connections, a: TestUser, b: TestUser) -> tuple[pb.Connection, pb.Connection]:
+async def connect(
+    connections: Connections, a: TestUser, b: TestUser
+) -> tuple[pb.Connection, pb.Connection]:
     """a sends, b accepts; returns (a's side, b's side)."""
     sent = await connections.SendRequest(pb.SendRequestRequest(umbral_name=b.handle), metadata=a.md)
     accepted = await connections.Respond(
@@ -75,7 +88,7 @@ async def snapshot(sql: Sql) -> dict[str, list[tuple[object, ...]]]:
     return {name: [tuple(row) for row in await sql.rows(query)] for name, query in tables.items()}
 
 
-async def set_defaults(accounts, admin: Metadata, user: TestUser, **shares: bool) -> None:
+async def set_defaults(accounts: Accounts, admin: Metadata, user: TestUser, **shares: bool) -> None:
     await accounts.UpdateSettings(
         accounts_pb2.UpdateSettingsRequest(
             user_id=user.id,
@@ -86,7 +99,7 @@ async def set_defaults(accounts, admin: Metadata, user: TestUser, **shares: bool
     )
 
 
-async def test_list_and_get(connections, new_user: NewUser) -> None:
+async def test_list_and_get(connections: Connections, new_user: NewUser) -> None:
     me = await new_user()
     others = [await new_user(preferred_name=f"Friend {n}") for n in range(3)]
     mine = [(await connect(connections, me, other))[0] for other in others]
@@ -118,7 +131,7 @@ async def test_list_and_get(connections, new_user: NewUser) -> None:
 
 
 async def test_shared_profile_defaults_overrides_and_empty_values(
-    connections, accounts, admin: Metadata, new_user: NewUser
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser
 ) -> None:
     owner = await new_user(
         preferred_name="Olivia",
@@ -194,7 +207,7 @@ async def test_shared_profile_defaults_overrides_and_empty_values(
 
 
 async def test_override_updates_are_stored_on_the_other_row_and_audited(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     a, b = await new_user(), await new_user()
     a_side, b_side = await connect(connections, a, b)
@@ -226,7 +239,7 @@ async def test_override_updates_are_stored_on_the_other_row_and_audited(
 
 @pytest.mark.parametrize("path", ["nickname", "umbral_name", "email.value", ""])
 async def test_override_paths_must_be_shareable_fields(
-    connections, new_user: NewUser, sql: Sql, path: str
+    connections: Connections, new_user: NewUser, sql: Sql, path: str
 ) -> None:
     a, b = await new_user(), await new_user()
     a_side, _ = await connect(connections, a, b)
@@ -247,7 +260,7 @@ async def test_override_paths_must_be_shareable_fields(
 
 
 async def test_concurrent_override_updates_of_different_fields_both_survive(
-    connections, new_user: NewUser, racers: Racers
+    connections: Connections, new_user: NewUser, racers: Racers
 ) -> None:
     for _ in range(ROUNDS):
         a, b = await new_user(), await new_user()
@@ -277,7 +290,7 @@ async def test_concurrent_override_updates_of_different_fields_both_survive(
         assert shown.overrides == pb.SharingOverrides(**dict.fromkeys(fields, True), birthday=False)
 
 
-async def test_remove_connection(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_remove_connection(connections: Connections, new_user: NewUser, sql: Sql) -> None:
     a = await new_user(profile=accounts_pb2.Profile(email="a@example.org"))
     b = await new_user()
     a_side, b_side = await connect(connections, a, b)
@@ -327,7 +340,7 @@ async def test_remove_connection(connections, new_user: NewUser, sql: Sql) -> No
 
 
 async def test_both_sides_removing_at_once(
-    connections,
+    connections: Connections,
     new_user: NewUser,
     sql: Sql,
     racers: Racers,
@@ -394,7 +407,7 @@ async def assert_symmetric(sql: Sql) -> None:
 
 
 async def test_remove_racing_override_update(
-    connections,
+    connections: Connections,
     new_user: NewUser,
     sql: Sql,
     racers: Racers,
@@ -425,7 +438,7 @@ async def test_remove_racing_override_update(
 
 
 async def test_remove_racing_new_request(
-    connections,
+    connections: Connections,
     new_user: NewUser,
     sql: Sql,
     racers: Racers,
@@ -454,7 +467,9 @@ async def test_remove_racing_new_request(
         assert pending == (1 if sent == "OK" else 0)
 
 
-async def test_object_level_authorization_matrix(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_object_level_authorization_matrix(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     """Every RPC taking an id, called by the owner, the counterparty and a stranger."""
     owner, counterparty, stranger = await new_user(), await new_user(), await new_user()
     owner_side, counterparty_side = await connect(connections, owner, counterparty)
@@ -532,11 +547,13 @@ async def test_object_level_authorization_matrix(connections, new_user: NewUser,
         assert got.connection.id == side.id
 
 
-async def test_statement_budget(connections, new_user: NewUser, server: RunningServer) -> None:
+async def test_statement_budget(
+    connections: Connections, new_user: NewUser, server: RunningServer
+) -> None:
     a, b = await new_user(), await new_user()
     a_side, _ = await connect(connections, a, b)
 
-    async def count(call) -> int:
+    async def count(call: Awaitable[object]) -> int:
         server.statements.reset()
         await call
         return rpc_statements(server)

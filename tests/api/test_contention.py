@@ -24,6 +24,7 @@ import pytest_asyncio
 
 from tests.rich import expect_error
 from tests.support import (
+    Connections,
     NewUser,
     RunningServer,
     Sql,
@@ -31,6 +32,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage.database import (
@@ -82,7 +84,10 @@ def assert_one_warning(caplog: pytest.LogCaptureFixture, sqlstate: str) -> None:
 
 
 async def test_a_lock_wait_past_lock_timeout_is_storage_busy(
-    connections, new_user: NewUser, blocker: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+    connections: Connections,
+    new_user: NewUser,
+    blocker: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     sender, receiver = await new_user(), await new_user()
     request = (
@@ -105,7 +110,10 @@ async def test_a_lock_wait_past_lock_timeout_is_storage_busy(
 
 
 async def test_a_read_kept_waiting_by_a_table_lock_is_storage_busy(
-    connections, new_user: NewUser, blocker: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+    connections: Connections,
+    new_user: NewUser,
+    blocker: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     me = await new_user()
     await connections.Search(pb.SearchRequest(umbral_name="warm-up"), metadata=me.md)
@@ -150,13 +158,14 @@ async def test_a_statement_past_statement_timeout_is_storage_busy(
 
 
 async def _wait_until_waiting(sql: Sql, pid: int) -> None:
-    for _ in range(500):
-        if await sql.value(
+    await until(
+        lambda: sql.value(
             "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
-        ):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the other session never waited on the lock")
+        ),
+        within=5,
+        what="the other session waiting on the lock",
+        every=0.01,
+    )
 
 
 async def test_a_deadlock_on_every_attempt_is_storage_busy(
@@ -211,7 +220,7 @@ async def test_a_deadlock_on_every_attempt_is_storage_busy(
 
 
 async def test_busy_is_answered_unavailable_not_internal_through_the_rpc(
-    connections, new_user: NewUser, blocker: asyncpg.Connection
+    connections: Connections, new_user: NewUser, blocker: asyncpg.Connection
 ) -> None:
     """The same holds for a write whose lock wait ends it; the client may simply retry."""
     sender, receiver = await new_user(), await new_user()

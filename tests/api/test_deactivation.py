@@ -13,9 +13,11 @@ import pytest_asyncio
 from tests.api.streams import until_synced, watch
 from tests.rich import error_reason
 from tests.support import (
+    Accounts,
     Metadata,
     NewUser,
     RunningServer,
+    Watch,
     start_server,
     stop_server,
     test_config,
@@ -37,7 +39,7 @@ async def other_replica(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-async def outcome(call: grpc.aio.UnaryStreamCall) -> tuple[grpc.StatusCode, str, str, float]:
+async def outcome(call: Watch) -> tuple[grpc.StatusCode, str, str, float]:
     """Reads a stream to its end: code, reason, message, and when it ended (monotonic)."""
     try:
         while await asyncio.wait_for(call.read(), 30) is not grpc.aio.EOF:
@@ -50,7 +52,7 @@ async def outcome(call: grpc.aio.UnaryStreamCall) -> tuple[grpc.StatusCode, str,
 async def test_deactivation_ends_streams_here_and_on_another_replica_as_permission_denied(
     server: RunningServer,
     other_replica: RunningServer,
-    accounts,
+    accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
 ) -> None:
@@ -85,6 +87,7 @@ async def test_deactivation_ends_streams_here_and_on_another_replica_as_permissi
             pb.SendRequestRequest(umbral_name=bystander.handle), metadata=sender.md
         )
         event = await asyncio.wait_for(streams[2].read(), 10)
+        assert isinstance(event, pb.WatchIncomingRequestsResponse)
         assert event.received.id == sent.request.id
     finally:
         for call in streams:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.api.streams import next_event, send, until_synced, watch
-from tests.support import NewUser, Sql
+from tests.support import Connections, NewUser, Sql
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -18,7 +18,7 @@ async def notify(sql: Sql, **payload: object) -> None:
 
 
 async def test_a_forged_notify_never_hands_another_users_request_to_a_watcher(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     me, victim, sender, friend = [await new_user() for _ in range(4)]
     secret = await send(connections, sender, victim)

@@ -20,7 +20,7 @@ from tests.api.equivalence import (  # noqa: F401 (floored_server is the `server
     assert_equivalent,
     floored_server,
 )
-from tests.support import NewUser, RunningServer, TestUser
+from tests.support import Connections, NewUser, RunningServer, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -30,7 +30,7 @@ pb = connections_pb2
 async def search(new_user: NewUser) -> Pair:
     target = await new_user()
 
-    def call(stub: Stub, caller: TestUser, first: bool) -> Awaitable[object]:
+    def call(stub: Connections, caller: TestUser, first: bool) -> Awaitable[object]:
         handle = target.handle if first else NOBODY
         return stub.Search(pb.SearchRequest(umbral_name=handle), metadata=caller.md)
 
@@ -40,7 +40,7 @@ async def search(new_user: NewUser) -> Pair:
 async def send_request(new_user: NewUser) -> Pair:
     closed = await new_user(accept=False)
 
-    def call(stub: Stub, caller: TestUser, first: bool) -> Awaitable[object]:
+    def call(stub: Connections, caller: TestUser, first: bool) -> Awaitable[object]:
         handle = closed.handle if first else NOBODY
         return stub.SendRequest(pb.SendRequestRequest(umbral_name=handle), metadata=caller.md)
 

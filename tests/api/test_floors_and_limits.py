@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import pytest
@@ -11,7 +11,14 @@ import pytest_asyncio
 from google.rpc import error_details_pb2
 
 from tests.rich import error_reason, status_details
-from tests.support import NewUser, RunningServer, start_server, stop_server, test_config
+from tests.support import (
+    Connections,
+    NewUser,
+    RunningServer,
+    start_server,
+    stop_server,
+    test_config,
+)
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -32,7 +39,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-async def timed(call) -> tuple[float, str]:
+async def timed(call: Awaitable[object]) -> tuple[float, str]:
     started = time.perf_counter()
     try:
         await call
@@ -42,7 +49,9 @@ async def timed(call) -> tuple[float, str]:
     return time.perf_counter() - started, result
 
 
-async def test_every_search_outcome_waits_for_the_floor(connections, new_user: NewUser) -> None:
+async def test_every_search_outcome_waits_for_the_floor(
+    connections: Connections, new_user: NewUser
+) -> None:
     me = await new_user()
     not_opted_in = await new_user(accept=False)
     reachable = await new_user()
@@ -65,7 +74,9 @@ async def test_every_search_outcome_waits_for_the_floor(connections, new_user: N
         assert elapsed >= FLOOR, (handle, elapsed)
 
 
-async def test_send_request_not_found_waits_for_the_floor(connections, new_user: NewUser) -> None:
+async def test_send_request_not_found_waits_for_the_floor(
+    connections: Connections, new_user: NewUser
+) -> None:
     me = await new_user()
     closed = await new_user(accept=False)
     inactive = await new_user(active=False)
@@ -77,7 +88,9 @@ async def test_send_request_not_found_waits_for_the_floor(connections, new_user:
         assert elapsed >= FLOOR
 
 
-async def test_search_is_rate_limited_per_caller(connections, new_user: NewUser) -> None:
+async def test_search_is_rate_limited_per_caller(
+    connections: Connections, new_user: NewUser
+) -> None:
     noisy, quiet = await new_user(), await new_user()
     request = pb.SearchRequest(umbral_name="someone")
     for _ in range(40):

@@ -24,7 +24,16 @@ from tests.api.statements import rpc_statements
 from tests.invariants import check_all
 from tests.locks import until_none_waiting, until_waiting
 from tests.rich import expect_error, status_details
-from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser
+from tests.support import (
+    Accounts,
+    Connections,
+    Metadata,
+    NewUser,
+    RunningServer,
+    Sql,
+    TestUser,
+    until,
+)
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -65,8 +74,8 @@ def write_methods() -> set[str]:
 
 @dataclasses.dataclass
 class Env:
-    connections: Any
-    accounts: Any
+    connections: Connections
+    accounts: Accounts
     admin: Metadata
     new_user: NewUser
     sql: Sql
@@ -76,13 +85,16 @@ class Env:
 class Call:
     """One call of a write RPC, ready to make (and make again)."""
 
-    stub: Any
+    stub: Connections | Accounts
     method: str
     request: Message
     md: Metadata
 
-    def __call__(self, md: Metadata | None = None, request: Message | None = None):  # type: ignore[no-untyped-def]
-        return getattr(self.stub, self.method)(request or self.request, metadata=md or self.md)
+    def __call__(
+        self, md: Metadata | None = None, request: Message | None = None
+    ) -> Awaitable[Any]:
+        rpc: Callable[..., Awaitable[Any]] = getattr(self.stub, self.method)
+        return rpc(request or self.request, metadata=md or self.md)
 
 
 async def _send(env: Env, a: TestUser, b: TestUser) -> pb.ConnectionRequest:
@@ -154,7 +166,7 @@ async def mark_notifications_read(env: Env) -> Call:
     return Call(
         env.connections,
         "MarkNotificationsRead",
-        pb.MarkNotificationsReadRequest(notification_ids=[note]),  # type: ignore[list-item]
+        pb.MarkNotificationsReadRequest(notification_ids=[note]),
         b.md,
     )
 
@@ -210,7 +222,9 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[Call]]] = {
 
 
 @pytest.fixture
-def env(connections, accounts, admin: Metadata, new_user: NewUser, sql: Sql) -> Env:
+def env(
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser, sql: Sql
+) -> Env:
     return Env(connections, accounts, admin, new_user, sql)
 
 
@@ -389,6 +403,7 @@ async def test_a_malformed_key_is_refused(env: Env, header: str) -> None:
 async def receiver_held(env: Env, call: Call, database_url: str) -> AsyncIterator[int]:
     """Another writer holds the row of a SendRequest's receiver until the block ends: the
     call queues behind it (after its caller and target checks)."""
+    assert isinstance(call.request, pb.SendRequestRequest)
     receiver = await env.sql.value(
         "SELECT id FROM users WHERE umbral_name = $1", call.request.umbral_name
     )
@@ -403,7 +418,7 @@ async def receiver_held(env: Env, call: Call, database_url: str) -> AsyncIterato
 
 async def requests_to(env: Env, receiver: int) -> int:
     return int(
-        await env.sql.value(  # type: ignore[arg-type]
+        await env.sql.value(
             "SELECT count(*) FROM connection_requests WHERE receiver_id = $1", receiver
         )
     )
@@ -436,13 +451,14 @@ async def test_a_call_that_never_committed_leaves_no_key(env: Env, database_url:
         # The server gave the call up (its statement no longer waits) before the row is let
         # go: let go first, a server slow to see the deadline would take the lock and commit.
         await until_none_waiting(env.sql)
-    for _ in range(500):  # the server notices the cancel and rolls back
-        if not await env.sql.value(
+
+    async def rolled_back() -> bool:  # the server notices the cancel and rolls back
+        return not await env.sql.value(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc'"
             " AND state <> 'idle'"
-        ):
-            break
-        await asyncio.sleep(0.01)
+        )
+
+    await until(rolled_back, within=10, what="no busy server connection", every=0.01)
     assert not await env.sql.value("SELECT count(*) FROM idempotency_keys WHERE key = $1", key)
     # The retry does the write, once.
     await call(keyed(call.md, key))
@@ -454,6 +470,7 @@ async def test_a_key_is_honoured_for_24_hours_then_pruned(server: RunningServer,
     call = await update_settings(env)
     key = new_key()
     await call(keyed(call.md, key))
+    assert isinstance(call.request, accounts_pb2.UpdateSettingsRequest)
     renamed = accounts_pb2.UpdateSettingsRequest()
     renamed.CopyFrom(call.request)
     renamed.settings.preferred_name = "Renamed Again"

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from tests import invariants
 from tests.rich import error_reason
-from tests.support import Metadata, NewUser, TestUser
+from tests.support import Accounts, Connections, Metadata, NewUser, TestUser
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -45,7 +45,9 @@ class Scenario:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def scenario(connections, accounts, admin: Metadata, new_user: NewUser) -> Scenario:
+async def scenario(
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser
+) -> Scenario:
     a, b, c, d, e = [await new_user() for _ in range(5)]
     x, y, z, w = [await new_user() for _ in range(4)]
 
@@ -55,7 +57,9 @@ async def scenario(connections, accounts, admin: Metadata, new_user: NewUser) ->
         )
         return reply.request.id
 
-    async def respond(receiver: TestUser, request_id: int, action: int) -> None:
+    async def respond(
+        receiver: TestUser, request_id: int, action: pb.RespondRequest.Action.ValueType
+    ) -> None:
         await connections.Respond(
             pb.RespondRequest(request_id=request_id, action=action), metadata=receiver.md
         )

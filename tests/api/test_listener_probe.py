@@ -7,10 +7,9 @@ pool goes straight to the database. Events are sent through the module's other s
 
 from __future__ import annotations
 
-import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ from tests.api.streams import Stub, ended_with, next_event, send, until_synced, 
 from tests.api.test_metrics import value
 from tests.api.test_watch_processes import NOT_SERVING, SERVING, health_becomes
 from tests.pg_proxy import NotificationDroppingProxy
-from tests.support import NewUser, start_server, stop_server, test_config
+from tests.support import Connections, NewUser, start_server, stop_server, test_config, until
 from umbra_grpc.embedded import free_port
 from umbra_grpc.server import Service
 from umbra_grpc.storage.database import Database
@@ -39,13 +38,6 @@ async def proxy(database_url: str) -> AsyncIterator[NotificationDroppingProxy]:
         await running.stop()
 
 
-async def until(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within}s"
-        await asyncio.sleep(0.05)
-
-
 def serving_gauge(service: Service) -> float:
     """What the metrics endpoint says load balancers should do (deploy/haproxy.cfg reads it)."""
     url = f"http://{service.config.metrics_listen}/metrics"
@@ -54,7 +46,7 @@ def serving_gauge(service: Service) -> float:
 
 
 async def test_a_listener_that_hears_nothing_is_never_up(
-    database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
+    database_url: str, proxy: NotificationDroppingProxy, connections: Connections, new_user: NewUser
 ) -> None:
     proxy.deaf = True
     config = test_config(
@@ -70,7 +62,12 @@ async def test_a_listener_that_hears_nothing_is_never_up(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     try:
         # LISTEN went through, the probe's NOTIFY was dropped, and the listener tried again.
-        await until(lambda: proxy.connections >= 2 and proxy.dropped >= 1, within=30)
+        await until(
+            lambda: proxy.connections >= 2 and proxy.dropped >= 1,
+            within=30,
+            what="the listener connected and a probe dropped",
+            every=0.05,
+        )
         assert went_up == []
         assert not service.listener.connected
         await health_becomes(channel, NOT_SERVING, within=5)
@@ -94,7 +91,7 @@ async def test_a_listener_that_hears_nothing_is_never_up(
 
 
 async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
-    database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
+    database_url: str, proxy: NotificationDroppingProxy, connections: Connections, new_user: NewUser
 ) -> None:
     running = await start_server(
         test_config(
@@ -132,7 +129,7 @@ async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
 
 
 async def test_one_lost_echo_is_not_a_lost_connection(
-    database_url: str, proxy: NotificationDroppingProxy, connections, new_user: NewUser
+    database_url: str, proxy: NotificationDroppingProxy, connections: Connections, new_user: NewUser
 ) -> None:
     """A single probe echo late or lost (a busy machine) keeps the connection and its streams;
     only `MISSES_TO_LOSE` in a row end them (the test above)."""
@@ -150,9 +147,14 @@ async def test_one_lost_echo_is_not_a_lost_connection(
         await until_synced(call)
 
         proxy.drop_next = 1
-        await until(lambda: proxy.dropped == 1, within=10)
+        await until(lambda: proxy.dropped == 1, within=10, what="one probe dropped", every=0.05)
         heard = proxy.forwarded
-        await until(lambda: proxy.forwarded >= heard + 2, within=20)  # two probes answered since
+        await until(  # two probes answered since
+            lambda: proxy.forwarded >= heard + 2,
+            within=20,
+            what="two probes answered",
+            every=0.05,
+        )
         assert went_down == []
         assert running.service.listener.connected
         request = await send(connections, sender, me)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -11,7 +9,16 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.support import NewUser, RunningServer, start_server, stop_server, test_config
+from tests.api.streams import until_synced
+from tests.support import (
+    Connections,
+    NewUser,
+    RunningServer,
+    start_server,
+    stop_server,
+    test_config,
+    until,
+)
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
@@ -33,19 +40,21 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 def scrape(server: RunningServer) -> str:
     url = f"http://{server.service.config.metrics_listen}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
-        return reply.read().decode()
+        text: str = reply.read().decode()
+    return text
 
 
 async def scrape_with(server: RunningServer, line_start: str, within: float = 10.0) -> str:
     """The first scrape holding `line_start`: a refused call is counted as its handler unwinds,
     which can be just after the client has its status."""
-    deadline = time.monotonic() + within
-    while True:
+
+    def holding() -> str | None:
         text = scrape(server)
-        if any(line.startswith(line_start + " ") for line in text.splitlines()):
-            return text
-        assert time.monotonic() < deadline, f"{line_start} not in the scrape within {within}s"
-        await asyncio.sleep(0.02)
+        return (
+            text if any(line.startswith(line_start + " ") for line in text.splitlines()) else None
+        )
+
+    return await until(holding, within=within, what=f"{line_start} in the scrape")
 
 
 def value(text: str, line_start: str) -> float:
@@ -55,7 +64,9 @@ def value(text: str, line_start: str) -> float:
     raise AssertionError(f"{line_start} not in the scrape")
 
 
-async def test_rpcs_are_counted_by_method_and_code(connections, new_user: NewUser, server) -> None:
+async def test_rpcs_are_counted_by_method_and_code(
+    connections: Connections, new_user: NewUser, server: RunningServer
+) -> None:
     me = await new_user()
     await connections.Search(pb.SearchRequest(umbral_name="someone"), metadata=me.md)
     with pytest.raises(grpc.aio.AioRpcError):
@@ -68,14 +79,15 @@ async def test_rpcs_are_counted_by_method_and_code(connections, new_user: NewUse
     assert value(text, f'umbra_rpc_duration_seconds_count{{method="{search}"}}') >= 2
 
 
-async def test_live_values_are_read_at_scrape_time(connections, new_user: NewUser, server) -> None:
+async def test_live_values_are_read_at_scrape_time(
+    connections: Connections, new_user: NewUser, server: RunningServer
+) -> None:
     me = await new_user()
     call = connections.WatchIncomingRequests(
         pb.WatchIncomingRequestsRequest(), metadata=me.md, timeout=30
     )
     try:
-        while (await call.read()).WhichOneof("event") != "synced":
-            pass
+        await until_synced(call)
         text = scrape(server)
         assert value(text, "umbra_watch_streams") == 1
     finally:

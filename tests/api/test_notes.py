@@ -15,7 +15,7 @@ import pytest
 from tests.api.streams import next_event, until_synced, watch
 from tests.invariants import check_all
 from tests.rich import expect_error
-from tests.support import NewUser, Sql, TestUser
+from tests.support import Connections, NewUser, Sql, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -25,14 +25,18 @@ REJECT = pb.RespondRequest.ACTION_REJECT
 NOTE = "Hi! We met at the Zoë Ångström talk 🦊"
 
 
-async def send(connections, sender: TestUser, receiver: TestUser, message: str = ""):
+async def send(
+    connections: Connections, sender: TestUser, receiver: TestUser, message: str = ""
+) -> pb.ConnectionRequest:
     reply = await connections.SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle, message=message), metadata=sender.md
     )
     return reply.request
 
 
-async def test_only_the_receiver_sees_the_note(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_only_the_receiver_sees_the_note(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     sender, receiver = await new_user(), await new_user()
     stream = watch(connections, receiver)
     try:
@@ -78,7 +82,9 @@ async def test_only_the_receiver_sees_the_note(connections, new_user: NewUser, s
     assert all("message" not in n.data for n in accepted.notifications)
 
 
-async def test_a_cancelled_request_shows_its_sender_no_note(connections, new_user: NewUser) -> None:
+async def test_a_cancelled_request_shows_its_sender_no_note(
+    connections: Connections, new_user: NewUser
+) -> None:
     sender, receiver = await new_user(), await new_user()
     sent = await send(connections, sender, receiver, NOTE)
     cancelled = await connections.CancelRequest(
@@ -87,7 +93,9 @@ async def test_a_cancelled_request_shows_its_sender_no_note(connections, new_use
     assert cancelled.request.message == ""
 
 
-async def test_notes_are_nfc_and_clean_and_short(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_notes_are_nfc_and_clean_and_short(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     sender = await new_user()
     composed = await send(connections, sender, await new_user(), "Zoe\u0308" + "x" * 276)
     stored = await sql.value("SELECT message FROM connection_requests WHERE id = $1", composed.id)
@@ -120,7 +128,10 @@ async def notification_of(sql: Sql, request_id: int) -> list[bool]:
 
 @pytest.mark.parametrize("action", [ACCEPT, REJECT])
 async def test_an_answered_requests_notification_is_marked_read(
-    connections, new_user: NewUser, sql: Sql, action: int
+    connections: Connections,
+    new_user: NewUser,
+    sql: Sql,
+    action: pb.RespondRequest.Action.ValueType,
 ) -> None:
     sender, receiver = await new_user(), await new_user()
     sent = await send(connections, sender, receiver)
@@ -136,7 +147,7 @@ async def test_an_answered_requests_notification_is_marked_read(
 
 
 async def test_an_accept_for_a_deactivated_sender_marks_it_read_too(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     sender, receiver = await new_user(), await new_user()
     sent = await send(connections, sender, receiver)
@@ -155,7 +166,7 @@ async def test_an_accept_for_a_deactivated_sender_marks_it_read_too(
     "how", ["cancelled", "expired", "blocked by the receiver", "blocked by the sender"]
 )
 async def test_a_withdrawn_requests_notification_is_deleted(
-    connections, new_user: NewUser, sql: Sql, how: str
+    connections: Connections, new_user: NewUser, sql: Sql, how: str
 ) -> None:
     sender, receiver = await new_user(), await new_user()
     sent = await send(connections, sender, receiver)

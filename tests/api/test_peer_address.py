@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.support import RunningServer, Sql, start_server, stop_server, test_config
+from tests.support import NewUser, RunningServer, Sql, start_server, stop_server, test_config
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -42,7 +42,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 )
 async def test_audit_rows_and_the_access_log_name_the_same_client(
     server: RunningServer,
-    new_user,
+    new_user: NewUser,
     sql: Sql,
     caplog: pytest.LogCaptureFixture,
     headers: list[str],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from tests.locks import until_waiting
 from tests.rich import error_reason
-from tests.support import NewUser, RunningServer, Sql, TestUser, separate_channel
+from tests.support import Connections, NewUser, RunningServer, Sql, TestUser, separate_channel
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -32,16 +32,16 @@ ROUNDS = 5
 @pytest_asyncio.fixture(loop_scope="session")
 async def clients(
     server: RunningServer,
-) -> AsyncIterator[list[connections_pb2_grpc.ConnectionServiceAsyncStub]]:
+) -> AsyncIterator[list[Connections]]:
     channels = [separate_channel(server.target) for _ in range(24)]
     try:
-        yield [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]  # type: ignore[misc]
+        yield [connections_pb2_grpc.ConnectionServiceStub(channel) for channel in channels]
     finally:
         for channel in channels:
             await channel.close()
 
 
-async def outcome(call) -> str:
+async def outcome(call: Awaitable[object]) -> str:
     """OK, or the ErrorInfo reason of the failure."""
     try:
         await call
@@ -76,7 +76,11 @@ async def met(
 
 
 async def test_many_senders_one_receiver_respect_the_cap(
-    clients, new_user: NewUser, sql: Sql, server: RunningServer, database_url: str
+    clients: list[Connections],
+    new_user: NewUser,
+    sql: Sql,
+    server: RunningServer,
+    database_url: str,
 ) -> None:
     for _ in range(ROUNDS):
         receiver = await new_user()
@@ -114,7 +118,11 @@ async def test_many_senders_one_receiver_respect_the_cap(
 
 
 async def test_crossed_requests_leave_one_pending(
-    clients, new_user: NewUser, sql: Sql, server: RunningServer, database_url: str
+    clients: list[Connections],
+    new_user: NewUser,
+    sql: Sql,
+    server: RunningServer,
+    database_url: str,
 ) -> None:
     for _ in range(ROUNDS * 4):
         a, b = await new_user(), await new_user()
@@ -152,7 +160,7 @@ async def test_crossed_requests_leave_one_pending(
         )
 
 
-async def pending_request(clients, sender: TestUser, receiver: TestUser) -> int:
+async def pending_request(clients: list[Connections], sender: TestUser, receiver: TestUser) -> int:
     reply = await clients[0].SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
     )
@@ -160,7 +168,11 @@ async def pending_request(clients, sender: TestUser, receiver: TestUser) -> int:
 
 
 async def test_concurrent_accepts_have_one_winner(
-    clients, new_user: NewUser, sql: Sql, server: RunningServer, database_url: str
+    clients: list[Connections],
+    new_user: NewUser,
+    sql: Sql,
+    server: RunningServer,
+    database_url: str,
 ) -> None:
     for _ in range(ROUNDS):
         sender, receiver = await new_user(), await new_user()
@@ -200,7 +212,11 @@ async def test_concurrent_accepts_have_one_winner(
 
 
 async def test_accept_racing_cancel_has_one_winner(
-    clients, new_user: NewUser, sql: Sql, server: RunningServer, database_url: str
+    clients: list[Connections],
+    new_user: NewUser,
+    sql: Sql,
+    server: RunningServer,
+    database_url: str,
 ) -> None:
     """Both wait on the request's row; the one that queued first wins (PostgreSQL's row lock
     queue), so each side is made to win in turn, and the other must lose cleanly."""
@@ -208,7 +224,7 @@ async def test_accept_racing_cancel_has_one_winner(
         sender, receiver = await new_user(), await new_user()
         request_id = await pending_request(clients, sender, receiver)
         # Calls start when they are made: only once the row is held.
-        calls = {
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
             "accept": functools.partial(
                 clients[1].Respond,
                 pb.RespondRequest(request_id=request_id, action=pb.RespondRequest.ACTION_ACCEPT),

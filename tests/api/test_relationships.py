@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from tests.rich import expect_error
-from tests.support import NewUser, Sql, TestUser
+from tests.support import Connections, NewUser, Sql, TestUser
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -15,21 +15,25 @@ ACCEPT = pb.RespondRequest.ACTION_ACCEPT
 S = pb.RelationshipState
 
 
-async def send(connections, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
+async def send(
+    connections: Connections, sender: TestUser, receiver: TestUser
+) -> pb.ConnectionRequest:
     reply = await connections.SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
     )
     return reply.request
 
 
-async def states(connections, caller: TestUser, *handles: str) -> list[tuple[str, int]]:
+async def states(
+    connections: Connections, caller: TestUser, *handles: str
+) -> list[tuple[str, int]]:
     reply = await connections.GetRelationships(
         pb.GetRelationshipsRequest(umbral_names=list(handles)), metadata=caller.md
     )
     return [(item.umbral_name, item.state) for item in reply.relationships]
 
 
-async def test_every_state_in_the_order_asked(connections, new_user: NewUser) -> None:
+async def test_every_state_in_the_order_asked(connections: Connections, new_user: NewUser) -> None:
     me = await new_user()
     friend, asked, asking, blocked, stranger = [await new_user() for _ in range(5)]
     request = await send(connections, me, friend)
@@ -69,7 +73,7 @@ async def test_every_state_in_the_order_asked(connections, new_user: NewUser) ->
 
 
 async def test_nothing_the_caller_may_not_know_is_told(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     me = await new_user()
     hidden = await new_user(accept=False)
@@ -104,7 +108,7 @@ async def test_nothing_the_caller_may_not_know_is_told(
 
 
 async def test_an_expired_request_is_no_relationship(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     me, other = await new_user(), await new_user()
     request = await send(connections, me, other)
@@ -122,7 +126,7 @@ async def test_an_expired_request_is_no_relationship(
     assert await states(connections, other, me.handle) == [(me.handle, S.RELATIONSHIP_STATE_NONE)]
 
 
-async def test_bad_lists_are_refused(connections, new_user: NewUser) -> None:
+async def test_bad_lists_are_refused(connections: Connections, new_user: NewUser) -> None:
     me = await new_user()
     await expect_error(
         connections.GetRelationships(

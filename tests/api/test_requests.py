@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import cast
+
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
 from tests.api.statements import rpc_statements
 from tests.rich import error_reason, status_details
-from tests.support import Metadata, NewUser, RunningServer, Sql, TestUser
+from tests.support import Accounts, Connections, Metadata, NewUser, RunningServer, Sql, TestUser
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -16,7 +19,9 @@ pb = connections_pb2
 Status = pb.ConnectionRequest
 
 
-async def expect_error(call, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
+async def expect_error(
+    call: Awaitable[object], code: grpc.StatusCode, reason: str
+) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     assert caught.value.code() == code, caught.value.details()
@@ -24,7 +29,9 @@ async def expect_error(call, code: grpc.StatusCode, reason: str) -> grpc.aio.Aio
     return caught.value
 
 
-async def send(connections, sender: TestUser, receiver: TestUser) -> pb.ConnectionRequest:
+async def send(
+    connections: Connections, sender: TestUser, receiver: TestUser
+) -> pb.ConnectionRequest:
     reply = await connections.SendRequest(
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
     )
@@ -40,14 +47,14 @@ async def table_counts(sql: Sql) -> dict[str, int]:
         "persons",
         "user_connections",
     )
-    return {table: int(await sql.value(f"SELECT count(*) FROM {table}")) for table in tables}  # type: ignore[arg-type]
+    return {table: int(await sql.value(f"SELECT count(*) FROM {table}")) for table in tables}
 
 
 # --- Search -----------------------------------------------------------------------------
 
 
 async def test_search_found_only_for_reachable_users(
-    connections, accounts, admin: Metadata, new_user: NewUser
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser
 ) -> None:
     me = await new_user()
     reachable = await new_user()
@@ -69,7 +76,9 @@ async def test_search_found_only_for_reachable_users(
 
 
 @pytest.mark.parametrize("handle", ["ab", "has space", "x" * 51, "", "ünïcode"])
-async def test_search_malformed_handle(connections, new_user: NewUser, handle: str) -> None:
+async def test_search_malformed_handle(
+    connections: Connections, new_user: NewUser, handle: str
+) -> None:
     me = await new_user()
     await expect_error(
         connections.Search(pb.SearchRequest(umbral_name=handle), metadata=me.md),
@@ -81,7 +90,9 @@ async def test_search_malformed_handle(connections, new_user: NewUser, handle: s
 # --- SendRequest ------------------------------------------------------------------------
 
 
-async def test_send_writes_request_and_side_rows(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_send_writes_request_and_side_rows(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     sender = await new_user(preferred_name="Sally Sender")
     receiver = await new_user(preferred_name="Rita")
     request = await send(connections, sender, receiver)
@@ -110,7 +121,7 @@ async def test_send_writes_request_and_side_rows(connections, new_user: NewUser,
     ]
 
 
-async def test_send_refusals(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_send_refusals(connections: Connections, new_user: NewUser, sql: Sql) -> None:
     me = await new_user()
     other = await new_user()
     closed = await new_user(accept=False)
@@ -149,7 +160,7 @@ async def test_send_refusals(connections, new_user: NewUser, sql: Sql) -> None:
     )
 
 
-async def test_send_to_connected_user(connections, new_user: NewUser) -> None:
+async def test_send_to_connected_user(connections: Connections, new_user: NewUser) -> None:
     a, b = await new_user(), await new_user()
     request = await send(connections, a, b)
     await connections.Respond(
@@ -164,7 +175,7 @@ async def test_send_to_connected_user(connections, new_user: NewUser) -> None:
         )
 
 
-async def test_pending_cap(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_pending_cap(connections: Connections, new_user: NewUser, sql: Sql) -> None:
     receiver = await new_user()
     senders = [await new_user() for _ in range(6)]
     for sender in senders[:5]:
@@ -191,7 +202,9 @@ async def test_pending_cap(connections, new_user: NewUser, sql: Sql) -> None:
 # --- Lists ------------------------------------------------------------------------------
 
 
-async def test_incoming_and_outgoing_pages(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_incoming_and_outgoing_pages(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     receiver = await new_user()
     senders = [await new_user() for _ in range(5)]
     sent = [await send(connections, sender, receiver) for sender in senders]
@@ -233,7 +246,7 @@ async def test_incoming_and_outgoing_pages(connections, new_user: NewUser, sql: 
     assert outgoing.requests[0].receiver_umbral_name == receiver.handle
 
 
-async def test_page_size_rules(connections, new_user: NewUser) -> None:
+async def test_page_size_rules(connections: Connections, new_user: NewUser) -> None:
     me = await new_user()
     huge = await connections.ListIncomingRequests(
         pb.ListIncomingRequestsRequest(page_size=1_000_000), metadata=me.md
@@ -248,7 +261,7 @@ async def test_page_size_rules(connections, new_user: NewUser) -> None:
     )
 
 
-async def test_page_tokens_are_tamper_evident(connections, new_user: NewUser) -> None:
+async def test_page_tokens_are_tamper_evident(connections: Connections, new_user: NewUser) -> None:
     receiver = await new_user()
     other = await new_user()
     for _ in range(3):
@@ -287,7 +300,7 @@ async def test_page_tokens_are_tamper_evident(connections, new_user: NewUser) ->
 
 
 async def test_accept_creates_cards_connections_and_side_rows(
-    connections, accounts, admin: Metadata, new_user: NewUser, sql: Sql
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser, sql: Sql
 ) -> None:
     sender = await new_user(
         preferred_name="Sam",
@@ -364,7 +377,7 @@ async def test_accept_creates_cards_connections_and_side_rows(
     )
 
 
-async def test_reject_is_silent(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_reject_is_silent(connections: Connections, new_user: NewUser, sql: Sql) -> None:
     sender, receiver = await new_user(), await new_user()
     request = await send(connections, sender, receiver)
     before = await table_counts(sql)
@@ -381,7 +394,7 @@ async def test_reject_is_silent(connections, new_user: NewUser, sql: Sql) -> Non
 
 
 async def test_accept_from_inactive_sender(
-    connections, accounts, admin: Metadata, new_user: NewUser, sql: Sql
+    connections: Connections, accounts: Accounts, admin: Metadata, new_user: NewUser, sql: Sql
 ) -> None:
     sender, receiver = await new_user(), await new_user()
     request = await send(connections, sender, receiver)
@@ -408,7 +421,9 @@ async def test_accept_from_inactive_sender(
     assert after == {**before, "audit_log": before["audit_log"] + 1}
 
 
-async def test_respond_not_pending_is_one_answer(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_respond_not_pending_is_one_answer(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     sender, receiver, stranger = await new_user(), await new_user(), await new_user()
     request = await send(connections, sender, receiver)
     accept = pb.RespondRequest.ACTION_ACCEPT
@@ -434,7 +449,7 @@ async def test_respond_not_pending_is_one_answer(connections, new_user: NewUser,
     assert len({(a.details(), status_details(a).SerializeToString()) for a in answers}) == 1
 
 
-async def test_cancel(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_cancel(connections: Connections, new_user: NewUser, sql: Sql) -> None:
     sender, receiver = await new_user(), await new_user()
     request = await send(connections, sender, receiver)
     await expect_error(
@@ -473,7 +488,11 @@ async def test_cancel(connections, new_user: NewUser, sql: Sql) -> None:
         ("Respond", pb.RespondRequest(request_id=0, action=pb.RespondRequest.ACTION_ACCEPT)),
         ("Respond", pb.RespondRequest(request_id=-5, action=pb.RespondRequest.ACTION_REJECT)),
         ("Respond", pb.RespondRequest(request_id=1, action=pb.RespondRequest.ACTION_UNSPECIFIED)),
-        ("Respond", pb.RespondRequest(request_id=1, action=17)),
+        # An action no version of the proto defines (the stubs type only the defined ones).
+        (
+            "Respond",
+            pb.RespondRequest(request_id=1, action=cast("pb.RespondRequest.Action.ValueType", 17)),
+        ),
         ("CancelRequest", pb.CancelRequestRequest(request_id=0)),
         ("GetContact", pb.GetContactRequest(person_id=-1)),
         ("MarkNotificationsRead", pb.MarkNotificationsReadRequest(notification_ids=[1, 0])),
@@ -484,7 +503,7 @@ async def test_cancel(connections, new_user: NewUser, sql: Sql) -> None:
     ],
 )
 async def test_bad_input_is_invalid_argument_and_changes_nothing(
-    connections, new_user: NewUser, sql: Sql, method: str, message: object
+    connections: Connections, new_user: NewUser, sql: Sql, method: str, message: object
 ) -> None:
     me = await new_user()
     before = await table_counts(sql)
@@ -497,7 +516,9 @@ async def test_bad_input_is_invalid_argument_and_changes_nothing(
 # --- Notifications and contact cards ---------------------------------------------------------
 
 
-async def test_notifications_list_and_mark_read(connections, new_user: NewUser, sql: Sql) -> None:
+async def test_notifications_list_and_mark_read(
+    connections: Connections, new_user: NewUser, sql: Sql
+) -> None:
     receiver = await new_user()
     senders = [await new_user(preferred_name=f"Sender {n}") for n in range(3)]
     for sender in senders:
@@ -539,7 +560,9 @@ async def test_notifications_list_and_mark_read(connections, new_user: NewUser, 
     assert len(unread.notifications) == 2
 
 
-async def test_contact_of_another_user_is_not_found(connections, new_user: NewUser) -> None:
+async def test_contact_of_another_user_is_not_found(
+    connections: Connections, new_user: NewUser
+) -> None:
     a, b, stranger = await new_user(), await new_user(), await new_user()
     request = await send(connections, a, b)
     reply = await connections.Respond(
@@ -561,13 +584,15 @@ async def test_contact_of_another_user_is_not_found(connections, new_user: NewUs
 # --- Statement budget (SPEC 8): counted, never timed -------------------------------------------
 
 
-async def test_statement_budget(connections, new_user: NewUser, server: RunningServer) -> None:
+async def test_statement_budget(
+    connections: Connections, new_user: NewUser, server: RunningServer
+) -> None:
     a, b = await new_user(), await new_user()
     # Warm the per-process caller cache so only the RPC's own statements are counted.
     for user in (a, b):
         await connections.Search(pb.SearchRequest(umbral_name="warm-up"), metadata=user.md)
 
-    async def count(call) -> int:
+    async def count(call: Awaitable[object]) -> int:
         server.statements.reset()
         await call
         return rpc_statements(server)

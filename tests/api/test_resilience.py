@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import grpc
@@ -12,7 +11,7 @@ import pytest
 
 from tests.locks import until_none_waiting, until_waiting
 from tests.rich import error_reason
-from tests.support import NewUser, RunningServer, Sql
+from tests.support import Connections, NewUser, RunningServer, Sql, until
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -26,7 +25,7 @@ async def _deadline_while_locked(
     sql: Sql,
     lock_sql: str,
     row_id: int,
-    call: Callable[[], grpc.aio.UnaryUnaryCall],  # type: ignore[type-arg]
+    call: Callable[[], grpc.aio.UnaryUnaryCall[Any, Any]],
 ) -> None:
     """Holds a row lock while `call` waits on it past its deadline, then lets the lock go.
 
@@ -60,10 +59,12 @@ async def _settled(server: RunningServer, sql: Sql) -> None:
     """Every pooled connection is back (so a write that escaped the rollback has landed),
     and none of them was left idle in a transaction."""
     db = server.service.db
-    deadline = time.monotonic() + 5
-    while db.checked_out():
-        assert time.monotonic() < deadline, "a pooled connection was never given back"
-        await asyncio.sleep(0.01)
+    await until(
+        lambda: not db.checked_out(),
+        within=5,
+        what="every pooled connection given back",
+        every=0.01,
+    )
     assert (
         await sql.value(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'umbra-grpc' "
@@ -75,7 +76,7 @@ async def _settled(server: RunningServer, sql: Sql) -> None:
 
 @pytest.mark.parametrize("attempt", range(3))
 async def test_a_cancelled_send_rolls_back_and_returns_its_connection(
-    connections,
+    connections: Connections,
     new_user: NewUser,
     server: RunningServer,
     sql: Sql,
@@ -104,7 +105,7 @@ async def test_a_cancelled_send_rolls_back_and_returns_its_connection(
 
 @pytest.mark.parametrize("attempt", range(3))
 async def test_a_cancelled_single_statement_write_rolls_back(
-    connections,
+    connections: Connections,
     new_user: NewUser,
     server: RunningServer,
     sql: Sql,
@@ -139,7 +140,7 @@ async def test_a_cancelled_single_statement_write_rolls_back(
 
 
 async def test_dropped_database_connections_recover_by_themselves(
-    connections, new_user: NewUser, server: RunningServer, sql: Sql
+    connections: Connections, new_user: NewUser, server: RunningServer, sql: Sql
 ) -> None:
     me, other = await new_user(), await new_user()
     for _ in range(3):

@@ -13,7 +13,7 @@ import pytest
 
 from tests.locks import until_waiting
 from tests.rich import expect_error, status_details
-from tests.support import NewUser, Sql
+from tests.support import Connections, NewUser, Sql
 from umbra_grpc.pb import connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -25,7 +25,7 @@ CALL_SECONDS = 30.0
 
 async def written(sql: Sql) -> int:
     return int(
-        await sql.value(  # type: ignore[arg-type]
+        await sql.value(
             "SELECT (SELECT count(*) FROM connection_requests) + (SELECT count(*) FROM outbox)"
             " + (SELECT count(*) FROM notifications) + (SELECT count(*) FROM audit_log)"
         )
@@ -33,7 +33,7 @@ async def written(sql: Sql) -> int:
 
 
 async def test_a_caller_not_opted_in_gets_one_answer_for_every_handle(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     me = await new_user(accept=False)
     reachable = await new_user()
@@ -67,7 +67,7 @@ async def test_a_caller_not_opted_in_gets_one_answer_for_every_handle(
 
 
 async def test_not_found_never_waits_on_the_targets_row_lock(
-    connections, new_user: NewUser, sql: Sql, database_url: str
+    connections: Connections, new_user: NewUser, sql: Sql, database_url: str
 ) -> None:
     me = await new_user()
     closed = await new_user(accept=False)

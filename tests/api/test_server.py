@@ -17,9 +17,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.rich import error_reason
 from tests.support import (
     TEST_SECRET,
+    Connections,
     Metadata,
     NewUser,
     RunningServer,
+    raw_unary_unary,
     start_server,
     stop_server,
     test_config,
@@ -50,7 +52,8 @@ async def check(channel: grpc.aio.Channel, service: str) -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=5
     )
-    return reply.status
+    status: int = reply.status
+    return status
 
 
 async def test_health_is_serving_without_a_token(server: RunningServer) -> None:
@@ -81,6 +84,7 @@ async def test_health_is_not_serving_during_shutdown(own_server: RunningServer) 
             seen[name] = await check(own_server.channel, name)
         await stop_listening(grace)
 
+    # Stands in for the server's own stop, to look at health between Service.stop's steps.
     service.server.stop = stop_after_probing  # type: ignore[method-assign]
     try:
         await service.stop(0.5)
@@ -157,7 +161,7 @@ async def test_reflection_serves_the_proto_of_a_service(server: RunningServer) -
 
 
 async def test_request_over_64_kib_is_resource_exhausted(
-    server: RunningServer, connections, new_user: NewUser
+    server: RunningServer, connections: Connections, new_user: NewUser
 ) -> None:
     caller = await new_user()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -219,7 +223,7 @@ async def test_undecodable_request_bytes_are_invalid_argument(
     server: RunningServer, new_user: NewUser
 ) -> None:
     caller = await new_user()
-    search = server.channel.unary_unary(f"/{CONNECTION_SERVICE}/Search")
+    search = raw_unary_unary(server.channel, f"/{CONNECTION_SERVICE}/Search")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await search(b"\xff\xff\xff\xff", metadata=caller.md, timeout=5)
     error = caught.value
@@ -234,7 +238,7 @@ async def test_undecodable_bytes_are_refused_before_authentication(
 ) -> None:
     # Even a caller with no user row gets INVALID_ARGUMENT, not PERMISSION_DENIED.
     metadata: Metadata = user_metadata(987_654)
-    search = server.channel.unary_unary(f"/{CONNECTION_SERVICE}/Search")
+    search = raw_unary_unary(server.channel, f"/{CONNECTION_SERVICE}/Search")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await search(b"\xff\xff\xff\xff", metadata=metadata, timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

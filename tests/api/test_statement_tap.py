@@ -9,8 +9,6 @@ too little, and shows up here.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,7 +17,15 @@ import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
 from tests.pg_proxy import NotificationDroppingProxy
-from tests.support import NewUser, RunningServer, TestUser, start_server, stop_server
+from tests.support import (
+    Connections,
+    NewUser,
+    RunningServer,
+    TestUser,
+    start_server,
+    stop_server,
+    until,
+)
 from tests.support import test_config as make_config
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.storage.database import StatementCounter
@@ -80,6 +86,10 @@ class Tapped:
         counted = [_plain(sql) for sql in self._counter.statements[counted_from:]]
         return [sql for sql in wire if sql not in UNCOUNTED], counted
 
+    def _agreed(self, wire_from: int, counted_from: int) -> tuple[list[str], list[str]] | None:
+        wire, counted = self._since(wire_from, counted_from)
+        return (wire, counted) if sorted(wire) == sorted(counted) else None
+
     async def __call__(self, label: str, call: Callable[[], Awaitable[T]]) -> T:
         wire_from, counted_from = len(self._proxy.executed), len(self._counter.statements)
         reply = await call()
@@ -87,19 +97,18 @@ class Tapped:
             return reply
         # The wire may still be behind (background work); anything sent around the counter
         # keeps them apart for good.
-        deadline = time.monotonic() + 5
-        while True:
-            wire, counted = self._since(wire_from, counted_from)
-            if sorted(wire) == sorted(counted) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        assert sorted(wire) == sorted(counted), (label, wire, counted)
+        _, counted = await until(
+            lambda: self._agreed(wire_from, counted_from),
+            within=5,
+            what=lambda: (label, *self._since(wire_from, counted_from)),
+            every=0.01,
+        )
         assert counted, f"{label} ran no statement"
         self.checked[label] = len(counted)
         return reply
 
 
-async def scenario(connections, new_user: NewUser, tapped: Tapped) -> None:
+async def scenario(connections: Connections, new_user: NewUser, tapped: Tapped) -> None:
     """Every ConnectionService unary RPC once, each through `tapped`."""
     me, other, third = await new_user(), await new_user(), await new_user()
 
@@ -172,7 +181,10 @@ async def scenario(connections, new_user: NewUser, tapped: Tapped) -> None:
 
 
 async def test_every_rpc_counts_exactly_the_statements_postgresql_runs(
-    connections, new_user: NewUser, server: RunningServer, proxy: NotificationDroppingProxy
+    connections: Connections,
+    new_user: NewUser,
+    server: RunningServer,
+    proxy: NotificationDroppingProxy,
 ) -> None:
     counter = StatementCounter(background=True)
     counter.attach(server.service.db)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from tests.rich import expect_error
-from tests.support import Metadata, NewUser, Sql
+from tests.support import Accounts, Metadata, NewUser, Sql
 from umbra_grpc.pb import accounts_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -57,12 +58,14 @@ ACCEPTED = {
 }
 
 
-async def update_name(accounts, admin: Metadata, user_id: int, name: str):
+async def update_name(
+    accounts: Accounts, admin: Metadata, user_id: int, name: str
+) -> accounts_pb2.UpdateSettingsResponse:
     return await accounts.UpdateSettings(
         accounts_pb2.UpdateSettingsRequest(
             user_id=user_id,
             settings=accounts_pb2.Settings(preferred_name=name),
-            update_mask={"paths": ["preferred_name"]},
+            update_mask=field_mask_pb2.FieldMask(paths=["preferred_name"]),
         ),
         metadata=admin,
     )
@@ -70,7 +73,7 @@ async def update_name(accounts, admin: Metadata, user_id: int, name: str):
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL.values()), ids=list(ADVERSARIAL))
 async def test_invisible_and_reordering_characters_are_refused(
-    accounts, admin: Metadata, new_user: NewUser, sql: Sql, name: str
+    accounts: Accounts, admin: Metadata, new_user: NewUser, sql: Sql, name: str
 ) -> None:
     user = await new_user(preferred_name="Before")
     audits = await sql.value("SELECT count(*) FROM audit_log WHERE target_id = $1", user.id)
@@ -91,7 +94,7 @@ async def test_invisible_and_reordering_characters_are_refused(
 
 @pytest.mark.parametrize(("name", "stored"), list(ACCEPTED.values()), ids=list(ACCEPTED))
 async def test_names_are_stored_in_nfc(
-    accounts, admin: Metadata, new_user: NewUser, sql: Sql, name: str, stored: str
+    accounts: Accounts, admin: Metadata, new_user: NewUser, sql: Sql, name: str, stored: str
 ) -> None:
     user = await new_user()
     reply = await update_name(accounts, admin, user.id, name)
@@ -102,7 +105,7 @@ async def test_names_are_stored_in_nfc(
 
 
 async def test_the_limit_counts_characters_after_nfc(
-    accounts, admin: Metadata, new_user: NewUser
+    accounts: Accounts, admin: Metadata, new_user: NewUser
 ) -> None:
     user = await new_user()
     # 100 "é" written as e + combining acute: 200 code points that NFC makes 100.
@@ -118,7 +121,9 @@ async def test_the_limit_counts_characters_after_nfc(
         )
 
 
-async def test_an_empty_name_still_clears_it(accounts, admin: Metadata, new_user: NewUser) -> None:
+async def test_an_empty_name_still_clears_it(
+    accounts: Accounts, admin: Metadata, new_user: NewUser
+) -> None:
     user = await new_user(preferred_name="Someone")
     reply = await update_name(accounts, admin, user.id, "")
     assert reply.settings.preferred_name == ""

@@ -18,6 +18,7 @@ from tests.api.streams import Stub, next_event, send, until_synced, watch
 from tests.rich import error_reason
 from tests.storage.test_topology import multi_host
 from tests.support import (
+    Connections,
     NewUser,
     RunningServer,
     Sql,
@@ -42,7 +43,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 
 
 async def test_writes_refused_by_a_read_only_node_are_retryable_unavailable(
-    connections, new_user: NewUser, server: RunningServer, sql: Sql, database_url: str
+    connections: Connections, new_user: NewUser, server: RunningServer, sql: Sql, database_url: str
 ) -> None:
     me, other = await new_user(), await new_user()
     name = database_url.rpartition("/")[2]
@@ -80,7 +81,7 @@ async def test_writes_refused_by_a_read_only_node_are_retryable_unavailable(
 
 
 async def test_a_server_on_a_multi_host_url_serves_and_listens(
-    database_url: str, connections, new_user: NewUser
+    database_url: str, connections: Connections, new_user: NewUser
 ) -> None:
     running = await start_server(test_config(multi_host(database_url)))
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,14 +16,17 @@ import pytest_asyncio
 from tests.api.streams import Event, ended_with, next_event, send, until_synced, watch
 from tests.support import (
     TEST_SECRET,
+    Connections,
     NewUser,
     RunningServer,
     Sql,
+    Watch,
     bearer,
     separate_channel,
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 from umbra_grpc.tokens import mint_token
@@ -53,7 +55,9 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-async def test_snapshot_synced_then_live_events(connections, new_user: NewUser) -> None:
+async def test_snapshot_synced_then_live_events(
+    connections: Connections, new_user: NewUser
+) -> None:
     me = await new_user()
     first, second, third = await new_user(), await new_user(), await new_user()
     old = [await send(connections, first, me), await send(connections, second, me)]
@@ -90,7 +94,7 @@ async def test_snapshot_synced_then_live_events(connections, new_user: NewUser) 
         call.cancel()
 
 
-async def test_heartbeat_after_quiet_interval(connections, new_user: NewUser) -> None:
+async def test_heartbeat_after_quiet_interval(connections: Connections, new_user: NewUser) -> None:
     me = await new_user()
     call = watch(connections, me)
     try:
@@ -101,7 +105,9 @@ async def test_heartbeat_after_quiet_interval(connections, new_user: NewUser) ->
         call.cancel()
 
 
-async def test_stream_ends_when_the_token_expires(connections, new_user: NewUser) -> None:
+async def test_stream_ends_when_the_token_expires(
+    connections: Connections, new_user: NewUser
+) -> None:
     me = await new_user()
     short = bearer(mint_token(TEST_SECRET, subject=str(me.id), ttl_seconds=2))
     call = watch(connections, me, metadata=short)
@@ -109,7 +115,9 @@ async def test_stream_ends_when_the_token_expires(connections, new_user: NewUser
     assert await ended_with(call) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
 
 
-async def test_per_user_stream_limit(connections, new_user: NewUser, server: RunningServer) -> None:
+async def test_per_user_stream_limit(
+    connections: Connections, new_user: NewUser, server: RunningServer
+) -> None:
     me = await new_user()
     feed = server.service.feed
     before = feed.open_streams
@@ -123,10 +131,12 @@ async def test_per_user_stream_limit(connections, new_user: NewUser, server: Run
         for call in calls:
             call.cancel()
     # Closed streams free their places (once the server has seen them go).
-    deadline = time.monotonic() + 10
-    while feed.open_streams > before:
-        assert time.monotonic() < deadline, "cancelled streams kept their places"
-        await asyncio.sleep(0.01)
+    await until(
+        lambda: feed.open_streams <= before,
+        within=10,
+        what="cancelled streams freeing their places",
+        every=0.01,
+    )
     again = watch(connections, me)
     try:
         await until_synced(again)
@@ -134,7 +144,7 @@ async def test_per_user_stream_limit(connections, new_user: NewUser, server: Run
         again.cancel()
 
 
-async def events_until_quiet(call) -> list[Event]:
+async def events_until_quiet(call: Watch) -> list[Event]:
     """Events (heartbeats aside) until a heartbeat follows at least one of them."""
     events: list[Event] = []
     while (event := await next_event(call, heartbeats=True)).WhichOneof(
@@ -146,7 +156,7 @@ async def events_until_quiet(call) -> list[Event]:
 
 
 async def test_200_watchers_each_get_exactly_their_own_events(
-    connections, new_user: NewUser, server: RunningServer
+    connections: Connections, new_user: NewUser, server: RunningServer
 ) -> None:
     watchers = [await new_user() for _ in range(200)]
     senders = [await new_user() for _ in range(200)]
@@ -174,7 +184,7 @@ async def test_200_watchers_each_get_exactly_their_own_events(
 
 
 async def test_slow_consumer_is_ended_while_others_carry_on(
-    connections, new_user: NewUser, server: RunningServer, database_url: str, sql: Sql
+    connections: Connections, new_user: NewUser, server: RunningServer, database_url: str, sql: Sql
 ) -> None:
     slow_user, fast_user, sender = await new_user(), await new_user(), await new_user()
     slow_request = await send(connections, sender, slow_user)
@@ -236,7 +246,7 @@ async def test_slow_consumer_is_ended_while_others_carry_on(
 
 
 async def test_listener_loss_ends_streams_and_recovers(
-    connections, new_user: NewUser, server: RunningServer, sql: Sql
+    connections: Connections, new_user: NewUser, server: RunningServer, sql: Sql
 ) -> None:
     me, sender = await new_user(), await new_user()
     call = watch(connections, me)
@@ -245,17 +255,18 @@ async def test_listener_loss_ends_streams_and_recovers(
     await sql.rows("SELECT pg_terminate_backend($1)", pid)
     assert await ended_with(call) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
     # Within seconds a new stream works again, and events flow.
-    for _ in range(100):
+
+    async def synced() -> Watch | None:
         again = watch(connections, me)
         try:
             await until_synced(again)
-            break
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("no stream within 10 s of losing the listener")
+            return None
+        return again
+
+    again = await until(synced, within=10, what="a stream after losing the listener", every=0.1)
     try:
         assert server.service.listener.backend_pid != pid
         request = await send(connections, sender, me)

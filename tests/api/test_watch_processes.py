@@ -34,13 +34,20 @@ from tests.api.streams import (
 from tests.rich import error_reason
 from tests.serve import EXIT_SECONDS, Serve, serving
 from tests.support import (
+    AccessLine,
+    Accounts,
+    Connections,
+    Metadata,
     NewUser,
     RunningServer,
     TestUser,
+    Watch,
+    access_line,
     separate_channel,
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY
 from umbra_grpc.pb import accounts_pb2, connections_pb2
@@ -65,22 +72,23 @@ async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) 
     """Seconds until grpc health says `status` for the server and ConnectionService."""
     health = health_pb2_grpc.HealthStub(channel)
     started = time.monotonic()
-    while time.monotonic() - started < within:
+
+    async def says_status() -> bool:
         replies = [
             await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             for name in ("", CONNECTION_SERVICE)
         ]
-        if all(reply.status == status for reply in replies):
-            return time.monotonic() - started
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"health never became {status} within {within}s")
+        return all(reply.status == status for reply in replies)
+
+    await until(says_status, within=within, what=f"health {status}", every=0.1)
+    return time.monotonic() - started
 
 
 # --- two processes on one database ----------------------------------------------------------
 
 
 async def test_a_stream_on_one_process_gets_the_events_of_writes_made_through_another(
-    connections: Stub, new_user: NewUser, database_url: str, tmp_path: Path
+    connections: Connections, new_user: NewUser, database_url: str, tmp_path: Path
 ) -> None:
     me, early, late = await new_user(), await new_user(), await new_user()
     async with (
@@ -162,7 +170,7 @@ async def test_sigterm_with_100_open_streams_ends_them_unavailable_and_exits_wit
 
             ended_at: list[float] = []
 
-            async def end_of(call) -> tuple[grpc.StatusCode, str | None]:
+            async def end_of(call: Watch) -> tuple[grpc.StatusCode, str | None]:
                 outcome = await ended_with(call)
                 ended_at.append(time.monotonic() - signalled)
                 return outcome
@@ -230,10 +238,10 @@ async def test_health_and_streams_follow_the_listener(
 
 def access_lines(
     records: list[logging.LogRecord], user: TestUser, correlation_id: str
-) -> list[logging.LogRecord]:
+) -> list[AccessLine]:
     """Access lines of one call: its correlation id, or its method and caller."""
     return [
-        record
+        access_line(record)
         for record in records
         if record.name == "umbra.access"
         and (
@@ -246,16 +254,16 @@ def access_lines(
     ]
 
 
-async def drain(call, seen: list[Event]) -> None:
+async def drain(call: Watch, seen: list[Event]) -> None:
     """Reads, and keeps, every message until the stream ends."""
-    while (event := await asyncio.wait_for(call.read(), READ_TIMEOUT)) is not grpc.aio.EOF:
+    while isinstance(event := await asyncio.wait_for(call.read(), READ_TIMEOUT), Event):
         seen.append(event)
 
 
 async def test_a_stream_gets_one_access_line_when_it_ends(
-    connections: Stub,
-    accounts,
-    admin,
+    connections: Connections,
+    accounts: Accounts,
+    admin: Metadata,
     new_user: NewUser,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -291,36 +299,40 @@ async def test_a_stream_gets_one_access_line_when_it_ends(
     correlation_id = dict(ended.value.trailing_metadata())[CORRELATION_ID_KEY]
     # Nothing was written while the stream was open, whatever its handler had done so far.
     assert access_lines(while_open, me, correlation_id) == []
-    deadline = time.monotonic() + 5
-    while not access_lines(caplog.records, me, correlation_id):  # it follows the status
-        assert time.monotonic() < deadline, "no access line"
-        await asyncio.sleep(0.02)
+    started = time.monotonic()  # both waits below share 5 s
+    await until(  # the line follows the status
+        lambda: access_lines(caplog.records, me, correlation_id),
+        within=5,
+        what="the stream's access line",
+    )
     # A call made after the stream ended has its line written: a second line of the stream,
     # if one were coming, would be in by then.
     searched = time.time()
     await connections.Search(pb.SearchRequest(umbral_name="someone"), metadata=first.md)
-    while not [
-        record
-        for record in caplog.records
-        if record.name == "umbra.access"
-        and getattr(record, "caller", None) == str(first.id)
-        and record.created >= searched
-    ]:
-        assert time.monotonic() < deadline, "no access line for the later call"
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: [
+            record
+            for record in caplog.records
+            if record.name == "umbra.access"
+            and getattr(record, "caller", None) == str(first.id)
+            and record.created >= searched
+        ],
+        within=5 - (time.monotonic() - started),
+        what="the access line of the later call",
+    )
 
     lines = access_lines(caplog.records, me, correlation_id)
     assert len(lines) == 1, [line.getMessage() for line in lines]
     line = lines[0]
     assert line.levelno == logging.INFO
-    assert line.method == WATCH_METHOD  # type: ignore[attr-defined]
-    assert line.correlation_id == correlation_id  # type: ignore[attr-defined]
-    assert line.caller == str(me.id)  # type: ignore[attr-defined]
-    assert line.code == "PERMISSION_DENIED"  # type: ignore[attr-defined]
-    assert line.events_sent == len(seen)  # type: ignore[attr-defined]
-    assert line.peer  # type: ignore[attr-defined]
+    assert line.method == WATCH_METHOD
+    assert line.correlation_id == correlation_id
+    assert line.caller == str(me.id)
+    assert line.code == "PERMISSION_DENIED"
+    assert line.events_sent == len(seen)
+    assert line.peer
     assert line.getMessage().startswith(f"{WATCH_METHOD} PERMISSION_DENIED ")
     # Its duration covers the whole stream, past the last event: written when it ended. (Only
     # what the server must have spanned is a bound: the client's own open-to-last-event time
     # also holds the call's set-up and the events' way back, which the server never sees.)
-    assert line.duration_ms / 1000 >= last_sent - snapshot_seen  # type: ignore[attr-defined]
+    assert line.duration_ms / 1000 >= last_sent - snapshot_seen

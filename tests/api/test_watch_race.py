@@ -18,8 +18,16 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.api.streams import next_event, send, until_synced, watch
-from tests.support import NewUser, RunningServer, Sql, TestUser, start_server, stop_server
+from tests.api.streams import Event, next_event, send, until_synced, watch
+from tests.support import (
+    Connections,
+    NewUser,
+    RunningServer,
+    Sql,
+    TestUser,
+    start_server,
+    stop_server,
+)
 from tests.support import test_config as make_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -58,7 +66,9 @@ async def older_requests(sql: Sql, receivers: list[TestUser]) -> dict[int, set[i
     return older
 
 
-async def one_round(connections, receiver: TestUser, senders: list[TestUser], marker: TestUser):
+async def one_round(
+    connections: Connections, receiver: TestUser, senders: list[TestUser], marker: TestUser
+) -> tuple[set[int], list[int], list[int]]:
     """Opens a stream while `senders` send to `receiver`; returns what was sent and seen."""
     call = watch(connections, receiver)
     try:
@@ -69,7 +79,7 @@ async def one_round(connections, receiver: TestUser, senders: list[TestUser], ma
         # A request sent once all the others committed: everything before it has arrived
         # when it does, so whatever is missing then was lost, and a repeat shows too.
         last = await send(connections, marker, receiver)
-        live = []
+        live: list[Event] = []
         while (event := await next_event(call)).received.id != last.id:
             live.append(event)
     finally:
@@ -79,7 +89,7 @@ async def one_round(connections, receiver: TestUser, senders: list[TestUser], ma
 
 
 async def test_snapshot_plus_live_is_everything_sent_exactly_once(
-    connections, new_user: NewUser, sql: Sql
+    connections: Connections, new_user: NewUser, sql: Sql
 ) -> None:
     senders = [await new_user() for _ in range(SENDERS)]
     marker = await new_user()

@@ -40,15 +40,19 @@ class Script:
 
     unavailable_first: int = 0
     streams: list[Stream] = field(default_factory=list)
-    attempts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    attempts: dict[str, list[dict[str, str | bytes]]] = field(default_factory=dict)
 
-    def seen(self, method: str) -> list[dict[str, str]]:
+    def seen(self, method: str) -> list[dict[str, str | bytes]]:
         """The metadata of every attempt of `method`, in order."""
         return self.attempts.get(method, [])
 
 
 def request(request_id: int) -> pb.ConnectionRequest:
-    return pb.ConnectionRequest(id=request_id, sender_umbral_name=f"sender{request_id}", status=1)
+    return pb.ConnectionRequest(
+        id=request_id,
+        sender_umbral_name=f"sender{request_id}",
+        status=pb.ConnectionRequest.STATUS_PENDING,
+    )
 
 
 def received(request_id: int) -> pb.WatchIncomingRequestsResponse:
@@ -71,7 +75,7 @@ class ScriptedConnections(connections_pb2_grpc.ConnectionServiceServicer):
 
     def _record(self, method: str, context: Context) -> None:
         metadata = {key: value for key, value in context.invocation_metadata() or ()}
-        self.script.attempts.setdefault(method, []).append(metadata)  # type: ignore[arg-type]
+        self.script.attempts.setdefault(method, []).append(metadata)
 
     async def _flaky(self, method: str, context: Context) -> None:
         self._record(method, context)
@@ -87,7 +91,11 @@ class ScriptedConnections(connections_pb2_grpc.ConnectionServiceServicer):
         self, request: pb.SendRequestRequest, context: Context
     ) -> pb.SendRequestResponse:
         await self._flaky("SendRequest", context)
-        sent = pb.ConnectionRequest(id=1, receiver_umbral_name=request.umbral_name, status=1)
+        sent = pb.ConnectionRequest(
+            id=1,
+            receiver_umbral_name=request.umbral_name,
+            status=pb.ConnectionRequest.STATUS_PENDING,
+        )
         return pb.SendRequestResponse(request=sent)
 
     async def ListConnections(
@@ -128,7 +136,10 @@ class ScriptedServer:
 async def start_scripted(script: Script) -> ScriptedServer:
     server = grpc.aio.server()
     connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-        ScriptedConnections(script), server
+        # The generated .pyi marks every RPC abstract; the runtime base answers UNIMPLEMENTED
+        # to those a script does not play, which is what a scripted server is for.
+        ScriptedConnections(script),  # type: ignore[abstract]
+        server,
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

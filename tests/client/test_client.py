@@ -7,11 +7,14 @@ a script (`scripted.py`): the real service cannot be made to fail UNAVAILABLE on
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -41,15 +44,17 @@ def test_every_rpc_has_a_client_method() -> None:
         rpc = vars(UmbraClient).get(snake(method.name))
         assert isinstance(rpc, Rpc), f"UmbraClient has no {snake(method.name)} for {method.name}"
         assert rpc.name == method.name
-        assert rpc.request.DESCRIPTOR is method.input_type  # type: ignore[attr-defined]
+        request = rpc.request  # the message class, typed as the callable that builds it
+        assert isinstance(request, type) and issubclass(request, Message)
+        assert request.DESCRIPTOR is method.input_type
         assert rpc.response.DESCRIPTOR is method.output_type
         assert rpc.write is not method.name.startswith(READ_PREFIXES), method.name
     assert sorted(rpc.name for rpc in rpcs_of(UmbraClient)) == sorted(m.name for m in unary)
 
 
-def retried_methods(config: dict[str, object]) -> set[str]:
+def retried_methods(config: dict[str, Any]) -> set[str]:
     methods: set[str] = set()
-    for entry in config["methodConfig"]:  # type: ignore[attr-defined]
+    for entry in config["methodConfig"]:
         assert entry["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
         methods.update(name["method"] for name in entry["name"] if name["service"] == SERVICE)
     return methods
@@ -58,9 +63,11 @@ def retried_methods(config: dict[str, object]) -> set[str]:
 def test_service_config_retries_reads_and_writes_only_when_asked() -> None:
     rpcs = rpcs_of(UmbraClient)
     reads = {rpc.name for rpc in rpcs if not rpc.write}
-    options = {"attempts": 4, "initial_backoff": 0.1, "max_backoff": 1.0}
-    assert retried_methods(service_config(rpcs, write_retries=False, **options)) == reads
-    everything = service_config(rpcs, write_retries=True, **options)
+    configured = functools.partial(
+        service_config, rpcs, attempts=4, initial_backoff=0.1, max_backoff=1.0
+    )
+    assert retried_methods(configured(write_retries=False)) == reads
+    everything = configured(write_retries=True)
     assert retried_methods(everything) == {rpc.name for rpc in rpcs}
     assert everything["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
     assert (
@@ -89,7 +96,9 @@ async def test_writes_are_not_retried_when_switched_off(scripted: ScriptedServer
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_reason(failed.value) == "STORAGE_BUSY"
     [attempt] = scripted.script.seen("SendRequest")
-    assert uuid.UUID(attempt[IDEMPOTENCY_KEY_HEADER])
+    key = attempt[IDEMPOTENCY_KEY_HEADER]
+    assert isinstance(key, str)
+    assert uuid.UUID(key)
 
 
 async def test_writes_are_retried_by_default_under_one_key_per_call(
@@ -158,4 +167,6 @@ async def test_the_callers_trace_goes_with_the_call(scripted: ScriptedServer) ->
     untraced, traced = scripted.script.seen("Search")
     assert "traceparent" not in untraced
     trace_id = trace.format_trace_id(span.get_span_context().trace_id)
-    assert traced["traceparent"].split("-")[1] == trace_id
+    traceparent = traced["traceparent"]
+    assert isinstance(traceparent, str)
+    assert traceparent.split("-")[1] == trace_id

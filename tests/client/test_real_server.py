@@ -24,6 +24,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.client import IncomingWatch, UmbraClient, error_reason
 from umbra_grpc.pb import connections_pb2
@@ -92,14 +93,16 @@ class Collector:
 
     async def until(self, condition: Callable[[list[str]], bool]) -> None:
         """Polls until `condition(events)` holds (the reader failing ends the wait)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_SECONDS
-        while not condition(self.events):
+
+        def holds() -> bool:
+            if condition(self.events):
+                return True
             if self._task.done():
                 self._task.result()
                 raise AssertionError(f"the watch ended: {self.events}")
-            assert loop.time() < deadline, f"timed out; events so far: {self.events}"
-            await asyncio.sleep(0.02)
+            return False
+
+        await until(holds, within=WAIT_SECONDS, what=lambda: f"events so far: {self.events}")
 
     async def close(self) -> None:
         await self.watch.aclose()

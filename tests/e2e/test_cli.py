@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -15,10 +16,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -27,10 +27,11 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certificates import Authority
-from tests.support import admin_sql, app_environment, with_database
+from tests.support import admin_sql, app_environment, until, until_sync, with_database
 from umbra_grpc.embedded import EmbeddedPostgres, free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 
@@ -117,19 +118,26 @@ class Serving:
         `new_connection`: on a TCP connection of its own (grpc otherwise shares one among
         channels to a target), so that with `--workers` it may reach another worker.
         """
-        deadline = time.monotonic() + STARTUP_SECONDS
         options = [("grpc.use_local_subchannel_pool", 1)] if new_connection else []
         with grpc.insecure_channel(self.target, options=options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
+
+            def serving() -> bool:
                 if self.process.poll() is not None:
                     pytest.fail(f"serve exited {self.process.returncode}: {self.stderr[-3000:]}")
                 with contextlib.suppress(grpc.RpcError):
                     reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                time.sleep(0.2)
-        pytest.fail(f"serve never became SERVING: {self.stderr[-3000:]}")
+                    return bool(
+                        reply.status == health_pb2.HealthCheckResponse.SERVING
+                    )  # grpc_health ships no stubs
+                return False
+
+            until_sync(
+                serving,
+                within=STARTUP_SECONDS,
+                what=lambda: f"serve SERVING: {self.stderr[-3000:]}",
+                every=0.2,
+            )
 
     def stop(self, sig: signal.Signals) -> int:
         """Sends `sig` and returns the exit code, waiting at most EXIT_SECONDS."""
@@ -238,7 +246,7 @@ def test_serve_token_and_demo_against_a_configured_database(
                 accounts_pb2.UpdateSettingsRequest(
                     user_id=42,
                     settings=accounts_pb2.Settings(accept_connections=True),
-                    update_mask={"paths": ["accept_connections"]},
+                    update_mask=field_mask_pb2.FieldMask(paths=["accept_connections"]),
                 ),
                 metadata=admin,
                 timeout=10,
@@ -344,15 +352,6 @@ async def refuses_new_calls(target: str) -> bool:
     return False
 
 
-async def poll(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Awaits `condition` until it holds; fails naming `what` after STARTUP_SECONDS."""
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.asyncio(loop_scope="session")
 async def test_sigterm_lets_a_call_in_progress_finish_and_refuses_new_ones(
     module_env: dict[str, str], database_url: str, tmp_path: Path
@@ -390,18 +389,25 @@ async def test_sigterm_lets_a_call_in_progress_finish_and_refuses_new_ones(
                         accounts_pb2.UpdateSettingsRequest(
                             user_id=user_id,
                             settings=accounts_pb2.Settings(preferred_name="Finished"),
-                            update_mask={"paths": ["preferred_name"]},
+                            update_mask=field_mask_pb2.FieldMask(paths=["preferred_name"]),
                         ),
                         metadata=admin,
                         timeout=120,
                     )
                 )
-                await poll(
+                await until(
                     lambda: waiting_on_a_lock(database_url, "UPDATE settings"),
-                    "UpdateSettings to wait on the settings row",
+                    within=STARTUP_SECONDS,
+                    what="UpdateSettings waiting on the settings row",
+                    every=0.05,
                 )
                 server.process.send_signal(signal.SIGTERM)
-                await poll(lambda: refuses_new_calls(server.target), "new calls to be refused")
+                await until(
+                    lambda: refuses_new_calls(server.target),
+                    within=STARTUP_SECONDS,
+                    what="new calls refused",
+                    every=0.05,
+                )
                 assert not in_flight.done()
                 await lock.rollback()
             finally:
@@ -517,15 +523,6 @@ def listening_sockets(port: int) -> int:
     return count
 
 
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = STARTUP_SECONDS) -> None:
-    """Polls `condition` until it holds; fails naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie (its parent may never reap it)."""
     try:
@@ -570,7 +567,11 @@ def test_serve_workers_share_one_port_and_stop_together(
         # Both come to hold a listening socket on the one port (SO_REUSEPORT among themselves
         # only); the second may still be starting when the first answers.
         port = int(server.target.rsplit(":", 1)[1])
-        wait_for(lambda: listening_sockets(port) == 2, "both workers to listen")
+        until_sync(
+            lambda: listening_sockets(port) == 2,
+            within=STARTUP_SECONDS,
+            what="both workers listening",
+        )
         assert listener_pids(port, workers) == set(workers)
         # New connections land on one worker or the other; each worker becomes SERVING once
         # it has started (the first answer above may have come from the faster one).
@@ -588,7 +589,11 @@ def test_a_second_serve_on_a_served_port_fails_naming_it(
     port = int(module_env["UMBRA_LISTEN"].rsplit(":", 1)[1])
     with serving(module_env, tmp_path, "--workers", "2") as first:
         first.wait_serving()
-        wait_for(lambda: listening_sockets(port) == 2, "both workers to listen")
+        until_sync(
+            lambda: listening_sockets(port) == 2,
+            within=STARTUP_SECONDS,
+            what="both workers listening",
+        )
         # Would run (and time out here) if it joined the first one's port.
         second = run("serve", *second_args, env=module_env)
         assert second.returncode == 1
@@ -638,10 +643,10 @@ def test_workers_exit_when_their_parent_is_killed(
         try:
             server.process.kill()
             server.process.wait(timeout=EXIT_SECONDS)
-            wait_for(
+            until_sync(
                 lambda: not any(alive(pid) for pid in workers),
-                "the workers to exit after their parent was SIGKILLed",
-                EXIT_SECONDS,
+                within=EXIT_SECONDS,
+                what="the workers exited after their parent was SIGKILLed",
             )
         finally:
             for pid in workers:
@@ -668,6 +673,10 @@ def metrics_answer(port: int) -> str:
         return ""
 
 
+def serves_metrics(port: int) -> bool:
+    return "umbra_rpcs_total" in metrics_answer(port)
+
+
 def test_each_worker_serves_metrics_on_its_own_port(
     module_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -677,7 +686,11 @@ def test_each_worker_serves_metrics_on_its_own_port(
         server.wait_serving()
         workers = worker_pids(server)
         for port in (base, base + 1):
-            wait_for(lambda port=port: "umbra_rpcs_total" in metrics_answer(port), f"{port}")
+            until_sync(
+                functools.partial(serves_metrics, port),
+                within=STARTUP_SECONDS,
+                what=f"metrics on {port}",
+            )
         owners = [listener_pids(port, workers) for port in (base, base + 1)]
         # One worker each, not the same one.
         assert all(len(owner) == 1 for owner in owners), owners

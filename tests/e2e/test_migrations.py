@@ -17,11 +17,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.test_cli import (
     CLI_SECRET,
     COMMAND_SECONDS,
+    STARTUP_SECONDS,
     TABLES,
     UMBRA_GRPC,
     bearer,
@@ -30,9 +32,8 @@ from tests.e2e.test_cli import (
     serving,
     table_names,
     token,
-    wait_for,
 )
-from tests.support import admin_sql, with_database
+from tests.support import admin_sql, until_sync, with_database
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage import migrate
@@ -98,9 +99,10 @@ def test_replicas_migrating_one_empty_database_together_migrate_it_once(
                     )
                 )
         # All of them are in at once, each waiting on the lock this test holds: they overlap.
-        wait_for(
+        until_sync(
             lambda: waiting_for_the_lock(empty_database) == REPLICAS,
-            f"{REPLICAS} migrations to wait on the advisory lock",
+            within=STARTUP_SECONDS,
+            what=f"{REPLICAS} migrations waiting on the advisory lock",
         )
         assert asyncio.run(table_names(empty_database)) == set()
         loop.run_until_complete(holder.close())
@@ -193,7 +195,7 @@ def test_migrate_off_serves_with_a_role_that_has_no_ddl_rights(
                     accounts_pb2.UpdateSettingsRequest(
                         user_id=user_id,
                         settings=accounts_pb2.Settings(accept_connections=True),
-                        update_mask={"paths": ["accept_connections"]},
+                        update_mask=field_mask_pb2.FieldMask(paths=["accept_connections"]),
                     ),
                     metadata=admin,
                     timeout=10,
@@ -242,12 +244,15 @@ def test_migrate_off_on_an_unmigrated_database_stays_not_serving_and_says_why(
         UMBRA_DATA_DIR=str(tmp_path),
     )
     with serving(env, tmp_path) as server:
-        wait_for(
+        until_sync(
             lambda: "NOT_SERVING until `umbra-grpc migrate` has run" in server.stderr,
-            "the log to say why the server is not serving",
+            within=STARTUP_SECONDS,
+            what="the log saying why the server is not serving",
         )
         assert health_status(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert migrate.head_revision() in server.stderr
+        head = migrate.head_revision()
+        assert head is not None
+        assert head in server.stderr
         assert asyncio.run(table_names(empty_database)) == set()
         # Migrated by someone who may: the server notices and serves.
         migrated = run("migrate", env=env)

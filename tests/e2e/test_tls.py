@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tests.e2e.test_cli import (
     run,
     serving,
 )
-from tests.support import Metadata, app_environment, test_config
+from tests.support import Metadata, app_environment, test_config, until
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.server import Service
@@ -89,10 +88,11 @@ async def health_check(channel: grpc.aio.Channel) -> grpc.StatusCode:
 
 async def serving_over(channel: grpc.aio.Channel) -> None:
     """Until the server says SERVING on this (accepted) channel."""
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while await health_check(channel) != grpc.StatusCode.OK:
-        assert time.monotonic() < deadline, "never SERVING over TLS"
-        await asyncio.sleep(0.05)
+
+    async def serving() -> bool:
+        return await health_check(channel) == grpc.StatusCode.OK
+
+    await until(serving, within=STARTUP_SECONDS, what="SERVING over TLS", every=0.05)
 
 
 @on_session_loop

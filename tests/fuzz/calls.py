@@ -35,6 +35,10 @@ CORRELATION_ID = "x-correlation-id"
 REPRODUCER_CHARS = 3000
 
 
+# How a stream ended: (code name, details, trailing metadata).
+Ended = tuple[str, str, Any]
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who a call claims to be: the metadata sent and how the fuzzer thinks of it."""
@@ -163,7 +167,7 @@ class Client:
                 self.record.statuses[(method.name, inner.status)] += 1
         return response
 
-    async def _stream(self, multicallable: Any, request: Any, caller: Caller, reads: int):
+    async def _stream(self, multicallable: Any, request: Any, caller: Caller, reads: int) -> Ended:
         call = multicallable(request, metadata=caller.metadata, timeout=STREAM_DEADLINE)
 
         async def converse() -> None:
@@ -173,7 +177,7 @@ class Client:
 
         return await self._linger(call, converse())
 
-    async def _bidi(self, multicallable: Any, request: Any, caller: Caller, reads: int):
+    async def _bidi(self, multicallable: Any, request: Any, caller: Caller, reads: int) -> Ended:
         call = multicallable(metadata=caller.metadata, timeout=STREAM_DEADLINE)
 
         async def converse() -> None:
@@ -198,7 +202,7 @@ class Client:
             self._known.harvest(caller.owner or "", message)
         return True
 
-    async def _linger(self, call: Any, conversation: Any):
+    async def _linger(self, call: Any, conversation: Any) -> Ended:
         """Runs a conversation for a moment, then hangs up: (code, details, trailers)."""
         talking = asyncio.ensure_future(conversation)
         await asyncio.wait({talking}, timeout=STREAM_LINGER)

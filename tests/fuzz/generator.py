@@ -18,15 +18,28 @@ import collections
 import functools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from google.protobuf import message_factory
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import (
+    Descriptor,
+    EnumDescriptor,
+    FieldDescriptor,
+    ServiceDescriptor,
+)
 from google.protobuf.message import Message
 
 from tests.fuzz import values
+
+if TYPE_CHECKING:
+    from google._upb import _message as upb
+
+# Descriptors at run time are upb's (the default backend); the stubs type the pure-Python
+# classes apart from them, and Message.DESCRIPTOR as either.
+MessageDescriptor: TypeAlias = "Descriptor | upb.Descriptor"
+Field: TypeAlias = "FieldDescriptor | upb.FieldDescriptor"
 
 FIELD_MASK = "google.protobuf.FieldMask"
 MAX_DEPTH = 4
@@ -119,7 +132,7 @@ class Known:
         own = self._own[key].setdefault(owner, collections.deque(maxlen=self.OWN))
         own.append(value)
 
-    def keys_for(self, message: Descriptor, field: FieldDescriptor) -> list[tuple[str, str]]:
+    def keys_for(self, message: MessageDescriptor, field: Field) -> list[tuple[str, str]]:
         """The pools a request field draws its plausible values from."""
         cached = self._keys.get(field.full_name)
         if cached is not None and cached[0] == len(self._shared):
@@ -171,7 +184,7 @@ def _scalars(message: Message) -> Iterator[tuple[tuple[str, str], object]]:
     owner = snake(message.DESCRIPTOR.name)
     for field, value in message.ListFields():
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.message_type.GetOptions().map_entry:
+            if _message_type(field).GetOptions().map_entry:
                 continue
             items = value if field.is_repeated else (value,)
             for item in items:
@@ -209,7 +222,8 @@ class RequestMaker:
         descriptor = message.DESCRIPTOR
         for oneof in descriptor.oneofs:
             if not _is_synthetic(oneof) and rng.random() < (0.9 if draw.valid else 0.8):
-                self._set(message, rng.choice(oneof.fields), draw, depth)
+                fields: Sequence[Field] = oneof.fields
+                self._set(message, rng.choice(fields), draw, depth)
         for field in descriptor.fields:
             if field.containing_oneof is not None and not _is_synthetic(field.containing_oneof):
                 continue
@@ -217,16 +231,16 @@ class RequestMaker:
             if rng.random() < presence:
                 self._set(message, field, draw, depth)
 
-    def _set(self, message: Message, field: FieldDescriptor, draw: Draw, depth: int) -> None:
+    def _set(self, message: Message, field: Field, draw: Draw, depth: int) -> None:
         rng = draw.rng
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.message_type.GetOptions().map_entry:
+            if _message_type(field).GetOptions().map_entry:
                 target = getattr(message, field.name)
                 for _ in range(rng.choice((0, 1, 3, 20))):
                     key = values.random_text(rng, rng.randint(0, 8))
                     target[key] = values.random_text(rng, rng.randint(0, 16))
                 return
-            if field.message_type.full_name == FIELD_MASK:
+            if _message_type(field).full_name == FIELD_MASK:
                 paths = self._mask_paths(message.DESCRIPTOR, field, draw)
                 getattr(message, field.name).paths.extend(paths)
                 return
@@ -254,7 +268,7 @@ class RequestMaker:
             return draw.rng.choice((0, 1, 2, 3, 5))
         return draw.rng.choice((0, 1, 2, 3, 10, 100, 999, 1000, 1001, 3000))
 
-    def _scalar(self, parent: Descriptor, field: FieldDescriptor, draw: Draw) -> Any:
+    def _scalar(self, parent: MessageDescriptor, field: Field, draw: Draw) -> Any:
         kind = field.type
         if kind == FieldDescriptor.TYPE_BOOL:
             return draw.rng.random() < 0.7
@@ -268,9 +282,9 @@ class RequestMaker:
             return draw.rng.randbytes(draw.rng.choice((0, 1, 16, 300)))
         return draw.rng.choice(values.FLOATS)
 
-    def _enum(self, field: FieldDescriptor, draw: Draw) -> int:
+    def _enum(self, field: Field, draw: Draw) -> int:
         rng = draw.rng
-        numbers = [value.number for value in field.enum_type.values]
+        numbers = [value.number for value in _enum_type(field).values]
         if draw.valid and rng.random() < 0.9:
             return rng.choice([n for n in numbers if n != 0] or numbers)
         # Proto3 enums are open: any int32 goes over the wire.
@@ -278,7 +292,7 @@ class RequestMaker:
             (*numbers, max(numbers) + 1, -1, 2**31 - 1, -(2**31), rng.randint(-9, 99))
         )
 
-    def _integer(self, parent: Descriptor, field: FieldDescriptor, draw: Draw) -> int:
+    def _integer(self, parent: MessageDescriptor, field: Field, draw: Draw) -> int:
         rng = draw.rng
         low, high = _INT_RANGES[field.type]
         keys = self.known.keys_for(parent, field)
@@ -303,7 +317,7 @@ class RequestMaker:
         assert isinstance(value, int)
         return min(max(value, low), high)
 
-    def _string(self, parent: Descriptor, field: FieldDescriptor, draw: Draw) -> str:
+    def _string(self, parent: MessageDescriptor, field: Field, draw: Draw) -> str:
         rng = draw.rng
         keys = self.known.keys_for(parent, field)
         plausible, hostile = values.hinted(field.name)
@@ -331,18 +345,18 @@ class RequestMaker:
                 value = rng.choice(values.ODD_STRINGS)
         return str(value)
 
-    def _mask_paths(self, parent: Descriptor, mask: FieldDescriptor, draw: Draw) -> list[str]:
+    def _mask_paths(self, parent: MessageDescriptor, mask: Field, draw: Draw) -> list[str]:
         """Paths of the message fields beside the mask: valid, nested, unknown, repeated."""
         rng = draw.rng
         valid: list[str] = []
         for sibling in parent.fields:
             if sibling is mask or sibling.type != FieldDescriptor.TYPE_MESSAGE:
                 continue
-            for field in sibling.message_type.fields:
+            for field in _message_type(sibling).fields:
                 valid.append(field.name)
                 if field.type == FieldDescriptor.TYPE_MESSAGE:
                     valid.extend(
-                        f"{field.name}.{inner.name}" for inner in field.message_type.fields
+                        f"{field.name}.{inner.name}" for inner in _message_type(field).fields
                     )
         if not valid:
             valid = [field.name for field in parent.fields if field is not mask]
@@ -367,6 +381,16 @@ class RequestMaker:
         if paths and rng.random() < 0.3:
             paths.append(rng.choice(paths))  # a duplicate
         return paths
+
+
+def _message_type(field: Field) -> MessageDescriptor:
+    assert field.message_type is not None, field.full_name
+    return field.message_type
+
+
+def _enum_type(field: Field) -> upb.EnumDescriptor | EnumDescriptor:
+    assert field.enum_type is not None, field.full_name
+    return field.enum_type
 
 
 def _is_synthetic(oneof: Any) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from tests.fuzz.calls import Caller, Client
@@ -59,7 +60,7 @@ def garbage_callers() -> list[Caller]:
     now = time.time()
     expired = mint_token(TEST_SECRET, subject=str(FIRST_ID), now=now - 7200, ttl_seconds=60)
     other_key = mint_token("another-secret-0123456789-abcdefghijklmnop", subject=str(FIRST_ID))
-    unsigned = jwt.encode({"sub": str(FIRST_ID), "exp": int(now) + 600}, None, algorithm="none")
+    unsigned = jwt.encode({"sub": str(FIRST_ID), "exp": int(now) + 600}, "", algorithm="none")
     odd_subjects = [
         mint_token(TEST_SECRET, subject=subject)
         for subject in ("0", "-1", "9" * 40, "1e3", " 7000000", "\ufb01", "7000000\x00")
@@ -187,7 +188,9 @@ class Seeder:
         request = accounts_pb2.UpdateSettingsRequest(
             user_id=member.id,
             settings=settings,
-            update_mask={"paths": ["accept_connections", "preferred_name", "sharing_defaults"]},
+            update_mask=field_mask_pb2.FieldMask(
+                paths=["accept_connections", "preferred_name", "sharing_defaults"]
+            ),
         )
         await self._call("UpdateSettings", request, ADMIN)
 
@@ -230,7 +233,9 @@ class Seeder:
                 field = rng.choice(list(pb.SharingOverrides.DESCRIPTOR.fields_by_name))
                 overrides = pb.SharingOverrides(**{field: rng.random() < 0.5})
                 request = pb.UpdateSharingOverridesRequest(
-                    connection_id=connection.id, overrides=overrides, update_mask={"paths": [field]}
+                    connection_id=connection.id,
+                    overrides=overrides,
+                    update_mask=field_mask_pb2.FieldMask(paths=[field]),
                 )
                 await self._call("UpdateSharingOverrides", request, member.caller)
             elif roll < 0.45:

@@ -17,6 +17,14 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from umbra.connections.v1 import connections_pb2
 
+from tests.support import (
+    AccessLine,
+    access_line,
+    aio_unary_stream,
+    raw_stream_unary,
+    raw_unary_stream,
+    raw_unary_unary,
+)
 from umbra_grpc import rpc_errors
 from umbra_grpc.call_record import current_call
 from umbra_grpc.config import Config
@@ -46,14 +54,14 @@ class Lines(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
+        self.records: list[AccessLine] = []
         self._changed = asyncio.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        self.records.append(access_line(record))
         self._changed.set()
 
-    async def wait_for(self, count: int) -> list[logging.LogRecord]:
+    async def wait_for(self, count: int) -> list[AccessLine]:
         """The records once there are `count`. A line is written as the call's handler unwinds,
         which can be after the client has its status (or gave up): read lines through this,
         or a late one is missed here and lands in the next test's records."""
@@ -294,7 +302,7 @@ async def test_code_set_without_abort_is_logged(lines: Lines) -> None:
 
 async def test_unknown_method_gets_a_line_under_one_label(lines: Lines) -> None:
     async with serving(Service()) as channel:
-        error = await failed(channel.unary_unary(f"/{SERVICE}/Nope")(b""))
+        error = await failed(raw_unary_unary(channel, f"/{SERVICE}/Nope")(b""))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     [line] = await lines.wait_for(1)
     assert (line.method, line.code) == ("unknown", "UNIMPLEMENTED")
@@ -302,7 +310,7 @@ async def test_unknown_method_gets_a_line_under_one_label(lines: Lines) -> None:
 
 async def test_inner_trailing_metadata_keeps_the_correlation_id(lines: Lines) -> None:
     async with serving(Service()) as channel:
-        call = channel.unary_unary(ECHO)(b"")
+        call = raw_unary_unary(channel, ECHO)(b"")
         body = json.loads(await call)
         trailing = await call.trailing_metadata()
     assert trailer(trailing, "x-extra") == "1"
@@ -331,7 +339,7 @@ async def test_exception_becomes_internal_with_a_correlation_id(
     assert "RuntimeError" not in client_side
     # ...it is in the server log, with its traceback and the same correlation id.
     [logged] = [record for record in caplog.records if record.levelno == logging.ERROR]
-    assert logged.correlation_id == correlation_id
+    assert logged.__dict__["correlation_id"] == correlation_id  # set through `extra=`
     assert correlation_id in logged.getMessage()
     assert logged.exc_info is not None
     assert LEAK in str(logged.exc_info[1])
@@ -348,7 +356,7 @@ async def test_a_method_nobody_implemented_is_unimplemented_not_internal(
             search(channel)(connections_pb2.SearchRequest(umbral_name="unimplemented"))
         )
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await drain(channel.unary_stream(WATCH)(b"unimplemented:1"), [])
+            await drain(raw_unary_stream(channel, WATCH)(b"unimplemented:1"), [])
     for failure in (error, raised.value):
         assert failure.code() == grpc.StatusCode.UNIMPLEMENTED
         assert error_info(failure).reason == "UNIMPLEMENTED"
@@ -393,7 +401,7 @@ async def test_undecodable_bytes_are_invalid_argument(
     service = Service()
     async with serving(service) as channel:
         # Raw bytes through identity serializers, to a method that parses protobuf.
-        error = await failed(channel.unary_unary(SEARCH)(b"\xff\xff\xff"))
+        error = await failed(raw_unary_unary(channel, SEARCH)(b"\xff\xff\xff"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "request could not be decoded"
     assert error_info(error).reason == "MALFORMED_REQUEST"
@@ -407,7 +415,7 @@ async def test_undecodable_bytes_are_invalid_argument(
 async def test_undecodable_message_in_a_request_stream(lines: Lines) -> None:
     good = connections_pb2.SearchRequest(umbral_name="ok").SerializeToString()
     async with serving(Service()) as channel:
-        upload = channel.stream_unary(UPLOAD)
+        upload = raw_stream_unary(channel, UPLOAD)
         assert await upload(iter([good, good])) == (
             connections_pb2.SearchResponse(found=True).SerializeToString()
         )
@@ -423,7 +431,7 @@ async def test_undecodable_message_in_a_request_stream(lines: Lines) -> None:
 async def test_stream_line_is_written_after_the_iteration(lines: Lines) -> None:
     service = Service(lines)
     async with serving(service) as channel:
-        call = channel.unary_stream(WATCH)(b"ok:3")
+        call = raw_unary_stream(channel, WATCH)(b"ok:3")
         assert [item async for item in call] == [b"0", b"1", b"2"]
         assert trailer(await call.trailing_metadata(), CORRELATION_ID_KEY) is not None
     assert service.lines_before_stream_end == [0]
@@ -435,7 +443,7 @@ async def test_stream_exception_becomes_internal(lines: Lines) -> None:
     async with serving(Service()) as channel:
         received: list[bytes] = []
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await drain(channel.unary_stream(WATCH)(b"boom:2"), received)
+            await drain(raw_unary_stream(channel, WATCH)(b"boom:2"), received)
     assert received == [b"0", b"1"]
     [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent) == ("INTERNAL", 2)
@@ -447,7 +455,7 @@ async def test_stream_exception_becomes_internal(lines: Lines) -> None:
 async def test_stream_abort_is_logged_with_its_code(lines: Lines) -> None:
     async with serving(Service()) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await drain(channel.unary_stream(WATCH)(b"abort:1"), [])
+            await drain(raw_unary_stream(channel, WATCH)(b"abort:1"), [])
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(raised.value).reason == "STREAM_TOO_SLOW"
     [line] = await lines.wait_for(1)
@@ -457,7 +465,7 @@ async def test_stream_abort_is_logged_with_its_code(lines: Lines) -> None:
 
 async def test_stream_cancelled_by_the_client(lines: Lines) -> None:
     async with serving(Service()) as channel:
-        call = channel.unary_stream(WATCH)(b"forever")
+        call = raw_unary_stream(channel, WATCH)(b"forever")
         for _ in range(3):
             await call.read()
         call.cancel()
@@ -467,7 +475,7 @@ async def test_stream_cancelled_by_the_client(lines: Lines) -> None:
 
 async def test_stream_written_through_the_context_counts_its_events(lines: Lines) -> None:
     async with serving(Service()) as channel:
-        assert [item async for item in channel.unary_stream(WRITTEN)(b"")] == [b"a", b"b"]
+        assert [item async for item in raw_unary_stream(channel, WRITTEN)(b"")] == [b"a", b"b"]
     [line] = await lines.wait_for(1)
     assert (line.code, line.events_sent) == ("OK", 2)
 
@@ -491,7 +499,7 @@ async def test_forwarded_for_only_from_trusted_proxies(
 ) -> None:
     metadata = (("x-forwarded-for", forwarded_for),) if forwarded_for else ()
     async with serving(Service(), trusted=trusted) as channel:
-        body = json.loads(await channel.unary_unary(ECHO)(b"", metadata=metadata))
+        body = json.loads(await raw_unary_unary(channel, ECHO)(b"", metadata=metadata))
     assert body["peer"] == peer
     assert (await lines.wait_for(1))[0].peer == peer
 
@@ -524,7 +532,7 @@ async def test_caller_comes_from_the_auth_interceptor(lines: Lines) -> None:
         await stub(request, metadata=(("authorization", f"Bearer {token}"),))
         error = await failed(stub(request))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-        malformed = await failed(channel.unary_unary(SEARCH)(b"\xff"))
+        malformed = await failed(raw_unary_unary(channel, SEARCH)(b"\xff"))
         assert malformed.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [(line.caller, line.code) for line in await lines.wait_for(3)] == [
         ("7", "OK"),
@@ -612,7 +620,7 @@ class FakeContext:
         return None
 
 
-class Details:
+class Details(grpc.HandlerCallDetails):
     method = WATCH
     invocation_metadata = ()
 
@@ -630,7 +638,7 @@ async def test_abandoned_stream_still_gets_its_line(lines: Lines) -> None:
 
     handler = await AccessLogInterceptor().intercept_service(continuation, Details())
     assert handler is not None
-    stream = handler.unary_stream(b"", FakeContext())
+    stream = aio_unary_stream(handler)(b"", FakeContext())
 
     async def two() -> None:
         await anext(stream)

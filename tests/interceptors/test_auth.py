@@ -22,8 +22,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from google.rpc import error_details_pb2, status_pb2
 
+from tests.support import aio_unary_stream, raw_unary_stream, raw_unary_unary
 from umbra_grpc.call_record import CallRecord, current_call
 from umbra_grpc.config import Config, ConfigError
 from umbra_grpc.interceptors.auth import (
@@ -59,8 +61,8 @@ UNKNOWN_USER = 404
 
 @dataclasses.dataclass(frozen=True)
 class Keys:
-    rsa: rsa.RSAPrivateKey
-    rsa_other: rsa.RSAPrivateKey
+    rsa: RSAPrivateKey
+    rsa_other: RSAPrivateKey
     ec: ec.EllipticCurvePrivateKey
     ed: ed25519.Ed25519PrivateKey
 
@@ -88,7 +90,7 @@ def write_pem(directory: Path, name: str, public_key: Any) -> Path:
     return path
 
 
-def claims(sub: str = str(ACTIVE_USER), ttl: float = 300, **extra: Any) -> dict[str, Any]:
+def claims(sub: object = str(ACTIVE_USER), ttl: float = 300, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
     values: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
     values.update(extra)
@@ -150,7 +152,7 @@ async def watch_principal(request: bytes, context: Any) -> AsyncIterator[bytes]:
 
 
 def _handlers() -> list[grpc.GenericRpcHandler]:
-    unary = grpc.unary_unary_rpc_method_handler(echo_principal)
+    unary: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(echo_principal)
     return [
         grpc.method_handlers_generic_handler(
             CONNECTIONS,
@@ -249,13 +251,13 @@ class Client:
         if authorization is not None:
             metadata.append(("authorization", authorization))
         try:
-            body = await self.channel.unary_unary(method)(b"", metadata=metadata, timeout=10)
+            body = await raw_unary_unary(self.channel, method)(b"", metadata=metadata, timeout=10)
         except grpc.aio.AioRpcError as error:
             return Outcome(error.code(), *reason_of(error), None)
         return Outcome(grpc.StatusCode.OK, principal=json.loads(body))
 
     async def watch(self, token: str) -> list[dict[str, Any]]:
-        call = self.channel.unary_stream(WATCH)(
+        call = raw_unary_stream(self.channel, WATCH)(
             b"", metadata=(("authorization", f"Bearer {token}"),), timeout=10
         )
         return [json.loads(item) async for item in call]
@@ -575,7 +577,7 @@ async def test_dates_and_required_claims(
 
 async def test_issuer_and_audience_when_configured() -> None:
     checked = verifier(jwt_issuer="https://id.umbra.example", jwt_audience="umbra-connections")
-    right = {"iss": "https://id.umbra.example", "aud": "umbra-connections"}
+    right: dict[str, Any] = {"iss": "https://id.umbra.example", "aud": "umbra-connections"}
     async with serving(checked) as client:
         assert (await client.call(SEARCH, hs256(claims(**right)))).code == grpc.StatusCode.OK
         both = claims(iss=right["iss"], aud=["other", "umbra-connections"])
@@ -926,7 +928,7 @@ class FakeContext:
 class Details:
     def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
         self.method = method
-        self.invocation_metadata = metadata
+        self.invocation_metadata: tuple[tuple[str, str | bytes], ...] = metadata
 
 
 async def test_abandoned_stream_is_closed_from_another_context() -> None:
@@ -949,7 +951,7 @@ async def test_abandoned_stream_is_closed_from_another_context() -> None:
     metadata = (("authorization", f"Bearer {hs256(claims())}"),)
     handler = await auth.intercept_service(continuation, Details(WATCH, metadata))
     assert handler is not None
-    stream = handler.unary_stream(b"", FakeContext())
+    stream = aio_unary_stream(handler)(b"", FakeContext())
 
     async def first() -> dict[str, Any]:
         return dict(json.loads(await anext(stream)))

@@ -11,6 +11,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tests.support import aio_unary, raw_unary_unary
 from umbra_grpc.interceptors.handlers import Context, UnaryBehavior, wrap_handler
 from umbra_grpc.interceptors.rate_limit import (
     DEFAULT_RATE_LIMITS,
@@ -98,7 +99,7 @@ class Calls:
         context = FakeContext()
         with calling_as(subject):
             try:
-                assert await handler.unary_unary(b"", context) == b"ok"
+                assert await aio_unary(handler)(b"", context) == b"ok"
             except grpc.aio.AbortError:
                 assert context.status is not None
                 return context.status
@@ -210,9 +211,9 @@ async def test_unlimited_methods_streams_and_off_pass_untouched() -> None:
     async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
         yield b""
 
-    get_user = grpc.unary_unary_rpc_method_handler(unary)
-    watch = grpc.unary_stream_rpc_method_handler(stream)
-    search = grpc.unary_unary_rpc_method_handler(unary)
+    get_user: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(unary)
+    watch: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_stream_rpc_method_handler(stream)
+    search: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(unary)
     default = RateLimitInterceptor()
     off = RateLimitInterceptor(parse_rate_limits("off"))
 
@@ -373,7 +374,7 @@ async def serving(limiter: RateLimitInterceptor) -> AsyncIterator[grpc.aio.Chann
 
 async def test_a_refusal_through_a_real_server_carries_reason_and_retry_info() -> None:
     async with serving(RateLimitInterceptor(parse_rate_limits("Search=2/10s"))) as channel:
-        search = channel.unary_unary(f"/{SERVICE}/Search")
+        search = raw_unary_unary(channel, f"/{SERVICE}/Search")
         alice = (("x-test-subject", "alice"),)
 
         assert await search(b"", metadata=alice) == b"found"

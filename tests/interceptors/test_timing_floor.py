@@ -7,11 +7,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
 
+from tests.support import aio_unary, aio_unary_stream, raw_unary_unary
 from umbra_grpc import rpc_errors
 from umbra_grpc.interceptors.timing_floor import (
     DEFAULT_TIMING_FLOORS,
@@ -70,7 +71,9 @@ class FakeContext:
     def set_code(self, code: grpc.StatusCode) -> None:
         self._code = code
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()):
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
         self._code = code
         self.sent_at = self._fake.now if self._fake else None
         raise grpc.aio.AbortError()
@@ -108,7 +111,7 @@ async def call(
 ) -> Any:
     handler = await intercepted(floor, method, grpc.unary_unary_rpc_method_handler(behavior))
     assert handler is not None
-    return await handler.unary_unary(b"request", context or FakeContext())
+    return await aio_unary(handler)(b"request", context or FakeContext())
 
 
 async def test_success_is_released_at_the_floor_counted_from_entry() -> None:
@@ -154,7 +157,7 @@ async def test_plain_context_abort_is_held_too() -> None:
     fake = FakeTime()
     context = FakeContext(fake)
 
-    async def search(request: bytes, context: Any) -> bytes:
+    async def search(request: bytes, context: FakeContext) -> bytes:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
 
     with pytest.raises(grpc.aio.AbortError):
@@ -184,7 +187,7 @@ async def test_send_request_is_floored_only_on_not_found() -> None:
     async def accepted(request: bytes, context: Any) -> bytes:
         return b"sent"
 
-    async def not_found(request: bytes, context: Any) -> bytes:
+    async def not_found(request: bytes, context: FakeContext) -> bytes:
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such user")
 
     assert await call(interceptor(fake), "SendRequest", accepted) == b"sent"
@@ -201,7 +204,7 @@ async def test_send_request_is_floored_only_on_not_found() -> None:
 async def test_send_request_other_errors_are_not_floored() -> None:
     fake = FakeTime()
 
-    async def denied(request: bytes, context: Any) -> bytes:
+    async def denied(request: bytes, context: FakeContext) -> bytes:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
 
     with pytest.raises(grpc.aio.AbortError):
@@ -224,7 +227,7 @@ async def test_a_rule_for_the_code_wins_over_the_rule_for_any_code() -> None:
     fake = FakeTime()
     rules = parse_timing_floors("Search=50ms,Search:NOT_FOUND=80ms")
 
-    async def not_found(request: bytes, context: Any) -> bytes:
+    async def not_found(request: bytes, context: FakeContext) -> bytes:
         await context.abort(grpc.StatusCode.NOT_FOUND, "no")
 
     with pytest.raises(grpc.aio.AbortError):
@@ -261,10 +264,10 @@ async def test_methods_without_a_rule_get_the_handler_unchanged() -> None:
     async def get_user(request: bytes, context: Any) -> bytes:
         return b""
 
-    handler = grpc.unary_unary_rpc_method_handler(get_user)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(get_user)
     assert await intercepted(interceptor(fake), "GetUser", handler) is handler
     assert await intercepted(interceptor(fake), "Search", None) is None
-    search = grpc.unary_unary_rpc_method_handler(get_user)
+    search: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(get_user)
     assert await intercepted(interceptor(fake, ()), "Search", search) is search
 
 
@@ -275,14 +278,14 @@ async def test_streams_pass_unless_named_and_named_streams_hold_their_end() -> N
         yield b"one"
         yield b"two"
 
-    handler = grpc.unary_stream_rpc_method_handler(watch)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_stream_rpc_method_handler(watch)
     assert await intercepted(interceptor(fake), "WatchRequests", handler) is handler
 
     floored = await intercepted(
         interceptor(fake, parse_timing_floors("WatchRequests=20ms")), "WatchRequests", handler
     )
     assert floored is not None
-    received = [item async for item in floored.unary_stream(b"", FakeContext())]
+    received = [item async for item in aio_unary_stream(floored)(b"", FakeContext())]
     assert received == [b"one", b"two"]
     assert fake.now - START >= 0.020
 
@@ -390,7 +393,7 @@ def test_parse_rejects(spec: str) -> None:
 # --- Through a real server and channel ---------------------------------------------------------
 
 
-async def _search(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+async def _search(request: bytes, context: grpc.aio.ServicerContext[object, object]) -> bytes:
     if request == b"missing":
         await rpc_errors.abort(context, "USER_NOT_FOUND", "no user")
     if request == b"boom":
@@ -421,7 +424,7 @@ async def serving(floor: TimingFloorInterceptor) -> AsyncIterator[grpc.aio.Chann
 async def test_every_outcome_is_held_to_the_floor_through_a_real_server() -> None:
     floor = 0.030
     async with serving(TimingFloorInterceptor(parse_timing_floors("Search=30ms"))) as channel:
-        search = channel.unary_unary(f"/{SERVICE}/Search")
+        search = raw_unary_unary(channel, f"/{SERVICE}/Search")
         codes: dict[bytes, grpc.StatusCode] = {}
         for request in (b"ok", b"missing", b"boom", b"ok", b"missing", b"boom"):
             start = time.perf_counter()

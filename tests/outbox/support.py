@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import time
 
 from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
-from tests.support import Sql, test_config
+from tests.support import Sql, test_config, until
 from umbra_grpc.config import Config
 
 user_ids = itertools.count(1)
@@ -64,7 +62,8 @@ async def add_pushes(
 
 async def wait_settled(sql: Sql, within: float = 10.0) -> None:
     """Waits until no outbox row is pending."""
-    deadline = time.monotonic() + within
-    while await sql.value("SELECT count(*) FROM outbox WHERE status = 'pending'"):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+
+    async def done() -> bool:
+        return not await sql.value("SELECT count(*) FROM outbox WHERE status = 'pending'")
+
+    await until(done, within=within, what="no outbox row pending")

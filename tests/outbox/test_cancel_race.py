@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +35,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.storage import outbox
@@ -92,10 +92,12 @@ async def push_row(sql: Sql, request_id: int) -> asyncpg.Record:
 
 async def delivered(sql: Sql, request_id: int, within: float = 10.0) -> None:
     """Until the push of `request_id` is sent."""
-    deadline = time.monotonic() + within
-    while (await push_row(sql, request_id))["status"] != "sent":
-        assert time.monotonic() < deadline, dict(await push_row(sql, request_id))
-        await asyncio.sleep(0.02)
+
+    async def sent() -> asyncpg.Record | None:
+        row = await push_row(sql, request_id)
+        return row if row["status"] == "sent" else None
+
+    await until(sent, within=within, what=f"the push of request {request_id} sent")
 
 
 @dataclass(frozen=True)

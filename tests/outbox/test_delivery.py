@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
@@ -100,14 +100,13 @@ async def send(
 
 async def settled(sql: Sql, user_id: int, within: float = 10.0) -> asyncpg.Record:
     """The user's single outbox row once it is no longer pending."""
-    deadline = time.monotonic() + within
-    while True:
+
+    async def done() -> asyncpg.Record | None:
         rows = await sql.rows("SELECT * FROM outbox WHERE user_id = $1", user_id)
         assert len(rows) == 1, rows
-        if rows[0]["status"] != "pending":
-            return rows[0]
-        assert time.monotonic() < deadline, dict(rows[0])
-        await asyncio.sleep(0.02)
+        return None if rows[0]["status"] == "pending" else rows[0]
+
+    return await until(done, within=within, what="the row no longer pending")
 
 
 async def test_request_and_accept_pushed_with_path_headers_and_body(
@@ -185,14 +184,15 @@ async def test_switches_read_at_send_time_skip_without_sending(
 
 async def rescheduled_far(sql: Sql, user_id: int, within: float = 10.0) -> None:
     """Until the user's row waits for a retry an hour away (a 429's Retry-After)."""
-    deadline = time.monotonic() + within
-    while not await sql.value(
-        "SELECT count(*) FROM outbox WHERE user_id = $1 AND status = 'pending'"
-        " AND next_attempt_at > now() + interval '10 minutes'",
-        user_id,
-    ):
-        assert time.monotonic() < deadline, "the row was never rescheduled"
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: sql.value(
+            "SELECT count(*) FROM outbox WHERE user_id = $1 AND status = 'pending'"
+            " AND next_attempt_at > now() + interval '10 minutes'",
+            user_id,
+        ),
+        within=within,
+        what="the row rescheduled an hour away",
+    )
 
 
 async def test_settings_are_read_again_for_each_attempt(
@@ -354,12 +354,13 @@ async def test_refused_requests_write_no_outbox_row(
             await send(connections, sender, receiver)
     assert await sql.value("SELECT count(*) FROM outbox WHERE user_id = $1", receiver.id) == 5
     # Every row delivered: nothing else can be pushed.
-    deadline = time.monotonic() + 10
-    while await sql.value(
-        "SELECT count(*) FROM outbox WHERE user_id = $1 AND status = 'pending'", receiver.id
-    ):
-        assert time.monotonic() < deadline, "rows left pending"
-        await asyncio.sleep(0.02)
+
+    async def delivered() -> bool:
+        return not await sql.value(
+            "SELECT count(*) FROM outbox WHERE user_id = $1 AND status = 'pending'", receiver.id
+        )
+
+    await until(delivered, within=10, what="no row left pending")
     assert len(recorder.for_topic(topic)) == 5
 
 

@@ -5,7 +5,6 @@ service's formatters (message, extra fields, traceback)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +18,8 @@ from tests.api.streams import next_event, until_synced, watch
 from tests.outbox.recorder import RECORDER_NETWORKS, Answer, NtfyRecorder
 from tests.support import (
     TEST_SECRET,
+    Accounts,
+    Connections,
     Metadata,
     NewUser,
     RunningServer,
@@ -28,6 +29,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.logs import JsonFormatter, TextFormatter
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
@@ -83,7 +85,9 @@ async def server(database_url: str, captured: Everything) -> AsyncIterator[Runni
         await stop_server(running)
 
 
-async def push_to(accounts, admin: Metadata, user: TestUser, url: str, topic: str) -> None:
+async def push_to(
+    accounts: Accounts, admin: Metadata, user: TestUser, url: str, topic: str
+) -> None:
     await accounts.UpdateSettings(
         accounts_pb2.UpdateSettingsRequest(
             user_id=user.id,
@@ -103,18 +107,19 @@ async def push_to(accounts, admin: Metadata, user: TestUser, url: str, topic: st
 
 
 async def settled(sql: Sql, *user_ids: int) -> None:
-    deadline = time.monotonic() + 10
     query = "SELECT count(*) FROM outbox WHERE user_id = ANY($1::bigint[]) AND status = 'pending'"
-    while await sql.value(query, list(user_ids)):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+
+    async def done() -> bool:
+        return not await sql.value(query, list(user_ids))
+
+    await until(done, within=10, what="no row of theirs pending")
 
 
 async def test_no_secret_reaches_any_log_line(
     captured: Everything,
     server: RunningServer,
-    connections,
-    accounts,
+    connections: Connections,
+    accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
     recorder: NtfyRecorder,

@@ -12,7 +12,15 @@ from google.protobuf import field_mask_pb2
 
 from tests.outbox.recorder import NtfyRecorder
 from tests.outbox.support import config
-from tests.support import Metadata, NewUser, RunningServer, start_server, stop_server
+from tests.support import (
+    Accounts,
+    Connections,
+    Metadata,
+    NewUser,
+    RunningServer,
+    start_server,
+    stop_server,
+)
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -30,7 +38,11 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 
 
 async def test_the_push_of_a_request_with_a_note_carries_no_note(
-    connections, accounts, admin: Metadata, new_user: NewUser, recorder: NtfyRecorder
+    connections: Connections,
+    accounts: Accounts,
+    admin: Metadata,
+    new_user: NewUser,
+    recorder: NtfyRecorder,
 ) -> None:
     sender, receiver = await new_user(preferred_name="Sam"), await new_user()
     topic = f"note-{receiver.id}"

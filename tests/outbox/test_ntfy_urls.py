@@ -7,11 +7,10 @@ literal addresses in every spelling go through the system resolver (no DNS eithe
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
@@ -21,6 +20,7 @@ from tests.outbox.names import Names
 from tests.outbox.recorder import NtfyRecorder
 from tests.rich import error_reason
 from tests.support import (
+    Connections,
     Metadata,
     NewUser,
     RunningServer,
@@ -29,6 +29,7 @@ from tests.support import (
     start_server,
     stop_server,
     test_config,
+    until,
 )
 from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2
 
@@ -84,7 +85,7 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
         await stop_server(running)
 
 
-def ntfy_update(user: TestUser, **ntfy: object) -> accounts_pb2.UpdateSettingsRequest:
+def ntfy_update(user: TestUser, **ntfy: Any) -> accounts_pb2.UpdateSettingsRequest:
     """Sets the ntfy fields given (and only those)."""
     return accounts_pb2.UpdateSettingsRequest(
         user_id=user.id,
@@ -121,7 +122,7 @@ async def test_public_and_unresolvable_server_urls_are_saved(
 
 async def test_a_name_that_turns_private_after_saving_is_refused_at_send_time(
     server: RunningServer,
-    connections,
+    connections: Connections,
     accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
@@ -143,11 +144,13 @@ async def test_a_name_that_turns_private_after_saving_is_refused_at_send_time(
         connections_pb2.SendRequestRequest(umbral_name=receiver.handle),
         metadata=(await new_user()).md,
     )
-    deadline = time.monotonic() + 10
     query = "SELECT status, last_error FROM outbox WHERE user_id = $1"
-    while (row := (await sql.rows(query, receiver.id))[0])["status"] == "pending":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+
+    async def done() -> asyncpg.Record | None:
+        row = (await sql.rows(query, receiver.id))[0]
+        return None if row["status"] == "pending" else row
+
+    row = await until(done, within=10, what="the row no longer pending")
     assert tuple(row) == (
         "failed",
         "destination refused: ntfy server URL reaches a loopback address (127.0.0.1)",

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,7 +18,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
-from tests.support import TEST_SECRET, Sql, app_environment, clone_database, user_metadata
+from tests.support import TEST_SECRET, Sql, app_environment, clone_database, until, user_metadata
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
@@ -101,17 +100,21 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
 
 async def wait_serving(server: ServerProcess, within: float = 30.0) -> None:
     health = health_pb2_grpc.HealthStub(server.channel)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+
+    async def serving() -> bool:
         assert server.process.returncode is None, server.log.read_text()
         try:
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
         except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("server process never became SERVING:\n" + server.log.read_text())
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)  # untyped grpc_health
+
+    await until(
+        serving,
+        within=within,
+        what=lambda: "the server process SERVING:\n" + server.log.read_text(),
+        every=0.1,
+    )
 
 
 async def add_users(sql: Sql, ids: range, *, ntfy_url: str | None = None) -> None:
@@ -158,11 +161,12 @@ async def test_kill_9_between_commit_and_delivery_then_delivered_after_restart(
     _, delivered = await recorder.wait_for("t2", 2, within=LEASE + 20)
     assert delivered.body == "Sender 1 wants to connect with you"
     assert delivered.at - held.at >= LEASE - 1.0  # only once the dead process's lease ran out
-    deadline = time.monotonic() + 5
-    while (status := await sql.value("SELECT status FROM outbox")) == "pending":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    assert status == "sent"
+
+    async def settled() -> str | None:
+        status: str = await sql.value("SELECT status FROM outbox")
+        return None if status == "pending" else status
+
+    assert await until(settled, within=5, what="the row no longer pending", every=0.05) == "sent"
     assert await sql.value("SELECT attempts FROM outbox") == 2
 
 
@@ -202,10 +206,11 @@ async def test_two_processes_deliver_200_pushes_exactly_once(
 
     await asyncio.gather(*(one(sender) for sender in senders))
     await recorder.wait_for(f"t{receiver}", 200, within=30)
-    deadline = time.monotonic() + 10
-    while await sql.value("SELECT count(*) FROM outbox WHERE status <> 'sent'"):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def all_sent() -> bool:
+        return not await sql.value("SELECT count(*) FROM outbox WHERE status <> 'sent'")
+
+    await until(all_sent, within=10, what="every row sent", every=0.05)
     # Both took part, and between them delivered each push once.
     sent = [await asyncio.to_thread(pushes_sent, address) for address in metrics]
     assert sum(sent) == 200

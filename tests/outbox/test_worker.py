@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -12,7 +11,7 @@ import pytest
 
 from tests.outbox.recorder import HOLD, NtfyRecorder
 from tests.outbox.support import add_pushes, add_user, config, wait_settled
-from tests.support import Sql
+from tests.support import Sql, until
 from umbra_grpc.embedded import free_port
 from umbra_grpc.outbox.worker import OutboxWorker
 from umbra_grpc.storage import outbox
@@ -139,10 +138,12 @@ async def test_a_round_is_one_statement_per_sent_row_plus_two(
 
     async def round_done(within: float = 5.0) -> list[str]:
         """What the worker sent up to the idle query that ends its round."""
-        deadline = time.monotonic() + within
-        while not any("min(next_attempt_at)" in s for s in counter.statements):
-            assert time.monotonic() < deadline, counter.statements
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: any("min(next_attempt_at)" in s for s in counter.statements),
+            within=within,
+            what=lambda: counter.statements,
+            every=0.01,
+        )
         return [
             "claim" if "SKIP LOCKED" in s else "idle" if "min(next_attempt_at)" in s else s
             for s in counter.statements
@@ -228,12 +229,15 @@ async def test_worker_survives_an_unreachable_database(
         return [r for r in caplog.records if r.getMessage().startswith("outbox round failed")]
 
     await worker.start()
-    deadline = time.monotonic() + 10
+
+    def failed_twice() -> bool:  # the loop goes on after the first failure
+        if len(failures()) >= 2:
+            return True
+        worker.wake()
+        return False
+
     try:
-        while len(failures()) < 2:  # the loop goes on after the first failure
-            assert time.monotonic() < deadline, failures()
-            worker.wake()
-            await asyncio.sleep(0.05)
+        await until(failed_twice, within=10, what=failures, every=0.05)
     finally:
         await worker.stop()
         await database.dispose()

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from tests.invariants import check_all
-from tests.support import test_config
+from tests.support import test_config, until
 from umbra_grpc.domain.errors import DomainError, UserNotFound
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.relationships import Relationships
@@ -82,18 +82,18 @@ async def wait_for_lock_waiter(url: str, locktype: str | None = None) -> None:
     """
     conn = await asyncpg.connect(url)
     try:
-        for _ in range(1000):
-            waiting = await conn.fetchval(
+        await until(
+            lambda: conn.fetchval(
                 "SELECT count(*) FROM pg_locks WHERE NOT granted"
                 " AND ($1::text IS NULL OR locktype = $1)",
                 locktype,
-            )
-            if waiting:
-                return
-            await asyncio.sleep(0.01)
+            ),
+            within=10,
+            what=f"somebody waiting on a {locktype or 'any'} lock",
+            every=0.01,
+        )
     finally:
         await conn.close()
-    raise AssertionError(f"nobody waited on a {locktype or 'any'} lock")
 
 
 async def pair_rows(conn: asyncpg.Connection, a: int, b: int) -> dict[str, int]:
@@ -223,7 +223,8 @@ async def test_many_racing_blocks_sends_and_accepts_never_break_the_invariant(
 ) -> None:
     pairs = [(await new_user(other), await new_user(other)) for _ in range(12)]
     requests = [await service.requests.send(b, f"r{a}", "", None) for a, b in pairs[:6]]
-    blocks, others = [], []
+    blocks: list[Awaitable[object]] = []
+    others: list[Awaitable[object]] = []
     for (a, b), request in zip(pairs[:6], requests, strict=True):
         others.append(service.requests.respond(a, request.id, accept=True, ip=None))
         blocks.append(service.relationships.block(b, f"r{a}", None))

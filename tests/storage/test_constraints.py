@@ -36,7 +36,7 @@ async def violation(db: asyncpg.Connection, statement: str) -> str:
             await db.execute(statement)
     finally:
         await savepoint.rollback()
-    name = caught.value.constraint_name
+    name: str | None = caught.value.constraint_name
     assert name is not None
     return name
 

@@ -6,7 +6,6 @@ database's side: a statement-level trigger records how many rows each DELETE too
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -14,7 +13,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.support import start_server, stop_server, test_config
+from tests.support import start_server, stop_server, test_config, until
 from umbra_grpc.domain.retention import Retention, RetentionPolicy
 from umbra_grpc.embedded import free_port
 from umbra_grpc.storage import retention as store
@@ -279,11 +278,12 @@ async def test_serve_prunes_periodically(conn: asyncpg.Connection, database_url:
     try:
         # Written after the server started (and pruned once at start): a later run takes it.
         await add_audit(conn, "ancient", 1000)
-        for _ in range(500):
-            if await conn.fetchval("SELECT count(*) FROM audit_log") == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert await conn.fetchval("SELECT count(*) FROM audit_log") == 0
+
+        async def pruned() -> bool:
+            count: int = await conn.fetchval("SELECT count(*) FROM audit_log")
+            return count == 0
+
+        await until(pruned, within=10, what="the audit log pruned by a later run")
     finally:
         await stop_server(server)
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.support import clone_database, test_config
+from tests.support import clone_database, test_config, until
 from umbra_grpc.domain.errors import RequestPending, TooManyPending
 from umbra_grpc.domain.pages import PageTokens
 from umbra_grpc.domain.requests import Requests
@@ -77,15 +76,17 @@ async def wait_until_blocked(url: str, within: float = 10.0) -> None:
     what it showed the first time.
     """
     conn = await asyncpg.connect(url)
-    deadline = time.monotonic() + within
     try:
-        while not await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE $1",
-            f"%{FUNCTION}(%",
-        ):
-            assert time.monotonic() < deadline, "the send never waited"
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE $1",
+                f"%{FUNCTION}(%",
+            ),
+            within=within,
+            what="the send waiting on a lock",
+            every=0.01,
+        )
     finally:
         await conn.close()
 

@@ -6,6 +6,7 @@ Statement cache off (a transaction pooler), writes refused by a node that is a s
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +23,10 @@ in_session_loop = pytest.mark.asyncio(loop_scope="session")
 PREPARED = Query("SELECT count(*) FROM pg_prepared_statements")
 BACKEND = Query("SELECT pg_backend_pid()")
 WRITE = Query("INSERT INTO users (id, umbral_name) VALUES (:id, :name)")
+
+
+async def _select(conn: Conn, *, n: int) -> object:
+    return await conn.fetchval(Query("SELECT :n::int"), n=n)
 
 
 def multi_host(url: str) -> str:
@@ -55,7 +60,7 @@ async def test_statement_cache_size_zero_leaves_no_prepared_statement_behind(
     )
     try:
         for n in range(3):
-            await db.read(lambda conn, n=n: conn.fetchval(Query("SELECT :n::int"), n=n))
+            await db.read(functools.partial(_select, n=n))
         # A pooler would lend the next statement another server connection, where a named
         # statement of this session does not exist.
         assert bool(await db.read(lambda conn: conn.fetchval(PREPARED))) is prepared

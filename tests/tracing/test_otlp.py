@@ -8,7 +8,6 @@ port; the server's Tracing is built by `tracing.from_environment` exactly as `se
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import pytest_asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.support import NewUser, RunningServer, start_server, stop_server
+from tests.support import Connections, NewUser, RunningServer, start_server, stop_server, until
 from tests.support import test_config as make_config
 from umbra_grpc import tracing
 from umbra_grpc.pb import connections_pb2
@@ -46,7 +45,10 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 async def collector() -> AsyncIterator[tuple[Collector, int]]:
     receiver = Collector()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    # opentelemetry-proto ships a .pyi for its messages but none for its _grpc modules.
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        receiver, server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -77,17 +79,21 @@ async def server(
 
 
 async def test_spans_reach_the_collector(
-    server: RunningServer, connections, new_user: NewUser, collector: tuple[Collector, int]
+    server: RunningServer,
+    connections: Connections,
+    new_user: NewUser,
+    collector: tuple[Collector, int],
 ) -> None:
     receiver, _ = collector
     me = await new_user()
     await connections.ListConnections(pb.ListConnectionsRequest(), metadata=me.md)
     name = "umbra.connections.v1.ConnectionService/ListConnections"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_SECONDS
-    while not any(span.name == name for _, span in receiver.spans):
-        assert loop.time() < deadline, "no span reached the collector"
-        await asyncio.sleep(0.05)
+    await until(
+        lambda: any(span.name == name for _, span in receiver.spans),
+        within=WAIT_SECONDS,
+        what="a span at the collector",
+        every=0.05,
+    )
     [(resource, span)] = [(r, s) for r, s in receiver.spans if s.name == name]
     assert resource["service.name"] == "umbra-otlp-test"
     children = [s for _, s in receiver.spans if s.parent_span_id == span.span_id]

@@ -7,9 +7,9 @@ the outbox push as a span of its own.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
@@ -26,7 +26,18 @@ from tests.api.streams import watch
 from tests.outbox.conftest import recorder  # noqa: F401 - the recording ntfy fixture
 from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
 from tests.outbox.test_delivery import configure_ntfy
-from tests.support import Metadata, NewUser, RunningServer, Sql, start_server, stop_server
+from tests.support import (
+    Accounts,
+    Connections,
+    Metadata,
+    NewUser,
+    RunningServer,
+    Sql,
+    access_line,
+    start_server,
+    stop_server,
+    until,
+)
 from tests.support import test_config as make_config
 from umbra_grpc.pb import connections_pb2
 from umbra_grpc.reflection import SERVICE_NAME as REFLECTION_SERVICE
@@ -76,14 +87,6 @@ def children(exporter: InMemorySpanExporter, parent: ReadableSpan) -> list[Reada
     ]
 
 
-async def until(condition: Callable[[], object]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_SECONDS
-    while not condition():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def one(spans: Sequence[ReadableSpan]) -> ReadableSpan:
     assert len(spans) == 1, [span.name for span in spans]
     return spans[0]
@@ -91,7 +94,7 @@ def one(spans: Sequence[ReadableSpan]) -> ReadableSpan:
 
 async def test_a_call_is_a_server_span_with_its_sql_as_children(
     server: RunningServer,
-    connections,
+    connections: Connections,
     new_user: NewUser,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
@@ -130,11 +133,14 @@ async def test_a_call_is_a_server_span_with_its_sql_as_children(
     assert "umbra_send_request" in statements[2]
 
     [line] = [r for r in caplog.records if getattr(r, "method", "").endswith("/SendRequest")]
-    assert line.trace_id == CALLER_TRACE  # type: ignore[attr-defined]
+    assert access_line(line).trace_id == CALLER_TRACE
 
 
 async def test_a_refused_call_is_not_a_server_error(
-    server: RunningServer, connections, new_user: NewUser, exporter: InMemorySpanExporter
+    server: RunningServer,
+    connections: Connections,
+    new_user: NewUser,
+    exporter: InMemorySpanExporter,
 ) -> None:
     caller = await new_user()
     exporter.clear()
@@ -153,16 +159,24 @@ async def test_a_refused_call_is_not_a_server_error(
 
 
 async def test_a_stream_span_lasts_as_long_as_the_stream(
-    server: RunningServer, connections, new_user: NewUser, exporter: InMemorySpanExporter
+    server: RunningServer,
+    connections: Connections,
+    new_user: NewUser,
+    exporter: InMemorySpanExporter,
 ) -> None:
     me = await new_user()
     exporter.clear()
     call = watch(connections, me)
     synced = await call.read()
+    assert isinstance(synced, connections_pb2.WatchIncomingRequestsResponse)
     assert synced.WhichOneof("event") == "synced"
     assert rpc_spans(exporter, "WatchIncomingRequests") == []
     call.cancel()
-    await until(lambda: rpc_spans(exporter, "WatchIncomingRequests"))
+    await until(
+        lambda: rpc_spans(exporter, "WatchIncomingRequests"),
+        within=WAIT_SECONDS,
+        what="the stream's span",
+    )
     span = one(rpc_spans(exporter, "WatchIncomingRequests"))
     attributes = dict(span.attributes or {})
     assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
@@ -182,7 +196,11 @@ async def test_a_generator_stream_is_traced_to_its_end(
     )
     assert len([reply async for reply in call]) == 2
     name = f"{REFLECTION_SERVICE}/ServerReflectionInfo"
-    await until(lambda: any(span.name == name for span in exporter.get_finished_spans()))
+    await until(
+        lambda: any(span.name == name for span in exporter.get_finished_spans()),
+        within=WAIT_SECONDS,
+        what=f"a {name} span",
+    )
     span = one([span for span in exporter.get_finished_spans() if span.name == name])
     attributes = dict(span.attributes or {})
     assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
@@ -203,7 +221,7 @@ async def test_health_checks_make_no_traces(
     )
     assert len([reply async for reply in call]) == 1
     # The reflection call's span is there, so the health check's would be by now.
-    await until(lambda: exporter.get_finished_spans())
+    await until(exporter.get_finished_spans, within=WAIT_SECONDS, what="a finished span")
     assert [span.name for span in exporter.get_finished_spans()] == [
         f"{REFLECTION_SERVICE}/ServerReflectionInfo"
     ]
@@ -225,8 +243,8 @@ def push_spans(exporter: InMemorySpanExporter, kind: str) -> list[ReadableSpan]:
 
 async def test_a_push_span_links_to_the_rpc_that_wrote_its_row(
     server: RunningServer,
-    connections,
-    accounts,
+    connections: Connections,
+    accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
     recorder: NtfyRecorder,  # noqa: F811 - the fixture imported above
@@ -251,7 +269,11 @@ async def test_a_push_span_links_to_the_rpc_that_wrote_its_row(
         ("Respond", "request_accepted", sender),
     ):
         rpc = one(rpc_spans(exporter, method))
-        await until(lambda kind=kind: push_spans(exporter, kind))
+        await until(
+            functools.partial(push_spans, exporter, kind),
+            within=WAIT_SECONDS,
+            what=f"a {kind} push span",
+        )
         push = one(push_spans(exporter, kind))
         assert push.context.trace_id != rpc.context.trace_id  # a trace of its own
         [link] = push.links
@@ -266,8 +288,8 @@ async def test_a_push_span_links_to_the_rpc_that_wrote_its_row(
 
 async def test_the_outbox_push_is_a_span_and_background_sql_makes_none(
     server: RunningServer,
-    connections,
-    accounts,
+    connections: Connections,
+    accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
     recorder: NtfyRecorder,  # noqa: F811 - the fixture imported above
@@ -281,7 +303,11 @@ async def test_the_outbox_push_is_a_span_and_background_sql_makes_none(
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md
     )
     await recorder.wait_for(topic, 1)
-    await until(lambda: any(span.name == "outbox push" for span in exporter.get_finished_spans()))
+    await until(
+        lambda: any(span.name == "outbox push" for span in exporter.get_finished_spans()),
+        within=WAIT_SECONDS,
+        what="an outbox push span",
+    )
     push = one([span for span in exporter.get_finished_spans() if span.name == "outbox push"])
     outbox_id = await sql.value(
         "SELECT id FROM outbox WHERE user_id = $1 ORDER BY id DESC LIMIT 1", receiver.id

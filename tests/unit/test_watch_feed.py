@@ -104,7 +104,7 @@ def make_feed(
     db: FakeDatabase, *, queue_size: int = 64, max_per_user: int = 5, max_streams: int = 100
 ) -> RequestFeed:
     feed = RequestFeed(
-        db,  # type: ignore[arg-type]
+        db,  # type: ignore[arg-type]  # a fake of what RequestFeed uses of Database
         queue_size=queue_size,
         max_per_user=max_per_user,
         max_streams=max_streams,
@@ -114,8 +114,12 @@ def make_feed(
 
 
 def make_watching(db: FakeDatabase, feed: RequestFeed, *, heartbeat: float = 0.1) -> Watching:
-    return Watching(  # type: ignore[arg-type]
-        db, feed, heartbeat=heartbeat, write_timeout=WAIT, ttl=dt.timedelta(days=30)
+    return Watching(
+        db,  # type: ignore[arg-type]  # a fake of the two methods Watching uses of Database
+        feed,
+        heartbeat=heartbeat,
+        write_timeout=WAIT,
+        ttl=dt.timedelta(days=30),
     )
 
 
@@ -298,7 +302,12 @@ async def test_on_down_ends_every_stream_and_refuses_new_ones_until_on_up() -> N
 
 
 async def test_a_feed_never_up_refuses_streams() -> None:
-    feed = RequestFeed(FakeDatabase(), queue_size=4, max_per_user=5, max_streams=10)  # type: ignore[arg-type]
+    feed = RequestFeed(
+        FakeDatabase(),  # type: ignore[arg-type]  # a fake of what RequestFeed uses of Database
+        queue_size=4,
+        max_per_user=5,
+        max_streams=10,
+    )
     with pytest.raises(FeedUnavailable):
         feed.subscribe(ME)
 

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from umbra_grpc.domain.errors import (
@@ -104,7 +104,7 @@ class Stream:
         self._ttl = ttl
         self._clock = clock
 
-    async def items(self, expires_at: float) -> AsyncIterator[WatchItem]:
+    async def items(self, expires_at: float) -> AsyncGenerator[WatchItem, None]:
         """Snapshot (oldest first; expired requests left out), `synced`, then live events
         and heartbeats."""
         views = await self._db.read(
