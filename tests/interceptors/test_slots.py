@@ -4,12 +4,14 @@ real servers: tests/api/test_concurrency_limit.py and test_anonymous_callers.py)
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NoReturn
+from collections.abc import AsyncGenerator
+from typing import Any, NoReturn, cast
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from umbra_grpc.interceptors.handlers import Context
 from umbra_grpc.interceptors.slots import Slots
 
 
@@ -23,6 +25,10 @@ class Refusing:
         self.status = status
         raise grpc.aio.AbortError
 
+    @property
+    def context(self) -> Context:
+        return cast(Context, self)
+
 
 async def test_a_call_past_the_limit_is_refused_and_takes_no_slot() -> None:
     slots = Slots(1, "TOO_MANY_CALLS", "busy")
@@ -34,11 +40,11 @@ async def test_a_call_past_the_limit_is_refused_and_takes_no_slot() -> None:
         return "done"
 
     held = slots.unary(work)
-    first = asyncio.create_task(held(None, Refusing()))
+    first = asyncio.ensure_future(held(None, Refusing().context))
     await asyncio.wait_for(started.wait(), 5)
     refused = Refusing()
     with pytest.raises(grpc.aio.AbortError):
-        await held(None, refused)
+        await held(None, refused.context)
     assert slots.taken == 1
     release.set()
     assert await first == "done"
@@ -65,9 +71,9 @@ async def test_a_slot_is_given_back_however_the_call_ends() -> None:
         yield 2
 
     with pytest.raises(RuntimeError):
-        await slots.unary(failing)(None, Refusing())
+        await slots.unary(failing)(None, Refusing().context)
     assert slots.taken == 0
-    responses = slots.stream(streaming)(None, Refusing())
+    responses = cast(AsyncGenerator[Any, None], slots.stream(streaming)(None, Refusing().context))
     assert await anext(responses) == 1
     assert slots.taken == 1
     await responses.aclose()  # abandoned mid-stream

@@ -16,6 +16,9 @@ from umbra_grpc.api.connections import ConnectionServicer
 from umbra_grpc.api.status import map_errors
 from umbra_grpc.pb import accounts_pb2, connections_pb2, connections_pb2_grpc
 
+# The servicers' collaborators: never called here (only which methods get wrapped is looked at).
+UNUSED: Any = None
+
 
 def rpc_names(module: Any, service: str) -> set[str]:
     return {method.name for method in module.DESCRIPTOR.services_by_name[service].methods}
@@ -25,10 +28,10 @@ def rpc_names(module: Any, service: str) -> set[str]:
     ("servicer", "rpcs"),
     [
         (
-            ConnectionServicer(None, None, None, None, None, None),
+            ConnectionServicer(UNUSED, UNUSED, UNUSED, UNUSED, UNUSED, UNUSED),
             rpc_names(connections_pb2, "ConnectionService"),
         ),
-        (AccountServicer(None, None), rpc_names(accounts_pb2, "AccountService")),
+        (AccountServicer(UNUSED, UNUSED), rpc_names(accounts_pb2, "AccountService")),
     ],
 )
 def test_every_rpc_handler_and_nothing_else_is_wrapped(servicer: Any, rpcs: set[str]) -> None:
@@ -47,4 +50,5 @@ def test_an_async_generator_handler_is_refused_at_registration() -> None:
             yield connections_pb2.WatchIncomingRequestsResponse()
 
     with pytest.raises(TypeError, match="coroutine function"):
-        map_errors(Streaming())
+        # The generated base declares every RPC abstract; this test needs the one stream only.
+        map_errors(Streaming())  # type: ignore[abstract]

@@ -69,7 +69,14 @@ def test_every_domain_error_has_the_code_of_its_branch() -> None:
     for kind in domain_errors():
         assert kind.reason in STATUS_CODES, kind
         # The branch: the class right below DomainError that this one descends from.
-        branch = next((base for base in kind.__mro__ if errors.DomainError in base.__bases__), kind)
+        branch = next(
+            (
+                base
+                for base in kind.__mro__
+                if issubclass(base, errors.DomainError) and errors.DomainError in base.__bases__
+            ),
+            kind,
+        )
         assert STATUS_CODES[kind.reason] == STATUS_CODES[branch.reason], kind
 
 
