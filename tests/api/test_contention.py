@@ -162,7 +162,7 @@ async def _wait_until_waiting(sql: Sql, pid: int) -> None:
         lambda: sql.value(
             "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
         ),
-        within=5,
+        within=10,
         what="the other session waiting on the lock",
         every=0.01,
     )

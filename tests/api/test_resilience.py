@@ -61,7 +61,7 @@ async def _settled(server: RunningServer, sql: Sql) -> None:
     db = server.service.db
     await until(
         lambda: not db.checked_out(),
-        within=5,
+        within=10,
         what="every pooled connection given back",
         every=0.01,
     )

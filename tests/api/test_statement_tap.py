@@ -99,7 +99,7 @@ class Tapped:
         # keeps them apart for good.
         _, counted = await until(
             lambda: self._agreed(wire_from, counted_from),
-            within=5,
+            within=10,
             what=lambda: (label, *self._since(wire_from, counted_from)),
             every=0.01,
         )

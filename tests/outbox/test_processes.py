@@ -166,7 +166,7 @@ async def test_kill_9_between_commit_and_delivery_then_delivered_after_restart(
         status: str = await sql.value("SELECT status FROM outbox")
         return None if status == "pending" else status
 
-    assert await until(settled, within=5, what="the row no longer pending", every=0.05) == "sent"
+    assert await until(settled, within=10, what="the row no longer pending", every=0.05) == "sent"
     assert await sql.value("SELECT attempts FROM outbox") == 2
 
 
