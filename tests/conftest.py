@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.outbox.recorder import NtfyRecorder
 from tests.support import (
     TEST_SECRET,
     Metadata,
@@ -87,6 +88,12 @@ def template_database(pg_server_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
     """A fresh migrated database for one test module."""
+    yield from clone_database(pg_server_url, template_database)
+
+
+@pytest.fixture
+def fresh_database(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh migrated database for one test, dropped (its connections ended) after it."""
     yield from clone_database(pg_server_url, template_database)
 
 
@@ -160,3 +167,14 @@ def new_user(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadat
 def sql(database_url: str) -> Sql:
     """Direct SQL on this module's database."""
     return Sql(database_url)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def recorder() -> AsyncIterator[NtfyRecorder]:
+    """A recording ntfy on 127.0.0.1, on a free port (outbox and process tests)."""
+    stand_in = NtfyRecorder()
+    await stand_in.start()
+    try:
+        yield stand_in
+    finally:
+        await stand_in.stop()

@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from tests.api.streams import Stub, ended_with, next_event, send, until_synced, watch
 from tests.api.test_metrics import value
-from tests.api.test_watch_processes import NOT_SERVING, SERVING, health_becomes
+from tests.e2e.test_watch_processes import NOT_SERVING, SERVING, health_becomes
 from tests.pg_proxy import NotificationDroppingProxy
 from tests.support import NewUser, start_server, stop_server, test_config
 from umbra_grpc.embedded import free_port

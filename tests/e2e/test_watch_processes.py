@@ -46,8 +46,7 @@ from umbra_grpc.interceptors.access_log import CORRELATION_ID_KEY
 from umbra_grpc.pb import accounts_pb2, connections_pb2
 from umbra_grpc.server import CONNECTION_SERVICE
 
-# Starts `umbra-grpc serve` processes: part of the `e2e` set (pyproject.toml markers).
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.e2e]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 pb = connections_pb2
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
