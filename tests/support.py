@@ -7,9 +7,11 @@ by name lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from umbra_grpc.config import Config
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc
 from umbra_grpc.server import Service
 from umbra_grpc.storage.database import Database, StatementCounter
 from umbra_grpc.tokens import mint_token
@@ -162,6 +165,16 @@ async def stop_server(server: RunningServer) -> None:
     await server.service.stop(0.5)
 
 
+@contextlib.asynccontextmanager
+async def running_server(config: Config) -> AsyncIterator[RunningServer]:
+    """`start_server`, stopped however the block ends (the `server` fixtures)."""
+    running = await start_server(config)
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
 def bearer(token: str) -> Metadata:
     return (("authorization", f"Bearer {token}"),)
 
@@ -184,6 +197,43 @@ TestUser.__test__ = False  # type: ignore[attr-defined]
 
 
 NewUser = Callable[..., Awaitable[TestUser]]
+
+
+def user_creator(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadata) -> NewUser:
+    """Creates users with fresh ids through AccountService (the `new_user` fixtures)."""
+    ids = itertools.count(1000)
+
+    async def create(
+        *,
+        accept: bool = True,
+        active: bool = True,
+        preferred_name: str = "",
+        handle: str | None = None,
+        profile: accounts_pb2.Profile | None = None,
+    ) -> TestUser:
+        user_id = next(ids)
+        name = handle or f"user{user_id}"
+        await accounts.UpsertUser(
+            accounts_pb2.UpsertUserRequest(
+                user=accounts_pb2.User(
+                    id=user_id, umbral_name=name, is_active=active, profile=profile
+                )
+            ),
+            metadata=admin,
+        )
+        await accounts.UpdateSettings(
+            accounts_pb2.UpdateSettingsRequest(
+                user_id=user_id,
+                settings=accounts_pb2.Settings(
+                    accept_connections=accept, preferred_name=preferred_name
+                ),
+                update_mask={"paths": ["accept_connections", "preferred_name"]},
+            ),
+            metadata=admin,
+        )
+        return TestUser(user_id, name.lower(), user_metadata(user_id))
+
+    return create
 
 
 class Sql:
