@@ -7,12 +7,13 @@ in front of the service under test: its pool goes through the pooler, its LISTEN
 the fixtures' DDL and the tests' own SQL go straight to PostgreSQL (`tests.support.app_settings`).
 Helpers that tests import by name live in `tests/support.py`; only fixtures live here.
 Every API test module gets its own database cloned from a template migrated to head, and its
-own `grpc.aio` server on a free port, called through the generated stubs.
+own `grpc.aio` server on a free port, called through the generated stubs; a test that needs a
+database of its own (the stream tests in tests/api/watch/, the process tests) takes
+`fresh_database`, cloned the same way.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import tempfile
@@ -22,26 +23,24 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from google.protobuf import field_mask_pb2
 
+from tests.outbox.recorder import NtfyRecorder
 from tests.support import (
     TEST_SECRET,
     Metadata,
     NewUser,
     RunningServer,
     Sql,
-    TestUser,
     admin_sql,
     bearer,
     clone_database,
-    start_server,
-    stop_server,
+    running_server,
     test_config,
-    user_metadata,
+    user_creator,
     with_database,
 )
 from umbra_grpc.embedded import EmbeddedPostgres
-from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2_grpc
+from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2_grpc
 from umbra_grpc.storage import migrate
 from umbra_grpc.tokens import mint_token
 
@@ -91,14 +90,17 @@ def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
     yield from clone_database(pg_server_url, template_database)
 
 
+@pytest.fixture
+def fresh_database(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh migrated database for one test, dropped (its connections ended) after it."""
+    yield from clone_database(pg_server_url, template_database)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def server(database_url: str) -> AsyncIterator[RunningServer]:
     """A real grpc.aio server on a free port, on this module's database."""
-    running = await start_server(test_config(database_url))
-    try:
+    async with running_server(test_config(database_url)) as running:
         yield running
-    finally:
-        await stop_server(running)
 
 
 @pytest.fixture(scope="module")
@@ -122,44 +124,21 @@ def admin() -> Metadata:
 @pytest.fixture(scope="module")
 def new_user(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadata) -> NewUser:
     """Creates users with fresh ids (opted in unless told otherwise)."""
-    ids = itertools.count(1000)
-
-    async def create(
-        *,
-        accept: bool = True,
-        active: bool = True,
-        preferred_name: str = "",
-        handle: str | None = None,
-        profile: accounts_pb2.Profile | None = None,
-    ) -> TestUser:
-        user_id = next(ids)
-        name = handle or f"user{user_id}"
-        await accounts.UpsertUser(
-            accounts_pb2.UpsertUserRequest(
-                user=accounts_pb2.User(
-                    id=user_id, umbral_name=name, is_active=active, profile=profile
-                )
-            ),
-            metadata=admin,
-        )
-        await accounts.UpdateSettings(
-            accounts_pb2.UpdateSettingsRequest(
-                user_id=user_id,
-                settings=accounts_pb2.Settings(
-                    accept_connections=accept, preferred_name=preferred_name
-                ),
-                update_mask=field_mask_pb2.FieldMask(
-                    paths=["accept_connections", "preferred_name"]
-                ),
-            ),
-            metadata=admin,
-        )
-        return TestUser(user_id, name.lower(), user_metadata(user_id))
-
-    return create
+    return user_creator(accounts, admin)
 
 
 @pytest.fixture(scope="module")
 def sql(database_url: str) -> Sql:
     """Direct SQL on this module's database."""
     return Sql(database_url)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def recorder() -> AsyncIterator[NtfyRecorder]:
+    """A recording ntfy on 127.0.0.1, on a free port (outbox and process tests)."""
+    stand_in = NtfyRecorder()
+    await stand_in.start()
+    try:
+        yield stand_in
+    finally:
+        await stand_in.stop()

@@ -7,22 +7,25 @@ by name lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import itertools
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from umbra_grpc.config import Config
-from umbra_grpc.pb import accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
+from umbra_grpc.pb import accounts_pb2, accounts_pb2_grpc, connections_pb2, connections_pb2_grpc
 from umbra_grpc.server import Service
 from umbra_grpc.storage.database import Database, StatementCounter
 from umbra_grpc.tokens import mint_token
@@ -235,6 +238,16 @@ async def stop_server(server: RunningServer) -> None:
     await server.service.stop(0.5)
 
 
+@contextlib.asynccontextmanager
+async def running_server(config: Config) -> AsyncIterator[RunningServer]:
+    """`start_server`, stopped however the block ends (the `server` fixtures)."""
+    running = await start_server(config)
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
 def raw_unary_unary(
     channel: grpc.aio.Channel, method: str
 ) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
@@ -296,6 +309,46 @@ TestUser.__test__ = False  # type: ignore[attr-defined]  # pytest's marker: not 
 
 
 NewUser = Callable[..., Awaitable[TestUser]]
+
+
+def user_creator(accounts: accounts_pb2_grpc.AccountServiceAsyncStub, admin: Metadata) -> NewUser:
+    """Creates users with fresh ids through AccountService, opted in unless told otherwise
+    (the `new_user` fixtures)."""
+    ids = itertools.count(1000)
+
+    async def create(
+        *,
+        accept: bool = True,
+        active: bool = True,
+        preferred_name: str = "",
+        handle: str | None = None,
+        profile: accounts_pb2.Profile | None = None,
+    ) -> TestUser:
+        user_id = next(ids)
+        name = handle or f"user{user_id}"
+        await accounts.UpsertUser(
+            accounts_pb2.UpsertUserRequest(
+                user=accounts_pb2.User(
+                    id=user_id, umbral_name=name, is_active=active, profile=profile
+                )
+            ),
+            metadata=admin,
+        )
+        await accounts.UpdateSettings(
+            accounts_pb2.UpdateSettingsRequest(
+                user_id=user_id,
+                settings=accounts_pb2.Settings(
+                    accept_connections=accept, preferred_name=preferred_name
+                ),
+                update_mask=field_mask_pb2.FieldMask(
+                    paths=["accept_connections", "preferred_name"]
+                ),
+            ),
+            metadata=admin,
+        )
+        return TestUser(user_id, name.lower(), user_metadata(user_id))
+
+    return create
 
 
 class AccessLine(Protocol):

@@ -11,7 +11,7 @@ fresh snapshot for each of its statements: statement 1 locks the receiver and re
 statement 2 re-checks connected / pending / cap in a snapshot taken after the lock and writes.
 The function only gates the write: the caller decides which refusal the facts mean.
 
-The NOTIFY channel names are `umbra_grpc.storage.requests.REQUESTS_CHANNEL` and
+The NOTIFY channel names are `umbra_grpc.storage.notify.REQUESTS_CHANNEL` and
 `OUTBOX_CHANNEL`, written out here because a revision must not change when the code does.
 """
 

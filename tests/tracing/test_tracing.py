@@ -23,7 +23,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.api.streams import watch
-from tests.outbox.conftest import recorder  # noqa: F401 - the recording ntfy fixture
 from tests.outbox.recorder import RECORDER_NETWORKS, NtfyRecorder
 from tests.outbox.test_delivery import configure_ntfy
 from tests.support import (
@@ -247,7 +246,7 @@ async def test_a_push_span_links_to_the_rpc_that_wrote_its_row(
     accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
-    recorder: NtfyRecorder,  # noqa: F811 - the fixture imported above
+    recorder: NtfyRecorder,
     sql: Sql,
     exporter: InMemorySpanExporter,
 ) -> None:
@@ -292,7 +291,7 @@ async def test_the_outbox_push_is_a_span_and_background_sql_makes_none(
     accounts: Accounts,
     admin: Metadata,
     new_user: NewUser,
-    recorder: NtfyRecorder,  # noqa: F811 - the fixture imported above
+    recorder: NtfyRecorder,
     sql: Sql,
     exporter: InMemorySpanExporter,
 ) -> None:

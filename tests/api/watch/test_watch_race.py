@@ -34,7 +34,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROUNDS, PARALLEL, SENDERS, OLDER = 200, 8, 8, 150
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
+@pytest_asyncio.fixture(loop_scope="session")
 async def server(database_url: str) -> AsyncIterator[RunningServer]:
     """Room for SENDERS + 1 requests per receiver within the cap's window."""
     running = await start_server(make_config(database_url, pending_cap=SENDERS + 1))

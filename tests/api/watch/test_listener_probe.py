@@ -2,7 +2,8 @@
 
 The listener goes through `UMBRA_LISTEN_DATABASE_URL`, here a proxy that can drop every
 notification on its way (`tests/pg_proxy.py`), as a transaction pooler does to LISTEN; the
-pool goes straight to the database. Events are sent through the module's other server.
+pool goes straight to the database. Events are sent through the test's other server.
+Health and open streams follow the listener when it stops and starts again.
 """
 
 from __future__ import annotations
@@ -14,18 +15,28 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.api.streams import Stub, ended_with, next_event, send, until_synced, watch
 from tests.api.test_metrics import value
-from tests.api.test_watch_processes import NOT_SERVING, SERVING, health_becomes
 from tests.pg_proxy import NotificationDroppingProxy
-from tests.support import Connections, NewUser, start_server, stop_server, test_config, until
+from tests.support import (
+    Connections,
+    NewUser,
+    RunningServer,
+    start_server,
+    stop_server,
+    test_config,
+    until,
+)
 from umbra_grpc.embedded import free_port
-from umbra_grpc.server import Service
+from umbra_grpc.server import CONNECTION_SERVICE, Service
 from umbra_grpc.storage.database import Database
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 PROBE_SECONDS = 0.2
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -36,6 +47,22 @@ async def proxy(database_url: str) -> AsyncIterator[NotificationDroppingProxy]:
         yield running
     finally:
         await running.stop()
+
+
+async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) -> float:
+    """Seconds until grpc health says `status` for the server and ConnectionService."""
+    health = health_pb2_grpc.HealthStub(channel)
+    started = time.monotonic()
+
+    async def says_status() -> bool:
+        replies = [
+            await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            for name in ("", CONNECTION_SERVICE)
+        ]
+        return all(reply.status == status for reply in replies)
+
+    await until(says_status, within=within, what=f"health {status}", every=0.1)
+    return time.monotonic() - started
 
 
 def serving_gauge(service: Service) -> float:
@@ -162,3 +189,39 @@ async def test_one_lost_echo_is_not_a_lost_connection(
         call.cancel()
     finally:
         await stop_server(running)
+
+
+@pytest.fixture
+async def own_server(database_url: str) -> AsyncIterator[RunningServer]:
+    """A server of this test's own, so that stopping its listener disturbs no one else."""
+    running = await start_server(test_config(database_url, listener_probe_seconds=0.5))
+    try:
+        yield running
+    finally:
+        await stop_server(running)
+
+
+async def test_health_and_streams_follow_the_listener(
+    own_server: RunningServer, new_user: NewUser
+) -> None:
+    stub = Stub(own_server.channel)
+    me, sender = await new_user(), await new_user()
+    open_call = watch(stub, me)
+    await until_synced(open_call)
+
+    await own_server.service.listener.stop()
+    await health_becomes(own_server.channel, NOT_SERVING, within=5)
+    # Events may be missed while no one listens: the open stream ends, new ones are refused.
+    assert await ended_with(open_call) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
+    refused = watch(stub, me)
+    assert await ended_with(refused) == (grpc.StatusCode.UNAVAILABLE, "FEED_UNAVAILABLE")
+
+    await own_server.service.listener.start()
+    await health_becomes(own_server.channel, SERVING, within=10)
+    again = watch(stub, me)
+    try:
+        await until_synced(again)
+        request = await send(stub, sender, me)
+        assert (await next_event(again)).received.id == request.id
+    finally:
+        again.cancel()

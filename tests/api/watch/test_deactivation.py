@@ -29,7 +29,7 @@ pb = connections_pb2
 WITHIN = 2.0  # seconds, SPEC 10.6
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
+@pytest_asyncio.fixture(loop_scope="session")
 async def other_replica(database_url: str) -> AsyncIterator[RunningServer]:
     """A second server on the same database, with its own listener and caller cache."""
     running = await start_server(test_config(database_url))

@@ -37,7 +37,7 @@ pb = connections_pb2
 BURSTS, BURST = 300, 50
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
+@pytest_asyncio.fixture(loop_scope="session")
 async def server(database_url: str) -> AsyncIterator[RunningServer]:
     """Quick heartbeats and small limits so that every rule shows within seconds."""
     config = test_config(
@@ -205,7 +205,7 @@ async def test_slow_consumer_is_ended_while_others_carry_on(
         mint_token(TEST_SECRET, subject=str(slow_user.id)),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        cwd=Path(__file__).parents[2],
+        cwd=Path(__file__).parents[3],
     )
     fast = watch(connections, fast_user)
     try:

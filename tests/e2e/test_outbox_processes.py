@@ -8,7 +8,7 @@ import signal
 import sys
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +18,14 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
-from tests.support import TEST_SECRET, Sql, app_environment, clone_database, until, user_metadata
+from tests.support import TEST_SECRET, Sql, app_environment, until, user_metadata
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
-# Starts `umbra-grpc serve` processes: part of the `e2e` set (pyproject.toml markers).
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.e2e]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 EXECUTABLE = Path(sys.executable).parent / "umbra-grpc"
 NTFY_TIMEOUT = 1.0
 LEASE = 2 * NTFY_TIMEOUT + 5.0  # the worker's default lease for this timeout
-
-
-@pytest.fixture
-def fresh_database(pg_server_url: str, template_database: str) -> Iterator[str]:
-    """A migrated database of this test's own."""
-    yield from clone_database(pg_server_url, template_database)
 
 
 @dataclass
