@@ -72,9 +72,9 @@ class Serve:
         await self.process.wait()
 
 
-@contextlib.asynccontextmanager
-async def serving(database_url: str, logs: Path, **variables: str) -> AsyncIterator[Serve]:
-    """A SERVING `umbra-grpc serve` on `database_url`, ended however the test goes."""
+async def start_serve(database_url: str, logs: Path, **variables: str) -> Serve:
+    """A `umbra-grpc serve` on `database_url` just started (not yet SERVING); its output and
+    data directory in `logs`. `variables` add to or override its environment."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("UMBRA_")}
     target = f"127.0.0.1:{free_port()}"
     env.update(
@@ -87,12 +87,19 @@ async def serving(database_url: str, logs: Path, **variables: str) -> AsyncItera
         UMBRA_DATA_DIR=str(logs),
     )
     env.update(variables)
+    await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
     stdout_path, stderr_path = logs / "serve.stdout", logs / "serve.stderr"
     with stdout_path.open("w") as out, stderr_path.open("w") as err:
         process = await asyncio.create_subprocess_exec(
             str(UMBRA_GRPC), "serve", env=env, stdout=out, stderr=err
         )
-    server = Serve(process, target, stderr_path)
+    return Serve(process, target, stderr_path)
+
+
+@contextlib.asynccontextmanager
+async def serving(database_url: str, logs: Path, **variables: str) -> AsyncIterator[Serve]:
+    """A SERVING `umbra-grpc serve` on `database_url`, ended however the test goes."""
+    server = await start_serve(database_url, logs, **variables)
     try:
         await server.wait_serving()
         yield server

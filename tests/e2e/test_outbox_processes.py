@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,15 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.outbox.recorder import HOLD, RECORDER_NETWORKS, NtfyRecorder
-from tests.support import TEST_SECRET, Sql, app_environment, until, user_metadata
+from tests.serve import Serve, start_serve
+from tests.support import Sql, until, user_metadata
 from umbra_grpc.embedded import free_port
 from umbra_grpc.pb import connections_pb2, connections_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-EXECUTABLE = Path(sys.executable).parent / "umbra-grpc"
 NTFY_TIMEOUT = 1.0
 LEASE = 2 * NTFY_TIMEOUT + 5.0  # the worker's default lease for this timeout
 
@@ -32,9 +29,12 @@ LEASE = 2 * NTFY_TIMEOUT + 5.0  # the worker's default lease for this timeout
 class ServerProcess:
     """A `umbra-grpc serve` child process and a channel to it."""
 
-    process: asyncio.subprocess.Process
+    serve: Serve
     channel: grpc.aio.Channel
-    log: Path
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        return self.serve.process
 
     @property
     def connections(self) -> connections_pb2_grpc.ConnectionServiceAsyncStub:
@@ -46,39 +46,22 @@ Spawn = Callable[..., Awaitable[ServerProcess]]
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    """Starts server processes on a database; kills whatever is left at the end."""
+    """Starts SERVING server processes on a database; kills whatever is left at the end."""
     started: list[ServerProcess] = []
 
     async def start(database_url: str, **env: str) -> ServerProcess:
-        port = free_port()
-        log = tmp_path / f"server-{len(started)}.log"
-        environment = {
-            **os.environ,
-            **app_environment(database_url),
-            "UMBRA_JWT_SECRET": TEST_SECRET,
-            "UMBRA_LISTEN": f"127.0.0.1:{port}",
-            "UMBRA_RATE_LIMITS": "off",
-            "UMBRA_TIMING_FLOORS": "off",
-            "UMBRA_DATA_DIR": str(tmp_path / "data"),
-            "UMBRA_LOG_FORMAT": "text",
-            "UMBRA_NTFY_TIMEOUT_SECONDS": str(NTFY_TIMEOUT),
-            "UMBRA_OUTBOX_RETRY_BASE_SECONDS": "0.05",
-            "UMBRA_OUTBOX_RETRY_CAP_SECONDS": "0.2",
-            "UMBRA_NTFY_ALLOWED_NETWORKS": ",".join(RECORDER_NETWORKS),
+        serve = await start_serve(
+            database_url,
+            tmp_path / f"server-{len(started)}",
+            UMBRA_NTFY_TIMEOUT_SECONDS=str(NTFY_TIMEOUT),
+            UMBRA_OUTBOX_RETRY_BASE_SECONDS="0.05",
+            UMBRA_OUTBOX_RETRY_CAP_SECONDS="0.2",
+            UMBRA_NTFY_ALLOWED_NETWORKS=",".join(RECORDER_NETWORKS),
             **env,
-        }
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                str(EXECUTABLE),
-                "serve",
-                env=environment,
-                cwd=tmp_path,
-                stdout=sink,
-                stderr=sink,
-            )
-        server = ServerProcess(process, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), log)
+        )
+        server = ServerProcess(serve, grpc.aio.insecure_channel(serve.target))
         started.append(server)
-        await wait_serving(server)
+        await serve.wait_serving()
         return server
 
     try:
@@ -89,25 +72,6 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             if server.process.returncode is None:
                 server.process.kill()
                 await server.process.wait()
-
-
-async def wait_serving(server: ServerProcess, within: float = 30.0) -> None:
-    health = health_pb2_grpc.HealthStub(server.channel)
-
-    async def serving() -> bool:
-        assert server.process.returncode is None, server.log.read_text()
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)  # untyped grpc_health
-
-    await until(
-        serving,
-        within=within,
-        what=lambda: "the server process SERVING:\n" + server.log.read_text(),
-        every=0.1,
-    )
 
 
 async def add_users(sql: Sql, ids: range, *, ntfy_url: str | None = None) -> None:
