@@ -4,13 +4,13 @@ real servers: tests/api/test_concurrency_limit.py and test_anonymous_callers.py)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
 from typing import Any, NoReturn, cast
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from tests.support import AioUnary, AioUnaryStream, aio_unary, aio_unary_stream
 from umbra_grpc.interceptors.handlers import Context, wrap_around
 from umbra_grpc.interceptors.slots import Slots
 
@@ -30,14 +30,16 @@ class Refusing:
         return cast(Context, self)
 
 
-def unary(slots: Slots, behavior: Any) -> Any:
+def unary(slots: Slots, behavior: Any) -> AioUnary:
     """`behavior` as a unary-unary call holding one of `slots`."""
-    return wrap_around(grpc.unary_unary_rpc_method_handler(behavior), slots.around).unary_unary
+    return aio_unary(wrap_around(grpc.unary_unary_rpc_method_handler(behavior), slots.around))
 
 
-def stream(slots: Slots, behavior: Any) -> Any:
+def stream(slots: Slots, behavior: Any) -> AioUnaryStream:
     """`behavior` (an async generator) as a unary-stream call holding one of `slots`."""
-    return wrap_around(grpc.unary_stream_rpc_method_handler(behavior), slots.around).unary_stream
+    return aio_unary_stream(
+        wrap_around(grpc.unary_stream_rpc_method_handler(behavior), slots.around)
+    )
 
 
 async def test_a_call_past_the_limit_is_refused_and_takes_no_slot() -> None:
@@ -83,7 +85,7 @@ async def test_a_slot_is_given_back_however_the_call_ends() -> None:
     with pytest.raises(RuntimeError):
         await unary(slots, failing)(None, Refusing().context)
     assert slots.taken == 0
-    responses = cast(AsyncGenerator[Any, None], stream(slots, streaming)(None, Refusing().context))
+    responses = stream(slots, streaming)(None, Refusing().context)
     assert await anext(responses) == 1
     assert slots.taken == 1
     await responses.aclose()  # abandoned mid-stream
