@@ -26,6 +26,10 @@ class CallRecord:
     events_sent: int = 0
     trace_id: str | None = None  # set by the tracing interceptor when tracing is on
 
+    def count_sent(self) -> None:
+        """One more message of the stream has gone out."""
+        self.events_sent += 1
+
 
 current_call: ContextVar[CallRecord | None] = ContextVar("umbra_call", default=None)
 """The record of the RPC being served (None outside the access log, e.g. in unit tests)."""

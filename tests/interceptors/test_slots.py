@@ -4,14 +4,14 @@ real servers: tests/api/test_concurrency_limit.py and test_anonymous_callers.py)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
 from typing import Any, NoReturn, cast
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from umbra_grpc.interceptors.handlers import Context
+from tests.support import AioUnary, AioUnaryStream, aio_unary, aio_unary_stream
+from umbra_grpc.interceptors.handlers import Context, wrap_around
 from umbra_grpc.interceptors.slots import Slots
 
 
@@ -30,6 +30,18 @@ class Refusing:
         return cast(Context, self)
 
 
+def unary(slots: Slots, behavior: Any) -> AioUnary:
+    """`behavior` as a unary-unary call holding one of `slots`."""
+    return aio_unary(wrap_around(grpc.unary_unary_rpc_method_handler(behavior), slots.around))
+
+
+def stream(slots: Slots, behavior: Any) -> AioUnaryStream:
+    """`behavior` (an async generator) as a unary-stream call holding one of `slots`."""
+    return aio_unary_stream(
+        wrap_around(grpc.unary_stream_rpc_method_handler(behavior), slots.around)
+    )
+
+
 async def test_a_call_past_the_limit_is_refused_and_takes_no_slot() -> None:
     slots = Slots(1, "TOO_MANY_CALLS", "busy")
     started, release = asyncio.Event(), asyncio.Event()
@@ -39,7 +51,7 @@ async def test_a_call_past_the_limit_is_refused_and_takes_no_slot() -> None:
         await release.wait()
         return "done"
 
-    held = slots.unary(work)
+    held = unary(slots, work)
     first = asyncio.ensure_future(held(None, Refusing().context))
     await asyncio.wait_for(started.wait(), 5)
     refused = Refusing()
@@ -71,9 +83,9 @@ async def test_a_slot_is_given_back_however_the_call_ends() -> None:
         yield 2
 
     with pytest.raises(RuntimeError):
-        await slots.unary(failing)(None, Refusing().context)
+        await unary(slots, failing)(None, Refusing().context)
     assert slots.taken == 0
-    responses = cast(AsyncGenerator[Any, None], slots.stream(streaming)(None, Refusing().context))
+    responses = stream(slots, streaming)(None, Refusing().context)
     assert await anext(responses) == 1
     assert slots.taken == 1
     await responses.aclose()  # abandoned mid-stream

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final, NoReturn, cast
 
 import grpc
@@ -47,9 +47,9 @@ from umbra_grpc.interceptors.handlers import (
     Continuation,
     Deserializer,
     Handler,
-    StreamBehavior,
-    UnaryBehavior,
-    wrap_handler,
+    Inside,
+    reset,
+    wrap_around,
 )
 from umbra_grpc.peer import Network, client_address
 from umbra_grpc.rpc_errors import error_status
@@ -133,75 +133,37 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata(((CORRELATION_ID_KEY, record.correlation_id),))
             return record, cast(Context, _CorrelatedContext(context, record))
 
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def logged(request: Any, context: Context) -> Any:
-                record, inner = begin(context)
-                token = current_call.set(record)
-                code = grpc.StatusCode.OK
-                try:
-                    if request is UNDECODABLE:
-                        await _abort(context, record, *_MALFORMED)
-                    if request_streaming:
-                        request = _decoded(request, context, record)
-                    response = await behavior(request, inner)
-                    code = _code(context)
-                    return response
-                except grpc.aio.AbortError:
-                    code = _code(context)
-                    raise
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as error:
-                    code = _failure_code(error, context)
-                    await self._fail(context, record, code)
-                finally:
-                    current_call.reset(token)
-                    # A stream may be served by a coroutine writing through the context.
-                    self._write(record, code, streaming=response_streaming)
-
-            return logged
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def logged(request: Any, context: Context) -> AsyncIterator[Any]:
-                record, inner = begin(context)
-                token = current_call.set(record)
-                code = grpc.StatusCode.OK
-                try:
-                    if request is UNDECODABLE:
-                        await _abort(context, record, *_MALFORMED)
-                    if request_streaming:
-                        request = _decoded(request, context, record)
-                    # wrap_handler hands streams over only when they are async generators.
-                    responses = cast(AsyncGenerator[Any, None], behavior(request, inner))
-                    async with contextlib.aclosing(responses):
-                        async for response in responses:
-                            yield response
-                            record.events_sent += 1
-                    code = _code(context)
-                except grpc.aio.AbortError:
-                    code = _code(context)
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
-                    # GeneratorExit: the stream was abandoned (client gone) while its message
-                    # was being written, and the event loop closed it afterwards.
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as error:
-                    code = _failure_code(error, context)
-                    await self._fail(context, record, code)
-                finally:
-                    with contextlib.suppress(ValueError):  # closed later, in another context
-                        current_call.reset(token)
-                    self._write(record, code, streaming=True)
-
-            return logged
+        @contextlib.asynccontextmanager
+        async def logged(request: Any, context: Context, stream: bool) -> AsyncIterator[Inside]:
+            record, inner = begin(context)
+            token = current_call.set(record)
+            code = grpc.StatusCode.OK
+            ended = _STREAM_ENDED if stream else _CANCELLED
+            try:
+                if request is UNDECODABLE:
+                    await _abort(context, record, *_MALFORMED)
+                if request_streaming:
+                    request = _decoded(request, context, record)
+                yield Inside(request, inner, record.count_sent)
+                code = _code(context)
+            except grpc.aio.AbortError:
+                code = _code(context)
+                raise
+            except ended:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                code = _failure_code(error, context)
+                await self._fail(context, record, code)
+            finally:
+                reset(current_call, token, stream=stream)
+                # A stream may be served by a coroutine writing through the context.
+                self._write(record, code, streaming=response_streaming)
 
         deserializer = handler.request_deserializer
-        return wrap_handler(
+        return wrap_around(
             handler,
-            unary=unary,
-            stream=stream,
+            logged,
             request_deserializer=_guarded(deserializer) if deserializer is not None else None,
         )
 
@@ -295,6 +257,11 @@ class _CorrelatedContext:
 
 
 _MALFORMED: Final = ("MALFORMED_REQUEST", MALFORMED_MESSAGE)
+# What ends a call as CANCELLED with nobody left to answer. A stream that yields may also be
+# closed (GeneratorExit): abandoned (client gone) while its message was being written, and
+# closed by the event loop afterwards.
+_CANCELLED: Final = (asyncio.CancelledError,)
+_STREAM_ENDED: Final = (asyncio.CancelledError, GeneratorExit)
 _UNIMPLEMENTED: Final = ("UNIMPLEMENTED", "method not implemented")
 
 

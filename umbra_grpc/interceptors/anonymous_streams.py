@@ -15,7 +15,7 @@ from typing import Final
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import Continuation, Handler, wrap_handler
+from umbra_grpc.interceptors.handlers import Continuation, Handler, wrap_around
 from umbra_grpc.interceptors.slots import Slots
 
 REASON: Final = "TOO_MANY_ANONYMOUS_STREAMS"
@@ -49,4 +49,4 @@ class AnonymousStreamLimit(grpc.aio.ServerInterceptor):
             return handler
 
         # Health's Watch writes through the context from a coroutine: wrapped as unary.
-        return wrap_handler(handler, unary=self._streams.unary, stream=self._streams.stream)
+        return wrap_around(handler, self._streams.around)

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from contextvars import ContextVar, Token
-from typing import Any, Final, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final
 
 import grpc
 
@@ -27,9 +26,9 @@ from umbra_grpc.interceptors.handlers import (
     Context,
     Continuation,
     Handler,
-    StreamBehavior,
-    UnaryBehavior,
-    wrap_handler,
+    Inside,
+    reset,
+    wrap_around,
 )
 from umbra_grpc.principal import ADMIN_SCOPE, Principal, current_principal
 from umbra_grpc.rpc_errors import STORAGE_UNAVAILABLE_MESSAGE, abort
@@ -87,33 +86,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         authorization = _authorization(handler_call_details.invocation_metadata)
 
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def authenticated(request: Any, context: Context) -> Any:
-                principal = await self._authenticate(method, authorization, context)
-                token = current_principal.set(principal)
-                try:
-                    return await behavior(request, context)
-                finally:
-                    current_principal.reset(token)
+        @contextlib.asynccontextmanager
+        async def authenticated(
+            request: Any, context: Context, stream: bool
+        ) -> AsyncIterator[Inside]:
+            principal = await self._authenticate(method, authorization, context)
+            token = current_principal.set(principal)
+            try:
+                yield Inside(request, context)
+            finally:
+                reset(current_principal, token, stream=stream)
 
-            return authenticated
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def authenticated(request: Any, context: Context) -> AsyncIterator[Any]:
-                principal = await self._authenticate(method, authorization, context)
-                token = current_principal.set(principal)
-                try:
-                    # wrap_handler hands streams over only when they are async generators.
-                    responses = cast(AsyncGenerator[Any, None], behavior(request, context))
-                    async with contextlib.aclosing(responses):
-                        async for response in responses:
-                            yield response
-                finally:
-                    _reset(current_principal, token)
-
-            return authenticated
-
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_around(handler, authenticated)
 
     async def _authenticate(
         self, method: str, authorization: str | None, context: Context
@@ -179,10 +163,3 @@ def _bearer_token(authorization: str | None) -> str:
     if len(parts) != 2 or parts[0].lower() != "bearer":
         raise InvalidToken("authorization metadata is not 'Bearer <token>'")
     return parts[1]
-
-
-def _reset(variable: ContextVar[Any], token: Token[Any]) -> None:
-    # A stream abandoned mid-iteration is closed later by the event loop, in another
-    # context; the context it set the variable in has ended with its task.
-    with contextlib.suppress(ValueError):
-        variable.reset(token)

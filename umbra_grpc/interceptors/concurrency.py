@@ -18,7 +18,7 @@ from typing import Final
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import Continuation, Handler, StreamBehavior, wrap_handler
+from umbra_grpc.interceptors.handlers import Continuation, Handler, wrap_around
 from umbra_grpc.interceptors.slots import Slots
 
 TOO_MANY_CALLS: Final = "TOO_MANY_CALLS"
@@ -40,8 +40,4 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.response_streaming:
             return handler
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            return behavior  # unreachable: streaming responses are returned above
-
-        return wrap_handler(handler, unary=self._in_progress.unary, stream=stream)
+        return wrap_around(handler, self._in_progress.around)

@@ -8,17 +8,15 @@ check and the count, so no lock is needed.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
-from umbra_grpc.interceptors.handlers import Context, StreamBehavior, UnaryBehavior
+from umbra_grpc.interceptors.handlers import Context, Inside
 from umbra_grpc.rpc_errors import abort
 
 
 class Slots:
-    """`limit` slots, taken by the behaviours `unary` and `stream` wrap.
+    """`limit` slots, taken by the calls wrapped with `around`.
 
     `taken` is how many are held now. A refused call is ended with `reason` and `message`.
     """
@@ -31,27 +29,9 @@ class Slots:
         self._reason = reason
         self._message = message
 
-    def unary(self, behavior: UnaryBehavior) -> UnaryBehavior:
-        """`behavior`, holding a slot until it returns or raises."""
-
-        async def held(request: Any, context: Context) -> Any:
-            async with _Slot(self, context):
-                return await behavior(request, context)
-
-        return held
-
-    def stream(self, behavior: StreamBehavior) -> StreamBehavior:
-        """`behavior` (an async generator), holding a slot until its stream ends."""
-
-        async def held(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with _Slot(self, context):
-                # wrap_handler hands streams over only when they are async generators.
-                responses = cast(AsyncGenerator[Any, None], behavior(request, context))
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        yield response
-
-        return held
+    def around(self, request: Any, context: Context, stream: bool) -> _Slot:
+        """One call's slot (`wrap_around`): held until the call, or a stream's iteration, ends."""
+        return _Slot(self, request, context)
 
     async def _take(self, context: Context) -> None:
         if self.taken >= self._limit:
@@ -62,14 +42,16 @@ class Slots:
 class _Slot:
     """One call's slot: taken on entry (or the call is refused), given back on exit."""
 
-    __slots__ = ("_context", "_slots")
+    __slots__ = ("_context", "_request", "_slots")
 
-    def __init__(self, slots: Slots, context: Context) -> None:
+    def __init__(self, slots: Slots, request: Any, context: Context) -> None:
         self._slots = slots
+        self._request = request
         self._context = context
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Inside:
         await self._slots._take(self._context)
+        return Inside(self._request, self._context)
 
     async def __aexit__(
         self,

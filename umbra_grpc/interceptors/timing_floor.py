@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import re
@@ -51,14 +52,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
-from umbra_grpc.interceptors.handlers import (
-    Context,
-    Continuation,
-    Handler,
-    StreamBehavior,
-    UnaryBehavior,
-    wrap_handler,
-)
+from umbra_grpc.interceptors.handlers import Context, Continuation, Handler, Inside, wrap_around
 
 logger = logging.getLogger(__name__)
 
@@ -141,40 +135,21 @@ class TimingFloorInterceptor(grpc.aio.ServerInterceptor):
         if floors is None:
             return handler
 
-        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def floored(request: Any, context: Context) -> Any:
-                gate = _Gate(self, method, floors)
-                try:
-                    response = await behavior(request, gate.context(context))
-                except grpc.aio.AbortError:
-                    await gate.open((_code(context),))
-                    raise
-                except Exception:
-                    await gate.open(_EXCEPTION_CODES)
-                    raise
+        # For a stream only the end (its status) is held: messages go out as they come.
+        @contextlib.asynccontextmanager
+        async def floored(request: Any, context: Context, stream: bool) -> AsyncIterator[Inside]:
+            gate = _Gate(self, method, floors)
+            try:
+                yield Inside(request, gate.context(context))
+            except grpc.aio.AbortError:
                 await gate.open((_code(context),))
-                return response
+                raise
+            except Exception:
+                await gate.open(_EXCEPTION_CODES)
+                raise
+            await gate.open((_code(context),))
 
-            return floored
-
-        def stream(behavior: StreamBehavior) -> StreamBehavior:
-            # For a stream only the end (its status) is held: messages go out as they come.
-            async def floored(request: Any, context: Context) -> AsyncIterator[Any]:
-                gate = _Gate(self, method, floors)
-                try:
-                    async for response in behavior(request, gate.context(context)):
-                        yield response
-                except grpc.aio.AbortError:
-                    await gate.open((_code(context),))
-                    raise
-                except Exception:
-                    await gate.open(_EXCEPTION_CODES)
-                    raise
-                await gate.open((_code(context),))
-
-            return floored
-
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_around(handler, floored)
 
     async def _hold(
         self,
