@@ -155,7 +155,10 @@ async def test_calls_have_a_default_deadline(scripted: ScriptedServer) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as kept:
             await client.with_options(idempotency_key="k").list_connections()
         assert kept.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert len(scripted.script.seen("ListConnections")) == 3
+    # The two 0.3 s calls reached the server and were cut there by their deadline (the server
+    # answers after SLOW_SECONDS). The 50 ms one may expire before its handler runs at all on
+    # a loaded machine, so it is not counted (failed once in five loaded runs).
+    assert len(scripted.script.seen("ListConnections")) >= 2
 
 
 async def test_the_callers_trace_goes_with_the_call(scripted: ScriptedServer) -> None:
