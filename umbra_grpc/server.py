@@ -242,10 +242,6 @@ class Service:
         self.listener.subscribe(REQUESTS_CHANNEL, self.feed.on_notify)
         self.listener.on_up(self.feed.on_up)
         self.listener.on_down(self.feed.on_down)
-        # Health follows the listener at once, not at the monitor's next probe.
-        self._recheck = asyncio.Event()
-        self.listener.on_up(self._recheck.set)
-        self.listener.on_down(self._recheck.set)
         if tracing is not None:
             # Outbox rows keep the writing RPC's trace, for the push span's link.
             db.tag_transactions(tracing.traceparent)
@@ -417,10 +413,7 @@ class Service:
                 serving = self.serving = now_serving
                 _log.info("health %s", "SERVING" if serving else "NOT_SERVING")
                 await self._set_health(serving=serving)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HEALTH_PROBE_SECONDS):
-                    await self._recheck.wait()
-            self._recheck.clear()
+            await asyncio.sleep(HEALTH_PROBE_SECONDS)
 
     async def _is_migrated(self) -> bool:
         try:

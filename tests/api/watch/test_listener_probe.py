@@ -225,18 +225,3 @@ async def test_health_and_streams_follow_the_listener(
         assert (await next_event(again)).received.id == request.id
     finally:
         again.cancel()
-
-
-async def test_health_follows_the_listener_at_once_not_at_the_next_probe(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The monitor's own probe is an hour away: only the listener's up/down can move health.
-    monkeypatch.setattr("umbra_grpc.server.HEALTH_PROBE_SECONDS", 3600.0)
-    running = await start_server(test_config(database_url, listener_probe_seconds=0.5))
-    try:
-        await running.service.listener.stop()
-        await health_becomes(running.channel, NOT_SERVING, within=5)
-        await running.service.listener.start()
-        await health_becomes(running.channel, SERVING, within=10)
-    finally:
-        await stop_server(running)
