@@ -57,3 +57,17 @@ async def send(stub: Connections, sender: TestUser, receiver: TestUser) -> pb.Co
         pb.SendRequestRequest(umbral_name=receiver.handle), metadata=sender.md, timeout=10
     )
     return reply.request
+
+
+async def delivers(
+    watcher: Connections, writer: Connections, sender: TestUser, receiver: TestUser
+) -> None:
+    """A new stream of `receiver`'s (through `watcher`), once in sync, gets live the request
+    `sender` then sends (through `writer`)."""
+    call = watch(watcher, receiver)
+    try:
+        await until_synced(call)
+        request = await send(writer, sender, receiver)
+        assert (await next_event(call)).received.id == request.id
+    finally:
+        call.cancel()

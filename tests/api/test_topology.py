@@ -14,7 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.api.streams import Stub, next_event, send, until_synced, watch
+from tests.api.streams import Stub, delivers, send
 from tests.rich import error_reason
 from tests.storage.test_topology import multi_host
 from tests.support import (
@@ -87,12 +87,6 @@ async def test_a_server_on_a_multi_host_url_serves_and_listens(
     try:
         stub = Stub(running.channel)
         me, sender = await new_user(), await new_user()
-        call = watch(stub, me)
-        try:
-            await until_synced(call)
-            request = await send(stub, sender, me)
-            assert (await next_event(call)).received.id == request.id
-        finally:
-            call.cancel()
+        await delivers(stub, stub, sender, me)
     finally:
         await stop_server(running)

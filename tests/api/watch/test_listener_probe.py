@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.api.streams import Stub, ended_with, next_event, send, until_synced, watch
+from tests.api.streams import Stub, delivers, ended_with, next_event, send, until_synced, watch
 from tests.api.test_metrics import value
 from tests.pg_proxy import NotificationDroppingProxy
 from tests.support import (
@@ -105,13 +105,7 @@ async def test_a_listener_that_hears_nothing_is_never_up(
         await health_becomes(channel, SERVING, within=20)
         assert serving_gauge(service) == 1
         me, sender = await new_user(), await new_user()
-        call = watch(Stub(channel), me)
-        try:
-            await until_synced(call)
-            request = await send(connections, sender, me)
-            assert (await next_event(call)).received.id == request.id
-        finally:
-            call.cancel()
+        await delivers(Stub(channel), connections, sender, me)
     finally:
         await channel.close()
         await service.stop(0.5)
@@ -144,13 +138,7 @@ async def test_a_listener_that_goes_deaf_is_lost_until_it_hears_again(
         proxy.deaf = False
         await health_becomes(running.channel, SERVING, within=20)
         assert proxy.connections >= 2
-        again = watch(stub, me)
-        try:
-            await until_synced(again)
-            request = await send(connections, sender, me)
-            assert (await next_event(again)).received.id == request.id
-        finally:
-            again.cancel()
+        await delivers(stub, connections, sender, me)
     finally:
         await stop_server(running)
 
@@ -218,10 +206,4 @@ async def test_health_and_streams_follow_the_listener(
 
     await own_server.service.listener.start()
     await health_becomes(own_server.channel, SERVING, within=10)
-    again = watch(stub, me)
-    try:
-        await until_synced(again)
-        request = await send(stub, sender, me)
-        assert (await next_event(again)).received.id == request.id
-    finally:
-        again.cancel()
+    await delivers(stub, stub, sender, me)
