@@ -34,21 +34,26 @@ async def _with_timeout(event: asyncio.Event) -> None:
 
 async def _cancelled_as_the_wait_ends(waiter: Waiter) -> tuple[asyncio.Task[None], list[int]]:
     """A task looping on `waiter`, cancelled in the loop turn where its wait has finished."""
-    event = asyncio.Event()
+    event, waiting = asyncio.Event(), asyncio.Event()
     rounds: list[int] = []
 
     async def probe_loop() -> None:
         while True:
+            waiting.set()  # the test resumes only once this task is suspended in `waiter`
             await waiter(event)
             rounds.append(1)
             event.clear()
 
     task = asyncio.create_task(probe_loop())
-    await asyncio.sleep(0)  # the task now waits on the event
+    await waiting.wait()
     event.set()
-    await asyncio.sleep(0)  # event.wait() finishes; the task is woken but has not run yet
+    # The interleaving itself, not a condition: one loop turn lets event.wait() finish and
+    # wake the task, which has not run yet when it is cancelled.
+    await asyncio.sleep(0)
     task.cancel()
-    for _ in range(5):  # loop turns (no time passes): enough for a cancelled task to end
+    # Loop turns, no time: a cancelled task has ended by then; a swallowed cancel shows as a
+    # task still running (the assertion is that nothing more happens, so no condition to await).
+    for _ in range(5):
         await asyncio.sleep(0)
     return task, rounds
 
@@ -72,17 +77,18 @@ async def test_asyncio_timeout_keeps_the_cancellation() -> None:
 async def test_cancel_and_wait_ends_a_task_that_swallowed_a_cancellation(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    swallowed = asyncio.Event()
+    swallowed, waiting = asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
         try:
+            waiting.set()
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             swallowed.set()  # as wait_for does on 3.11: the loop goes on
         await asyncio.Event().wait()
 
     task = asyncio.create_task(stubborn(), name="stubborn")
-    await asyncio.sleep(0)
+    await waiting.wait()
     with caplog.at_level(logging.WARNING, logger="umbra_grpc.tasks"):
         await cancel_and_wait(task, again_after=0.05)
     assert swallowed.is_set()
